@@ -1,0 +1,176 @@
+"""`python -m lit_fewstep`: LightningCLI (fit / validate / test) plus our `sample` and `evaluate`.
+
+`fit --config configs/<method>/<data>.yaml` trains any method chosen by `model.class_path`.
+`sample` and `evaluate` read a self-describing checkpoint and need no config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.cli import LightningCLI
+
+from .methods.base import FewStepModule
+from .utils.checkpoint import load_module
+from .utils.images import save_samples_png
+
+__all__ = ["main", "FewStepCLI", "FewStepTrainer", "sample_main", "evaluate_main"]
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y"):
+        return True
+    if text.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint (.ckpt from fit, or .pt from export)")
+    parser.add_argument("--ema", type=_bool, default=True, help="sample from EMA weights (true|false)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    parser.add_argument("--batch_size", type=int, default=1000)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (1 = none; default: the model's)")
+    parser.add_argument("--trust_checkpoint", type=_bool, default=False,
+                        help="allow pickle loading (runs code from the file: only for files you trust)")
+
+
+def _load(args) -> FewStepModule:
+    module = load_module(args.ckpt, trust=args.trust_checkpoint)
+    return module.to(_device(args.device)).eval()
+
+
+def draw(module: FewStepModule, num: int, nfe: int, seed: int, class_labels=None, use_ema: bool = True,
+         batch_size: int = 1000, **options):
+    """Sample in batches from one seeded generator: the same seed gives the same samples at any batch size
+    only for equal batch sizes; report (samples, labels, nfe, seconds)."""
+    generator = torch.Generator().manual_seed(seed)
+    xs, ys, nfe_spent = [], [], None
+    start = time.perf_counter()
+    for begin in range(0, num, batch_size):
+        size = min(batch_size, num - begin)
+        labels = None if class_labels is None else class_labels[begin:begin + size]
+        out = module.sample(size, nfe, class_labels=labels, generator=generator, use_ema=use_ema, **options)
+        xs.append(out.x.float().cpu())
+        if out.labels is not None:
+            ys.append(out.labels.cpu())
+        nfe_spent = out.nfe
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return torch.cat(xs), (torch.cat(ys) if ys else None), nfe_spent, seconds
+
+
+def sample_main(argv: list[str]) -> Path:
+    """Draw samples from a checkpoint and write them as .npz (or a .png picture)."""
+    parser = argparse.ArgumentParser(prog="python -m lit_fewstep sample", description=sample_main.__doc__)
+    _checkpoint_arguments(parser)
+    parser.add_argument("--nfe", type=int, required=True, help="network evaluations per sample")
+    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--out", required=True, help="FILE.npz, or FILE.png for a grid / scatter plot")
+    parser.add_argument("--class_labels", type=int, nargs="+", default=None,
+                        help="one label for all samples, or one per sample")
+    parser.add_argument("--solver", default=None, help="heun or euler (teachers)")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error(f"--num must be >= 1, got {args.num}")
+    module = _load(args)
+    labels = None
+    if args.class_labels is not None:
+        if len(args.class_labels) not in (1, args.num):
+            parser.error(f"--class_labels takes one label or --num={args.num} labels, got {len(args.class_labels)}")
+        labels = torch.tensor(args.class_labels * (args.num if len(args.class_labels) == 1 else 1), dtype=torch.long)
+    options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    if args.solver:
+        options["solver"] = args.solver
+    x, y, nfe, seconds = draw(module, args.num, args.nfe, args.seed, labels, args.ema, args.batch_size, **options)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        save_samples_png(x.numpy(), out, None if y is None else y.numpy(), title=f"{Path(args.ckpt).name}, NFE {nfe}")
+    else:
+        if out.suffix != ".npz":
+            out = out.with_suffix(".npz")
+        arrays = {"samples": x.numpy().astype(np.float32), "nfe": np.int64(nfe)}
+        if y is not None:
+            arrays["labels"] = y.numpy().astype(np.int64)
+        np.savez(out, **arrays)
+    print(f"wrote {args.num} samples ({nfe} NFE each, {args.num / seconds:.1f} samples/s) to {out}")
+    return out
+
+
+def evaluate_main(argv: list[str]) -> dict:
+    """Sample a checkpoint at several NFE and print distribution metrics against real data."""
+    from .evaluation import evaluate_main as run
+
+    return run(argv)
+
+
+TOOLS = {"sample": sample_main, "evaluate": evaluate_main}
+
+
+class FewStepTrainer(Trainer):
+    """Lightning's Trainer; `sample`/`evaluate` are listed here so `--help` shows them."""
+
+    def sample(self):
+        """Draw samples from a checkpoint: sample --ckpt PATH --nfe K --num N --seed S --out FILE."""
+        raise RuntimeError("run `python -m lit_fewstep sample --help`")
+
+    def evaluate(self):
+        """Metrics of a checkpoint at several NFE: evaluate --ckpt PATH --nfe 1 2 4 --num N."""
+        raise RuntimeError("run `python -m lit_fewstep evaluate --help`")
+
+
+class FewStepCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = LightningCLI.subcommands()
+        commands.pop("predict", None)
+        commands.update({"sample": set(), "evaluate": set()})
+        return commands
+
+    def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
+        if subcommand in TOOLS:  # parsed by main() with argparse; listed here for --help only
+            return self.init_parser(**kwargs)
+        return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+
+    def after_fit(self) -> None:
+        """Export the trained module as a small self-describing file next to the logs."""
+        if not self.trainer.is_global_zero or self.trainer.interrupted:
+            return
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model.pt"
+        self.model.export(str(out))
+        print(f"exported {type(self.model).__name__} to {out}")
+
+
+def main(args: list[str] | None = None):
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in TOOLS:
+        return TOOLS[argv[0]](argv[1:])
+    return FewStepCLI(
+        FewStepModule,
+        LightningDataModule,
+        trainer_class=FewStepTrainer,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()

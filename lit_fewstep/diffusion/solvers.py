@@ -1,0 +1,142 @@
+"""Time grids and probability-flow ODE solvers on any Gaussian path.
+
+The PF-ODE of x_t = a x + b z is dx/dt = a' x0 + b' eps with eps = (x - a x0) / b, which for the
+EDM path is Karras et al.'s dx/dsigma = (x - D(x, sigma)) / sigma. Solvers take a data predictor
+`x0_fn(x_t, t) -> x0` in the path's own coordinates, so one solver serves every teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .paths import EDMPath, GaussianPath, _bcast
+
+__all__ = [
+    "NFECounter",
+    "karras_sigmas",
+    "uniform_times",
+    "lognormal_sigmas",
+    "pf_ode_velocity",
+    "euler_step",
+    "heun_step",
+    "solve_ode",
+    "heun_schedule_for_nfe",
+    "sample_edm_heun",
+]
+
+X0Fn = Callable[[Tensor, Tensor], Tensor]
+
+
+class NFECounter:
+    """Counts network evaluations per sample. Wrappers call `add(k)` once per batched forward."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, k: int = 1) -> None:
+        self.count += k
+
+    def counted(self, x0_fn: X0Fn, per_call: int = 1) -> X0Fn:
+        def wrapped(x, t):
+            self.add(per_call)
+            return x0_fn(x, t)
+
+        return wrapped
+
+
+def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  append_zero: bool = True, dtype=torch.float64) -> Tensor:
+    """Eq. 5 of Karras et al. 2022: sigma_i for i = 0..N-1, from sigma_max down to sigma_min (+ a final 0)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps: must be >= 1, got {num_steps}.")
+    i = torch.arange(num_steps, dtype=dtype)
+    if num_steps == 1:
+        sigmas = torch.tensor([sigma_max], dtype=dtype)
+    else:
+        inv_rho = 1.0 / rho
+        sigmas = (sigma_max**inv_rho + i / (num_steps - 1) * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]) if append_zero else sigmas
+
+
+def uniform_times(num_steps: int, t_max: float = 1.0, t_min: float = 0.0, dtype=torch.float64) -> Tensor:
+    """num_steps + 1 evenly spaced times from t_max down to t_min."""
+    return torch.linspace(t_max, t_min, num_steps + 1, dtype=dtype)
+
+
+def lognormal_sigmas(n: int, P_mean: float = -1.2, P_std: float = 1.2, generator: torch.Generator | None = None,
+                     device=None, dtype=torch.float32) -> Tensor:
+    """ln(sigma) ~ N(P_mean, P_std^2), the EDM training distribution (Karras et al. 2022, Sec. 5)."""
+    return torch.exp(P_mean + P_std * torch.randn(n, generator=generator, device=device, dtype=dtype))
+
+
+def pf_ode_velocity(x: Tensor, t: Tensor, x0: Tensor, path: GaussianPath) -> Tensor:
+    """dx/dt = a' x0 + b' eps, eps = (x - a x0) / b: the probability-flow ODE given a data prediction."""
+    a, b = _bcast(path.a(t), x), _bcast(path.b(t), x)
+    eps = (x - a * x0) / b
+    return _bcast(path.da(t), x) * x0 + _bcast(path.db(t), x) * eps
+
+
+def _vec_t(t: Tensor | float, x: Tensor) -> Tensor:
+    return torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+
+
+def euler_step(x0_fn: X0Fn, x: Tensor, t: Tensor | float, t_next: Tensor | float, path: GaussianPath) -> Tensor:
+    """One Euler step of the PF-ODE from t to t_next (1 NFE). At t_next = 0 it lands on x0 exactly on EDM."""
+    t, t_next = _vec_t(t, x), _vec_t(t_next, x)
+    d = pf_ode_velocity(x, t, x0_fn(x, t), path)
+    return x + _bcast(t_next - t, x) * d
+
+
+def heun_step(x0_fn: X0Fn, x: Tensor, t: Tensor | float, t_next: Tensor | float, path: GaussianPath) -> Tensor:
+    """Algorithm 1 of Karras et al. 2022: Euler predictor + trapezoidal corrector (2 NFE)."""
+    t, t_next = _vec_t(t, x), _vec_t(t_next, x)
+    h = _bcast(t_next - t, x)
+    d = pf_ode_velocity(x, t, x0_fn(x, t), path)
+    x_euler = x + h * d
+    d_next = pf_ode_velocity(x_euler, t_next, x0_fn(x_euler, t_next), path)
+    return x + h * 0.5 * (d + d_next)
+
+
+def solve_ode(x0_fn: X0Fn, x_T: Tensor, times: Tensor, path: GaussianPath, method: str = "heun",
+              euler_last: int = 1) -> Tensor:
+    """Integrate the PF-ODE through `times` (decreasing). Heun for every step but the last
+    `euler_last` ones (a Heun step into b(t) = 0 would divide by zero), Euler there."""
+    if method not in ("heun", "euler"):
+        raise ValueError(f"solver: unknown method {method!r}; choose 'heun' or 'euler'.")
+    x = x_T
+    num_steps = len(times) - 1
+    for i in range(num_steps):
+        t, t_next = times[i].item(), times[i + 1].item()
+        use_heun = method == "heun" and i < num_steps - euler_last
+        x = (heun_step if use_heun else euler_step)(x0_fn, x, t, t_next, path)
+    return x
+
+
+def heun_schedule_for_nfe(nfe: int) -> tuple[int, int]:
+    """(heun_steps, euler_steps) spending exactly `nfe` evaluations; 35 NFE -> 17 Heun + 1 Euler = 18 steps.
+
+    Odd NFE: the usual EDM schedule, Heun everywhere but the final Euler step. Even NFE: one more
+    Euler step at the end.
+    """
+    if nfe < 1:
+        raise ValueError(f"nfe: must be >= 1, got {nfe}.")
+    heun = (nfe - 1) // 2
+    return heun, nfe - 2 * heun
+
+
+def sample_edm_heun(x0_fn: X0Fn, noise: Tensor, nfe: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                    rho: float = 7.0, method: str = "heun") -> Tensor:
+    """Deterministic EDM sampler with exactly `nfe` evaluations of `x0_fn` (in EDM coordinates).
+
+    `noise` is unit Gaussian; the start is sigma_max * noise. With method="euler" every step is Euler.
+    """
+    path = EDMPath(sigma_min, sigma_max)
+    if method == "euler":
+        heun, euler = 0, nfe
+    else:
+        heun, euler = heun_schedule_for_nfe(nfe)
+    sigmas = karras_sigmas(heun + euler, sigma_min, sigma_max, rho).to(noise.dtype)
+    return solve_ode(x0_fn, noise * sigma_max, sigmas, path, method="heun", euler_last=euler)

@@ -1,0 +1,280 @@
+"""FewStepModule: the shared machinery of every method.
+
+A method is a LightningModule that
+- holds named networks (student/generator, frozen teacher, fake score, discriminator, ...),
+- declares its update schedule as data: a list of `Phase`s (loss, optimizer, frequency, repeats)
+  that `training_step` runs with manual optimization (two-time-scale rules are phases with
+  different `every`),
+- keeps an EMA of its generator (student only: teachers and critics are never averaged),
+- answers `sample(n, nfe, class_labels, generator)` the same way for every method, reporting the
+  network evaluations actually spent.
+
+Schedules run on `self.iteration` (one per training batch, saved in checkpoints), never on
+`trainer.global_step`, which under manual optimization counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ..utils.checkpoint import FORMAT_KEY, atomic_save, load_module
+from ..utils.config import Configurable
+
+__all__ = ["Phase", "Samples", "FewStepModule", "NonFiniteError", "load_teacher"]
+
+
+@dataclass
+class Phase:
+    """One optimizer of the update schedule.
+
+    Args:
+        name: logged as ``train/<name>_loss``.
+        loss: name of the module method ``loss(batch) -> scalar``.
+        networks: attribute names of the submodules this phase's optimizer owns.
+        every: run on iterations k with (k - start) % every == 0 and k >= start.
+        repeats: optimizer steps per active iteration (same batch, fresh noise).
+        lr, betas, weight_decay: AdamW settings.
+        updates_ema: update the generator EMA after each step of this phase.
+    """
+
+    name: str
+    loss: str
+    networks: tuple[str, ...]
+    every: int = 1
+    repeats: int = 1
+    start: int = 0
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    updates_ema: bool = False
+
+    def __post_init__(self):
+        if self.every < 1 or self.repeats < 1 or self.start < 0:
+            raise ValueError(
+                f"schedule: phase {self.name!r} needs every >= 1, repeats >= 1 and start >= 0 "
+                f"(got every={self.every}, repeats={self.repeats}, start={self.start})."
+            )
+
+    def active(self, iteration: int) -> bool:
+        return iteration >= self.start and (iteration - self.start) % self.every == 0
+
+
+@dataclass
+class Samples:
+    """What `sample()` returns: samples [N, ...] in data units, labels [N] or None, NFE per sample."""
+
+    x: Tensor
+    labels: Tensor | None
+    nfe: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/Inf; the message names method, phase, step and tensor."""
+
+
+def load_teacher(path: str, trust: bool = False, field_name: str = "teacher_ckpt") -> nn.Module:
+    """The EMA generator of a trained lit_fewstep module, frozen (requires_grad False, eval mode)."""
+    module = load_module(path, trust=trust, field=field_name)
+    teacher = module.ema if getattr(module, "ema", None) is not None else module.generator
+    teacher = copy.deepcopy(teacher)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+class FewStepModule(Configurable, L.LightningModule):
+    """Base class of every method; subclasses set `self.phases` and implement their losses and `_sample`.
+
+    Args:
+        ema_decay: per-iteration EMA decay of the generator (0 disables the EMA).
+        grad_clip: max gradient norm per phase (0 disables clipping).
+        nonfinite: what a NaN/Inf loss or gradient does: "stop" (raise, the last checkpoint stays
+            intact) or "skip" (drop that step and count it in ``train/skipped_steps``).
+    """
+
+    # Submodules that are not written to checkpoints (re-loaded from their own file).
+    unsaved_prefixes: tuple[str, ...] = ("teacher.",)
+    generator_name = "generator"
+    max_nfe: int | None = None
+
+    def __init__(self, ema_decay: float = 0.999, grad_clip: float = 0.0, nonfinite: str = "stop"):
+        super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay: must be in [0, 1), got {ema_decay}.")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite: must be 'stop' or 'skip', got {nonfinite!r}.")
+        self.automatic_optimization = False
+        self.strict_loading = False
+        self.ema_decay = ema_decay
+        self.grad_clip = grad_clip
+        self.nonfinite = nonfinite
+        self.phases: list[Phase] = []
+        self.ema: nn.Module | None = None
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+
+    # ----------------------------------------------------------------------------- networks
+    @property
+    def generator(self) -> nn.Module:
+        return getattr(self, self.generator_name)
+
+    def init_ema(self) -> None:
+        """Call at the end of a subclass's __init__, once the generator exists."""
+        if self.ema_decay > 0:
+            self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - self.ema_decay)
+        for b_ema, b in zip(self.ema.buffers(), self.generator.buffers()):
+            b_ema.copy_(b)
+
+    def sampling_network(self, use_ema: bool = True) -> nn.Module:
+        return self.ema if (use_ema and self.ema is not None) else self.generator
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.generator, "num_classes", 0))
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        net = getattr(self.generator, "net", self.generator)
+        res = getattr(net, "img_resolution", None)
+        return (net.in_channels,) if res is None else (net.in_channels, res, res)
+
+    # ----------------------------------------------------------------------------- optimization
+    def configure_optimizers(self):
+        if not self.phases:
+            raise RuntimeError(f"{type(self).__name__} declares no update phases.")
+        optimizers = []
+        for phase in self.phases:
+            params = [p for name in phase.networks for p in getattr(self, name).parameters() if p.requires_grad]
+            optimizers.append(torch.optim.AdamW(params, lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay))
+        return optimizers
+
+    def _optimizer_list(self) -> list:
+        opts = self.optimizers()
+        return opts if isinstance(opts, (list, tuple)) else [opts]
+
+    def _nonfinite(self, what: str, phase: Phase) -> bool:
+        """Stop with a message naming method, phase, step and tensor, or skip and count."""
+        message = (f"{type(self).__name__}: non-finite {what} in phase {phase.name!r} at iteration "
+                   f"{int(self.iteration)} (loss method {phase.loss!r}).")
+        if self.nonfinite == "stop":
+            raise NonFiniteError(message + " Stopped; the last checkpoint is intact. Lower the learning rate, "
+                                           "enable grad_clip, or set nonfinite: skip.")
+        self.skipped_steps += 1
+        return True
+
+    def training_step(self, batch, batch_idx):
+        iteration = int(self.iteration)
+        optimizers = self._optimizer_list()
+        for phase, opt in zip(self.phases, optimizers):
+            if not phase.active(iteration):
+                continue
+            for _ in range(phase.repeats):
+                loss = getattr(self, phase.loss)(batch)
+                if not torch.isfinite(loss):
+                    self._nonfinite("loss", phase)
+                    continue
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                bad = next((f"{net}.{n}" for net in phase.networks for n, p in getattr(self, net).named_parameters()
+                            if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+                if bad is not None:
+                    self._nonfinite(f"gradient of {bad}", phase)
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                if self.grad_clip > 0:
+                    self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+                opt.step()
+                if phase.updates_ema:
+                    self.update_ema()
+                self.log(f"train/{phase.name}_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.iteration += 1
+        if self.nonfinite == "skip":
+            self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[FORMAT_KEY] = {"config": self.init_config, "version": 1}
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(self.unsaved_prefixes)]:
+            del state[key]
+
+    def state_dict_to_save(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.unsaved_prefixes)}
+
+    def export(self, path: str) -> None:
+        """A small self-describing file for `sample`, `evaluate` and `teacher_ckpt` (atomic write)."""
+        atomic_save({FORMAT_KEY: {"config": self.init_config, "version": 1}, "state_dict": self.state_dict_to_save()}, path)
+
+    # ----------------------------------------------------------------------------- sampling
+    def check_nfe(self, nfe: int) -> None:
+        if not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"nfe: must be an integer >= 1, got {nfe!r}.")
+        if self.max_nfe is not None and nfe > self.max_nfe:
+            raise ValueError(f"nfe: {type(self).__name__} samples with at most {self.max_nfe} evaluations, got {nfe}.")
+
+    def check_class_labels(self, class_labels: Tensor | None, n: int) -> None:
+        if class_labels is None:
+            return
+        if self.num_classes == 0:
+            raise ValueError("class_labels: this model is unconditional; drop --class_labels.")
+        if class_labels.shape != (n,):
+            raise ValueError(f"class_labels: expected {n} labels (one per sample), got shape {tuple(class_labels.shape)}.")
+        if class_labels.min() < 0 or class_labels.max() >= self.num_classes:
+            raise ValueError(f"class_labels: labels must be in [0, {self.num_classes - 1}], got {class_labels.tolist()[:8]}.")
+
+    @torch.no_grad()
+    def sample(self, n: int, nfe: int, class_labels: Tensor | None = None, generator: torch.Generator | None = None,
+               use_ema: bool = True, **options) -> Samples:
+        """Draw n samples with `nfe` network evaluations each (guidance counts double).
+
+        Class labels default to uniform draws from `generator` for class-conditional models.
+        """
+        self.check_nfe(nfe)
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device)
+        self.check_class_labels(class_labels, n)
+        if class_labels is None and self.num_classes > 0:
+            class_labels = torch.randint(0, self.num_classes, (n,), generator=generator).to(self.device)
+        noise = torch.randn((n, *self.data_shape), generator=generator).to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            x, spent = self._sample(noise, class_labels, nfe, self.sampling_network(use_ema), **options)
+        finally:
+            self.train(was_training)
+        return Samples(x=x, labels=class_labels, nfe=spent)
+
+    def _sample(self, noise: Tensor, class_labels: Tensor | None, nfe: int, net: nn.Module, **options) -> tuple[Tensor, int]:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- setup checks
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        data_shape = tuple(getattr(datamodule, "data_shape", self.data_shape))
+        if data_shape != self.data_shape:
+            raise ValueError(
+                f"model: network input shape {self.data_shape} does not match data shape {data_shape}; "
+                "set the network's in_channels/img_resolution (or dim) to the data's."
+            )
+        data_classes = int(getattr(datamodule, "num_classes", 0))
+        if self.num_classes > 0 and data_classes != self.num_classes:
+            raise ValueError(
+                f"model: class-conditional network with num_classes={self.num_classes} but the data has "
+                f"{data_classes} classes; set the network's num_classes to {data_classes}."
+            )

@@ -1,0 +1,155 @@
+"""Teachers: EDM denoising score matching and flow matching, each with an ODE sampler.
+
+Both train a `PreconditionedNet` (the generator slot of `FewStepModule`) with one phase, keep an EMA,
+and sample with the deterministic Heun/Euler PF-ODE solver in EDM coordinates (any teacher's
+prediction is converted through its path), with optional classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion.guidance import ClassifierFreeGuidance
+from ..diffusion.paths import EDMPath
+from ..diffusion.precond import PreconditionedNet
+from ..diffusion.solvers import NFECounter, lognormal_sigmas, sample_edm_heun
+from .base import FewStepModule, Phase
+
+__all__ = ["DiffusionTeacher", "EDMDiffusion", "FlowMatching", "drop_labels"]
+
+
+def drop_labels(class_labels: Tensor | None, num_classes: int, p: float) -> Tensor | None:
+    """Replace each label by the null label `num_classes` with probability p (CFG training)."""
+    if class_labels is None or num_classes == 0:
+        return None
+    if p <= 0:
+        return class_labels
+    drop = torch.rand(class_labels.shape, device=class_labels.device) < p
+    return torch.where(drop, torch.full_like(class_labels, num_classes), class_labels)
+
+
+class DiffusionTeacher(FewStepModule):
+    """Shared part of the two teachers: one phase, EMA, PF-ODE sampling with CFG.
+
+    Args:
+        net: a `lit_fewstep.nets` network.
+        sigma_data: data standard deviation (0.5 for images in [-1, 1]).
+        label_dropout: probability of the null label during training (enables CFG).
+        guidance_scale: default CFG scale at sampling (1 = no guidance; EDM2 convention).
+        lr, betas, weight_decay, ema_decay, grad_clip, nonfinite: see `FewStepModule` and `Phase`.
+    """
+
+    generator_name = "model"
+    preconditioning = "edm"
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, label_dropout: float = 0.1, guidance_scale: float = 1.0,
+                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 ema_decay: float = 0.999, grad_clip: float = 1.0, nonfinite: str = "stop"):
+        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite)
+        self.model = PreconditionedNet(net, self.preconditioning, sigma_data)
+        self.sigma_data = sigma_data
+        self.label_dropout = label_dropout
+        self.guidance_scale = guidance_scale
+        self.phases = [Phase("denoiser", "denoising_loss", ("model",), lr=lr, betas=tuple(betas),
+                             weight_decay=weight_decay, updates_ema=True)]
+        self.init_ema()
+
+    def denoising_loss(self, batch, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def validation_step(self, batch, batch_idx):
+        generator = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        loss = self.denoising_loss(batch, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def _sample(self, noise, class_labels, nfe, net, guidance_scale: float | None = None, solver: str = "heun"):
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        counter = NFECounter()
+        edm = EDMPath()
+        if class_labels is not None and scale != 1.0:
+            cfg = ClassifierFreeGuidance(_OnPath(net, edm), class_labels, scale, counter)
+            x0_fn = cfg
+        else:
+            x0_fn = counter.counted(lambda x, t: net.x0_from(x, t, edm, class_labels=class_labels))
+        x = sample_edm_heun(x0_fn, noise, nfe, method=solver)
+        return x, counter.count
+
+
+class _OnPath(nn.Module):
+    """View of a PreconditionedNet whose `x0` takes states on another path (for guidance wrappers)."""
+
+    def __init__(self, net: PreconditionedNet, path):
+        super().__init__()
+        self.inner, self.path = net, path
+
+    @property
+    def num_classes(self) -> int:
+        return self.inner.num_classes
+
+    def x0(self, x_t, t, class_labels=None, **cond):
+        return self.inner.x0_from(x_t, t, self.path, class_labels=class_labels, **cond)
+
+
+class EDMDiffusion(DiffusionTeacher):
+    """Karras et al. 2022 (EDM): denoising score matching with lognormal sigma and EDM weighting.
+
+    Args:
+        P_mean, P_std: ln(sigma) ~ N(P_mean, P_std^2) during training.
+    """
+
+    preconditioning = "edm"
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2,
+                 label_dropout: float = 0.1, guidance_scale: float = 1.0, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.999,
+                 grad_clip: float = 1.0, nonfinite: str = "stop"):
+        super().__init__(net, sigma_data, label_dropout, guidance_scale, lr, betas, weight_decay, ema_decay,
+                         grad_clip, nonfinite)
+        self.P_mean, self.P_std = P_mean, P_std
+
+    def denoising_loss(self, batch, generator=None):
+        """Eq. 2 + Table 1 of Karras et al. 2022: lambda(sigma) ||D(x + sigma n, sigma) - x||^2, mean over elements."""
+        x, y = batch
+        y = drop_labels(y, self.model.num_classes, self.label_dropout if self.training else 0.0)
+        sigma = lognormal_sigmas(x.shape[0], self.P_mean, self.P_std, generator=generator, device=x.device, dtype=x.dtype)
+        n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        sigma_b = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        D = self.model(x + sigma_b * n, sigma, class_labels=y)
+        weight = (sigma_b**2 + self.sigma_data**2) / (sigma_b * self.sigma_data) ** 2
+        return (weight * (D - x) ** 2).mean()
+
+
+class FlowMatching(DiffusionTeacher):
+    """Lipman et al. 2023 / Liu et al. 2023: regress the linear path's velocity z - x.
+
+    Args:
+        time_distribution: "uniform" t ~ U[0, 1], or "logit_normal" t = sigmoid(N(P_mean, P_std^2)) (SD3).
+    """
+
+    preconditioning = "velocity"
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, time_distribution: str = "logit_normal",
+                 P_mean: float = 0.0, P_std: float = 1.0, label_dropout: float = 0.1, guidance_scale: float = 1.0,
+                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 ema_decay: float = 0.999, grad_clip: float = 1.0, nonfinite: str = "stop"):
+        if time_distribution not in ("uniform", "logit_normal"):
+            raise ValueError(f"time_distribution: choose 'uniform' or 'logit_normal', got {time_distribution!r}.")
+        super().__init__(net, sigma_data, label_dropout, guidance_scale, lr, betas, weight_decay, ema_decay,
+                         grad_clip, nonfinite)
+        self.time_distribution, self.P_mean, self.P_std = time_distribution, P_mean, P_std
+
+    def sample_times(self, n: int, generator=None, device=None, dtype=torch.float32) -> Tensor:
+        if self.time_distribution == "uniform":
+            return torch.rand(n, generator=generator, device=device, dtype=dtype)
+        return torch.sigmoid(self.P_mean + self.P_std * torch.randn(n, generator=generator, device=device, dtype=dtype))
+
+    def denoising_loss(self, batch, generator=None):
+        """Conditional flow matching: ||F(x_t, t) - (z - x)||^2 on x_t = (1 - t) x + t z, mean over elements."""
+        x, y = batch
+        y = drop_labels(y, self.model.num_classes, self.label_dropout if self.training else 0.0)
+        t = self.sample_times(x.shape[0], generator, x.device, x.dtype)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        path = self.model.path
+        v = self.model(path.noise(x, z, t), t, class_labels=y)
+        return ((v - path.velocity(x, z, t)) ** 2).mean()
