@@ -1,0 +1,57 @@
+"""Discriminator heads on a network's bottleneck features (DMD2, CTM, AYF adversarial fine-tuning)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .embeddings import check_class_labels
+from .unet import group_norm
+
+__all__ = ["DiscriminatorHead"]
+
+
+class DiscriminatorHead(nn.Module):
+    """Feature map [B, C, h, w] (or vector [B, C]) -> real/fake logit [B].
+
+    Maps: 4x4 conv stride 2 -> GroupNorm -> SiLU -> global mean pool -> linear.
+    Vectors ([B, C], e.g. MLP features) go through the same layers as a 1x1 map; the conv's padding
+    grows so that its centre tap acts as a linear layer, i.e. a 2-layer MLP. One set of parameters
+    serves both, so nothing is left unused under DDP.
+
+    With ``num_classes > 0`` it is a projection discriminator: ``logit += <embed(y), pooled>``;
+    label ``num_classes`` (or ``class_labels=None``) is the null label, as in the generators.
+    """
+
+    def __init__(self, in_channels: int, hidden: Optional[int] = None, num_classes: int = 0):
+        super().__init__()
+        hidden = in_channels if hidden is None else hidden
+        self.in_channels = in_channels
+        self.hidden = hidden
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(in_channels, hidden, 4, stride=2, padding=1)
+        self.norm = group_norm(hidden)
+        self.fc = nn.Linear(hidden, 1)
+        self.embed = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
+
+    def forward(self, features: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """features [B, C, h, w] or [B, C], class_labels int64 [B] or None -> logits [B]."""
+        if features.dim() == 2:
+            features = features[:, :, None, None]
+        if features.dim() != 4 or features.shape[1] != self.in_channels:
+            raise ValueError(
+                f"features must have shape [B, {self.in_channels}, h, w] or [B, {self.in_channels}], got {list(features.shape)}"
+            )
+        # A 4x4/stride-2 kernel needs >= 2 pixels with padding 1; on a size-1 axis pad 2 instead, so
+        # exactly one tap (the centre) sees the pixel.
+        padding = tuple(1 if n >= 2 else 2 for n in features.shape[-2:])
+        h = F.conv2d(features, self.conv.weight, self.conv.bias, stride=2, padding=padding)
+        pooled = F.silu(self.norm(h)).mean(dim=(2, 3))  # [B, hidden]
+        logits = self.fc(pooled).squeeze(1)
+        labels = check_class_labels(class_labels, self.num_classes, features.shape[0], features.device)
+        if labels is not None:
+            logits = logits + (self.embed(labels) * pooled).sum(dim=1)
+        return logits
