@@ -117,6 +117,7 @@ class FewStepModule(Configurable, L.LightningModule):
         self.nonfinite = nonfinite
         self.phases: list[Phase] = []
         self.ema: nn.Module | None = None
+        self.data_config: dict | None = None  # recorded at fit so `evaluate` knows the reference data
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
 
@@ -207,7 +208,7 @@ class FewStepModule(Configurable, L.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[FORMAT_KEY] = {"config": self.init_config, "version": 1}
+        checkpoint[FORMAT_KEY] = self._format_entry()
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(self.unsaved_prefixes)]:
             del state[key]
@@ -217,7 +218,10 @@ class FewStepModule(Configurable, L.LightningModule):
 
     def export(self, path: str) -> None:
         """A small self-describing file for `sample`, `evaluate` and `teacher_ckpt` (atomic write)."""
-        atomic_save({FORMAT_KEY: {"config": self.init_config, "version": 1}, "state_dict": self.state_dict_to_save()}, path)
+        atomic_save({FORMAT_KEY: self._format_entry(), "state_dict": self.state_dict_to_save()}, path)
+
+    def _format_entry(self) -> dict:
+        return {"config": self.init_config, "data": self.data_config, "version": 1}
 
     # ----------------------------------------------------------------------------- sampling
     def check_nfe(self, nfe: int) -> None:
@@ -263,9 +267,12 @@ class FewStepModule(Configurable, L.LightningModule):
 
     # ----------------------------------------------------------------------------- setup checks
     def setup(self, stage: str) -> None:
+        self.init_config  # fail now, not at the first checkpoint, if an argument cannot be recorded
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
+        if isinstance(datamodule, Configurable):
+            self.data_config = datamodule.init_config
         data_shape = tuple(getattr(datamodule, "data_shape", self.data_shape))
         if data_shape != self.data_shape:
             raise ValueError(

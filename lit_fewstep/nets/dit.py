@@ -11,6 +11,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from .embeddings import ConditionEmbedding, attention, concat_extra
+from ..utils.config import Configurable
 
 __all__ = ["DiT", "sincos_pos_embed_2d"]
 
@@ -69,7 +70,7 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
 
-class DiT(nn.Module):
+class DiT(Configurable, nn.Module):
     """Diffusion transformer: x [B, in_channels, R, R] -> [B, out_channels, R, R].
 
     Args:

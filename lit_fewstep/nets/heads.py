@@ -10,11 +10,12 @@ from torch import nn
 
 from .embeddings import check_class_labels
 from .unet import group_norm
+from ..utils.config import Configurable
 
 __all__ = ["DiscriminatorHead"]
 
 
-class DiscriminatorHead(nn.Module):
+class DiscriminatorHead(Configurable, nn.Module):
     """Feature map [B, C, h, w] (or vector [B, C]) -> real/fake logit [B].
 
     Maps: 4x4 conv stride 2 -> GroupNorm -> SiLU -> global mean pool -> linear.

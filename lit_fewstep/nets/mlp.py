@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embeddings import ConditionEmbedding, concat_extra
+from ..utils.config import Configurable
 
 __all__ = ["MLP"]
 
@@ -31,7 +32,7 @@ class _FiLMBlock(nn.Module):
         return h + y
 
 
-class MLP(nn.Module):
+class MLP(Configurable, nn.Module):
     """Conditional residual MLP: x [B, dim] -> [B, dim].
 
     Args:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embeddings import ConditionEmbedding, attention, concat_extra
+from ..utils.config import Configurable
 
 __all__ = ["UNet"]
 
@@ -108,7 +109,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
-class UNet(nn.Module):
+class UNet(Configurable, nn.Module):
     """Conditional UNet: x [B, in_channels, R, R] -> [B, out_channels, R, R] with R = img_resolution.
 
     Args:

@@ -45,6 +45,7 @@ def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt
     if not meta or "config" not in meta or "state_dict" not in ckpt:
         raise ValueError(f"{field}: {str(path)!r} is not a lit_fewstep checkpoint (no '{FORMAT_KEY}' config); train or export it with lit_fewstep.")
     module = instantiate(meta["config"], trust=trust)
+    module.data_config = meta.get("data")
     skip = tuple(getattr(module, "unsaved_prefixes", ()))
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     missing = [k for k in missing if not k.startswith(skip)]
