@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,12 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, field: str = "
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
-        if trust:
-            raise ValueError(f"{field}: {str(path)!r} is not a readable checkpoint ({err.__class__.__name__}).") from err
+        # torch.save writes a zip archive: anything else (or a truncated one) is damage, not pickle.
+        if trust or not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{field}: {str(path)!r} is not a readable checkpoint (truncated or corrupted: "
+                f"{str(err).splitlines()[0][:120]}); use an earlier checkpoint or re-export it."
+            ) from err
         raise ValueError(
             f"{field}: {str(path)!r} contains pickled Python objects and was refused (weights_only=True). "
             "Unpickling runs arbitrary code: only if you trust the file's source, pass --trust_checkpoint true."
