@@ -216,9 +216,23 @@ class FewStepModule(Configurable, L.LightningModule):
     def state_dict_to_save(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.unsaved_prefixes)}
 
-    def export(self, path: str) -> None:
-        """A small self-describing file for `sample`, `evaluate` and `teacher_ckpt` (atomic write)."""
-        atomic_save({FORMAT_KEY: self._format_entry(), "state_dict": self.state_dict_to_save()}, path)
+    def export(self, path: str, ema_only: bool = True) -> None:
+        """A small self-describing file for `sample`, `evaluate` and `teacher_ckpt` (atomic write).
+
+        With `ema_only` the EMA weights are stored in the generator's slot and the raw weights are
+        dropped (half the size); loading then starts the EMA from those weights.
+        """
+        state = self.state_dict_to_save()
+        if ema_only and self.ema is not None:
+            prefix = f"{self.generator_name}."
+            state = {k: v for k, v in state.items() if not k.startswith(("ema.", prefix))}
+            state.update({prefix + k: v for k, v in self.ema.state_dict().items()})
+        atomic_save({FORMAT_KEY: self._format_entry(), "state_dict": state}, path)
+
+    def on_load_state_dict_without_ema(self) -> None:
+        """An EMA-only export holds no `ema.*` keys: the EMA starts from the loaded generator."""
+        if self.ema is not None:
+            self.ema.load_state_dict(self.generator.state_dict())
 
     def _format_entry(self) -> dict:
         return {"config": self.init_config, "data": self.data_config, "version": 1}

@@ -54,6 +54,9 @@ def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt
     skip = tuple(getattr(module, "unsaved_prefixes", ()))
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     missing = [k for k in missing if not k.startswith(skip)]
+    if missing and all(k.startswith("ema.") for k in missing) and hasattr(module, "on_load_state_dict_without_ema"):
+        module.on_load_state_dict_without_ema()  # an EMA-only export
+        missing = []
     if missing or unexpected:
         raise ValueError(
             f"{field}: {str(path)!r} does not match the module it describes "

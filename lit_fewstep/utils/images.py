@@ -37,7 +37,7 @@ def save_samples_png(samples: np.ndarray, path: str | Path, labels: np.ndarray |
             order = np.argsort(labels, kind="stable")
             samples = samples[order]
         grid = image_grid(samples)
-        scale = max(1, 256 // grid.shape[0])
+        scale = max(1, 512 // grid.shape[0])  # small images: upscale for viewing
         grid = grid.repeat(scale, 0).repeat(scale, 1)
         plt.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
     elif samples.ndim == 2 and samples.shape[1] == 2:
