@@ -90,6 +90,19 @@ class GaussianPath:
         """Conditional velocity d x_t / d t = a'(t) x + b'(t) z."""
         return _bcast(self.da(t), x) * x + _bcast(self.db(t), x) * z
 
+    def transition(self, x_s: Tensor, s: Tensor | float, t: Tensor | float, z: Tensor) -> Tensor:
+        """Sample q(x_t | x_s) for t >= s: x_t = (a_t / a_s) x_s + sqrt(b_t^2 - (a_t b_s / a_s)^2) z.
+
+        Re-noises a state from time s to the later time t (consistency models' multistep sampling,
+        Algorithm 1 of Song et al. 2023: on EDM x_t = x + sqrt(t^2 - eps^2) z; on TrigFlow from s = 0,
+        x_t = cos t x + sigma_d sin t z).
+        """
+        s = torch.as_tensor(s, dtype=x_s.dtype, device=x_s.device)
+        t = torch.as_tensor(t, dtype=x_s.dtype, device=x_s.device)
+        ratio = self.a(t) / self.a(s)
+        std = torch.sqrt((self.b(t) ** 2 - (ratio * self.b(s)) ** 2).clamp_min(0.0))
+        return _bcast(ratio, x_s) * x_s + _bcast(std, x_s) * z
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .paths import GaussianPath, _bcast, convert, make_path
 from .predictions import to_x0_eps
 
-__all__ = ["edm_coefficients", "consistency_coefficients", "PreconditionedNet", "PRECONDITIONINGS"]
+__all__ = ["edm_coefficients", "consistency_coefficients", "trigflow_coefficients", "PreconditionedNet", "PRECONDITIONINGS"]
 
 
 def edm_coefficients(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -34,7 +34,13 @@ def consistency_coefficients(sigma: Tensor, sigma_data: float, sigma_min: float)
     return c_skip, c_out
 
 
-PRECONDITIONINGS = ("edm", "velocity", "trigflow")
+def trigflow_coefficients(t: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """sCM (Lu & Song 2024): f(x_t, t) = c_skip x_t + c_out F(x_t / sigma_d, t) with c_skip = cos t,
+    c_out = -sigma_d sin t; exactly f(x, 0) = x (the velocity -> x0 conversion in closed form)."""
+    return torch.cos(t), -sigma_data * torch.sin(t)
+
+
+PRECONDITIONINGS = ("edm", "velocity", "trigflow", "consistency")
 
 
 class PreconditionedNet(nn.Module):
@@ -45,11 +51,17 @@ class PreconditionedNet(nn.Module):
         preconditioning:
             ``"edm"``: EDM path, D(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4); predicts x0.
             ``"velocity"``: linear (flow-matching) path, F(x_t, t) is the velocity z - x.
-            ``"trigflow"``: TrigFlow path, sigma_d F(x_t / sigma_d, t) is the velocity (sCM).
+            ``"trigflow"``: TrigFlow path, sigma_d F(x_t / sigma_d, t) is the velocity (sCM). Its x0 is
+            the sCM consistency function cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t), so x0(x, 0) = x.
+            ``"consistency"``: EDM path, consistency function of Song et al. 2023 (Appendix C):
+            f(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4) with the boundary-shifted c_skip, c_out of
+            `consistency_coefficients`, so x0(x, sigma_min) = x exactly; c_in and c_noise are EDM's, so a
+            student can start from an EDM teacher's raw weights.
         sigma_data: data standard deviation sigma_d.
+        sigma_min: the boundary time eps of ``"consistency"`` (ignored otherwise).
     """
 
-    def __init__(self, net: nn.Module, preconditioning: str = "edm", sigma_data: float = 0.5):
+    def __init__(self, net: nn.Module, preconditioning: str = "edm", sigma_data: float = 0.5, sigma_min: float = 0.002):
         super().__init__()
         if preconditioning not in PRECONDITIONINGS:
             raise ValueError(
@@ -58,8 +70,12 @@ class PreconditionedNet(nn.Module):
         self.net = net
         self.preconditioning = preconditioning
         self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
         if preconditioning == "edm":
             self.path: GaussianPath = make_path("edm")
+            self.prediction = "x0"
+        elif preconditioning == "consistency":
+            self.path = make_path("edm", sigma_min=self.sigma_min)
             self.prediction = "x0"
         elif preconditioning == "velocity":
             self.path = make_path("linear")
@@ -75,8 +91,10 @@ class PreconditionedNet(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None, return_features: bool = False, **cond):
         """The prediction of kind `self.prediction` at (x_t, t); t of shape [B]."""
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
-        if self.preconditioning == "edm":
+        if self.preconditioning in ("edm", "consistency"):
             c_skip, c_out, c_in, c_noise = edm_coefficients(t, self.sigma_data)
+            if self.preconditioning == "consistency":
+                c_skip, c_out = consistency_coefficients(t, self.sigma_data, self.sigma_min)
             c_skip, c_out, c_in = (_bcast(c, x_t) for c in (c_skip, c_out, c_in))
             out = self.net(c_in * x_t, c_noise, class_labels=class_labels, return_features=return_features, **cond)
             F, feats = out if return_features else (out, None)
@@ -94,6 +112,9 @@ class PreconditionedNet(nn.Module):
         """Data prediction E[x | x_t] in this network's own path coordinates."""
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
         pred = self(x_t, t, class_labels=class_labels, **cond)
+        if self.preconditioning == "trigflow":  # closed form, so that x0(x, 0) = x holds exactly
+            c_skip, c_out = trigflow_coefficients(t, self.sigma_data)
+            return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * (pred / self.sigma_data)
         return to_x0_eps(pred, self.prediction, x_t, t, self.path)[0]
 
     def x0_from(self, x_t: Tensor, t: Tensor, path: GaussianPath, class_labels: Tensor | None = None, **cond) -> Tensor:

@@ -25,6 +25,9 @@ __all__ = [
     "solve_ode",
     "heun_schedule_for_nfe",
     "sample_edm_heun",
+    "discrete_lognormal_probs",
+    "consistency_sigmas",
+    "multistep_consistency_sample",
 ]
 
 X0Fn = Callable[[Tensor, Tensor], Tensor]
@@ -140,3 +143,57 @@ def sample_edm_heun(x0_fn: X0Fn, noise: Tensor, nfe: int, sigma_min: float = 0.0
         heun, euler = heun_schedule_for_nfe(nfe)
     sigmas = karras_sigmas(heun + euler, sigma_min, sigma_max, rho).to(noise.dtype)
     return solve_ode(x0_fn, noise * sigma_max, sigmas, path, method="heun", euler_last=euler)
+
+
+def discrete_lognormal_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
+    """iCT's noise-level distribution over the intervals of an increasing grid (Song & Dhariwal 2023, Sec. 3.5).
+
+    p(i) ∝ erf((ln sigma_{i+1} - P_mean) / (sqrt(2) P_std)) - erf((ln sigma_i - P_mean) / (sqrt(2) P_std)):
+    the lognormal mass between adjacent grid points. `sigmas` [N] increasing -> probabilities [N - 1].
+    """
+    if sigmas.ndim != 1 or sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()):
+        raise ValueError("sigmas: need an increasing 1-D grid with at least 2 points (index 0 = sigma_min).")
+    cdf = torch.erf((torch.log(sigmas.double()) - P_mean) / (2.0**0.5 * P_std))
+    mass = cdf[1:] - cdf[:-1]
+    return mass / mass.sum()
+
+
+def consistency_sigmas(nfe: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                       sigmas: list[float] | None = None, dtype=torch.float64) -> Tensor:
+    """The `nfe` noise levels (EDM sigma, decreasing, first = sigma_max) at which a consistency model is evaluated.
+
+    Default intermediate levels: the first `nfe` points of the Karras grid with nfe + 1 points
+    (e.g. 2 steps: sigma_mid = 2.52; 4 steps: 17.5, 2.52, 0.170 for [0.002, 80], rho 7).
+    `sigmas` gives the nfe - 1 intermediate levels by hand (the papers tune them: CM ImageNet-64 CD
+    2-step uses 1.382, sCM CIFAR-10 0.82).
+    """
+    if nfe < 1:
+        raise ValueError(f"nfe: must be >= 1, got {nfe}.")
+    if sigmas is None:
+        return karras_sigmas(nfe + 1, sigma_min, sigma_max, rho, append_zero=False, dtype=dtype)[:nfe]
+    mids = torch.as_tensor(list(sigmas), dtype=dtype).flatten()
+    if mids.numel() != nfe - 1:
+        raise ValueError(f"sigmas: {nfe} NFE need {nfe - 1} intermediate noise levels, got {mids.numel()}.")
+    levels = torch.cat([torch.tensor([sigma_max], dtype=dtype), mids])
+    if mids.numel() and not (bool((levels[1:] < levels[:-1]).all()) and float(mids.min()) > sigma_min):
+        raise ValueError(f"sigmas: intermediate levels must decrease strictly inside ({sigma_min}, {sigma_max}), "
+                         f"got {mids.tolist()}.")
+    return levels
+
+
+def multistep_consistency_sample(f_fn: X0Fn, noise: Tensor, times: Tensor, path: GaussianPath,
+                                 noise_fn: Callable[[], Tensor], t_min: float = 0.0) -> Tensor:
+    """Algorithm 1 of Song et al. 2023 (multistep consistency sampling) on any path; len(times) NFE.
+
+    x = f(b(T) z, T) with T = times[0]; then for each later tau: x_tau ~ q(x_tau | x at t_min)
+    (`GaussianPath.transition`) and x = f(x_tau, tau). `f_fn(x_t, t)` is the consistency function in
+    the path's coordinates, `noise_fn()` draws a fresh unit-Gaussian tensor shaped like `noise`.
+    """
+    times = torch.as_tensor(times)
+    if times.ndim != 1 or times.numel() < 1:
+        raise ValueError("times: need a 1-D tensor of at least one time.")
+    T = _vec_t(times[0].item(), noise)
+    x = f_fn(_bcast(path.b(T), noise) * noise, T)
+    for tau in times[1:].tolist():
+        x = f_fn(path.transition(x, t_min, tau, noise_fn()), _vec_t(tau, noise))
+    return x
