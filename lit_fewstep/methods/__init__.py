@@ -2,3 +2,5 @@
 
 from .base import FewStepModule, Phase, Samples, load_teacher
 from .diffusion import EDMDiffusion, FlowMatching
+from .dmd import DMD, DMD2
+from .msd import MSD

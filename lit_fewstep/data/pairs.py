@@ -1,0 +1,128 @@
+"""Teacher ODE noise -> sample pairs, made once and reused (DMD's regression set; reflow couplings).
+
+    python -m lit_fewstep.data.pairs --teacher lit_fewstep/assets/edm_digits.pt --num 2048 --nfe 35 --out pairs.pt
+
+The file holds plain tensors only (it loads with ``torch.load(weights_only=True)``):
+
+=================  ======================================================================
+key                value
+=================  ======================================================================
+``noise``          unit Gaussian z [N, ...]; the ODE starts at sigma_max * z (EDM coordinates)
+``x``              the teacher's deterministic PF-ODE solution from that start [N, ...]
+``labels``         class labels [N] (int64), or absent for an unconditional teacher
+``sigma_max``      the starting noise level (a one-step student must be fed sigma_max * z)
+``nfe``            teacher evaluations per sample (guidance counts double)
+``guidance_scale`` CFG scale of the teacher (1 = none, EDM2 convention)
+``teacher``        the teacher checkpoint path, as given
+=================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..diffusion.guidance import guide
+from ..diffusion.paths import EDMPath
+from ..diffusion.solvers import NFECounter, sample_edm_heun
+from ..utils.checkpoint import atomic_save, load_checkpoint
+
+__all__ = ["make_pairs", "save_pairs", "load_pairs"]
+
+PAIR_KEYS = ("noise", "x", "sigma_max", "nfe", "guidance_scale", "teacher")
+
+
+@torch.no_grad()
+def make_pairs(teacher, num: int, nfe: int = 35, num_classes: int | None = None, guidance_scale: float = 1.0,
+               seed: int = 0, batch_size: int = 512, sigma_max: float = 80.0) -> dict:
+    """Solve the teacher's PF-ODE (EDM Heun, `nfe` evaluations) from `num` seeded noises.
+
+    Args:
+        teacher: a `PreconditionedNet` (e.g. from `methods.base.load_teacher`), any path/parameterization.
+        num_classes: label count for class-conditional teachers (default: the teacher's; labels are uniform).
+        guidance_scale: CFG scale for the teacher (1 = none).
+        seed: seeds one `torch.Generator` that draws labels and noise, batch after batch.
+    Returns a dict of plain tensors (see the module docstring).
+    """
+    if num < 1:
+        raise ValueError(f"num: must be >= 1, got {num}.")
+    num_classes = teacher.num_classes if num_classes is None else num_classes
+    if guidance_scale != 1.0 and num_classes == 0:
+        raise ValueError("guidance_scale: classifier-free guidance needs a class-conditional teacher; use 1.")
+    net = getattr(teacher, "net", teacher)
+    res = getattr(net, "img_resolution", None)
+    shape = (net.in_channels,) if res is None else (net.in_channels, res, res)
+    edm = EDMPath(sigma_max=sigma_max)
+    g = torch.Generator().manual_seed(seed)
+    noises, xs, labels, counter = [], [], [], NFECounter()
+    for begin in range(0, num, batch_size):
+        n = min(batch_size, num - begin)
+        y = torch.randint(0, num_classes, (n,), generator=g) if num_classes > 0 else None
+        z = torch.randn((n, *shape), generator=g)
+        counter.count = 0
+
+        def x0_fn(x, sigma, y=y):
+            if guidance_scale == 1.0:
+                counter.add(1)
+                return teacher.x0_from(x, sigma, edm, class_labels=y)
+            counter.add(2)
+            null = torch.full_like(y, num_classes)
+            return guide(teacher.x0_from(x, sigma, edm, class_labels=y),
+                         teacher.x0_from(x, sigma, edm, class_labels=null), guidance_scale)
+
+        xs.append(sample_edm_heun(x0_fn, z, nfe, sigma_max=sigma_max))
+        noises.append(z)
+        if y is not None:
+            labels.append(y)
+    pairs = {"noise": torch.cat(noises), "x": torch.cat(xs).float(), "sigma_max": float(sigma_max),
+             "nfe": int(counter.count), "guidance_scale": float(guidance_scale)}
+    if labels:
+        pairs["labels"] = torch.cat(labels)
+    return pairs
+
+
+def save_pairs(pairs: dict, path: str | Path, teacher_path: str = "") -> None:
+    atomic_save({**pairs, "teacher": str(teacher_path)}, path)
+
+
+def load_pairs(path: str | Path, field: str = "pairs_path") -> dict:
+    """Load a pair file (weights_only) and check its keys; errors name `field`."""
+    pairs = load_checkpoint(path, field=field)
+    missing = [k for k in ("noise", "x", "sigma_max") if k not in pairs]
+    if missing:
+        raise ValueError(f"{field}: {str(path)!r} is not a pair file (missing {missing}); make one with "
+                         "`python -m lit_fewstep.data.pairs --teacher PATH --num N --out FILE.pt`.")
+    if pairs["noise"].shape != pairs["x"].shape:
+        raise ValueError(f"{field}: {str(path)!r} has noise {tuple(pairs['noise'].shape)} but samples "
+                         f"{tuple(pairs['x'].shape)}; regenerate it.")
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from ..methods.base import load_teacher
+
+    parser = argparse.ArgumentParser(prog="python -m lit_fewstep.data.pairs", description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", required=True, help="lit_fewstep teacher checkpoint (.pt/.ckpt)")
+    parser.add_argument("--num", type=int, required=True, help="number of pairs")
+    parser.add_argument("--nfe", type=int, default=35, help="teacher evaluations per sample (EDM Heun)")
+    parser.add_argument("--out", required=True, help="output FILE.pt")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="teacher CFG scale (1 = none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=512)
+    args = parser.parse_args(argv)
+    teacher = load_teacher(args.teacher, field_name="--teacher")
+    start = time.perf_counter()
+    pairs = make_pairs(teacher, args.num, args.nfe, guidance_scale=args.guidance_scale, seed=args.seed,
+                       batch_size=args.batch_size)
+    out = Path(args.out)
+    save_pairs(pairs, out, args.teacher)
+    print(f"wrote {args.num} pairs ({pairs['nfe']} NFE each, {time.perf_counter() - start:.1f} s) to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
