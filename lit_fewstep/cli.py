@@ -123,7 +123,23 @@ TOOLS = {"sample": sample_main, "evaluate": evaluate_main}
 
 
 class FewStepTrainer(Trainer):
-    """Lightning's Trainer; `sample`/`evaluate` are listed here so `--help` shows them."""
+    """Lightning's Trainer, loading resume checkpoints with weights_only=True unless told otherwise;
+    `sample`/`evaluate` are listed here so `--help` shows them."""
+
+    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path: str | None = None,
+            weights_only: bool = True):
+        """Train; `--ckpt_path` resumes (safe loading; `--weights_only false` allows pickle for trusted files)."""
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only=weights_only)
+
+    def validate(self, model=None, dataloaders=None, ckpt_path: str | None = None, verbose: bool = True,
+                 datamodule=None, weights_only: bool = True):
+        """Validation metrics of a model or checkpoint."""
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only=weights_only)
+
+    def test(self, model=None, dataloaders=None, ckpt_path: str | None = None, verbose: bool = True,
+             datamodule=None, weights_only: bool = True):
+        """Test metrics of a model or checkpoint."""
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only=weights_only)
 
     def sample(self):
         """Draw samples from a checkpoint: sample --ckpt PATH --nfe K --num N --seed S --out FILE."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from lit_fewstep.utils.config import Configurable
 
@@ -132,11 +132,39 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int = 0) -> tupl
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class EpochShuffleSampler(DistributedSampler):
+    """Shuffled indices that depend only on (seed, epoch), split across processes by interleaving.
+
+    A resumed run therefore replays exactly the permutation of its epoch (whatever happened to any RNG
+    before), and rank r of W takes perm[r::W], so with a per-process batch of B / W the union of the
+    ranks' batches is the single-process batch of B: one global batch, any number of processes.
+    It is a `DistributedSampler` so Lightning keeps it instead of inserting its own under DDP.
+    """
+
+    def __init__(self, num_items: int, seed: int = 0):
+        super().__init__(range(num_items), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+        self.num_items = num_items
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def __iter__(self):
+        world, rank = self._world()
+        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
+        return iter(perm[rank::world][: self.num_items // world].tolist())
+
+    def __len__(self) -> int:
+        return self.num_items // self._world()[0]
+
+
 class _OfflineDataModule(Configurable, L.LightningDataModule):
     """Shared loader code: subclasses build ``(train_dataset, val_dataset)`` in ``_build_datasets``.
 
-    ``train_dataloader`` is a ``StatefulDataLoader`` (shuffle, ``drop_last=True``, generator seeded with
-    ``seed``); ``val_dataloader``/``test_dataloader`` are plain ``DataLoader`` s over the val set without shuffling.
+    ``train_dataloader`` is a ``StatefulDataLoader`` over an ``EpochShuffleSampler`` (``drop_last=True``; the
+    order depends only on ``seed`` and the epoch, and the position mid-epoch is restored on resume); ``val_dataloader``/``test_dataloader`` are plain ``DataLoader`` s over the val set without shuffling.
     Augmentation (if any) wraps only the train set, freshly for each train loader.
     """
 
@@ -209,7 +237,7 @@ class _OfflineDataModule(Configurable, L.LightningDataModule):
         return StatefulDataLoader(
             self._augment(train),
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochShuffleSampler(len(train), self.seed),
             drop_last=True,
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,

@@ -69,10 +69,10 @@ def uniform_times(num_steps: int, t_max: float = 1.0, t_min: float = 0.0, dtype=
     return torch.linspace(t_max, t_min, num_steps + 1, dtype=dtype)
 
 
-def lognormal_sigmas(n: int, P_mean: float = -1.2, P_std: float = 1.2, generator: torch.Generator | None = None,
-                     device=None, dtype=torch.float32) -> Tensor:
-    """ln(sigma) ~ N(P_mean, P_std^2), the EDM training distribution (Karras et al. 2022, Sec. 5)."""
-    return torch.exp(P_mean + P_std * torch.randn(n, generator=generator, device=device, dtype=dtype))
+def lognormal_sigmas(normal: Tensor, P_mean: float = -1.2, P_std: float = 1.2) -> Tensor:
+    """ln(sigma) ~ N(P_mean, P_std^2), the EDM training distribution (Karras et al. 2022, Sec. 5),
+    from standard normal draws `normal`."""
+    return torch.exp(P_mean + P_std * normal)
 
 
 def pf_ode_velocity(x: Tensor, t: Tensor, x0: Tensor, path: GaussianPath) -> Tensor:

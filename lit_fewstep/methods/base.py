@@ -16,15 +16,19 @@ Schedules run on `self.iteration` (one per training batch, saved in checkpoints)
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 import torch
 from torch import Tensor, nn
 
 from ..utils.checkpoint import FORMAT_KEY, atomic_save, load_module
 from ..utils.config import Configurable
+from ..utils.preemption import AtomicCheckpointIO, PreemptionCheckpoint
 
 __all__ = ["Phase", "Samples", "FewStepModule", "NonFiniteError", "load_teacher"]
 
@@ -120,6 +124,9 @@ class FewStepModule(Configurable, L.LightningModule):
         self.data_config: dict | None = None  # recorded at fit so `evaluate` knows the reference data
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        # Seed of the training noise (set from seed_everything at fit); saved, so a resumed run keeps it.
+        self.register_buffer("rng_seed", torch.zeros((), dtype=torch.long))
+        self._draws = 0
 
     # ----------------------------------------------------------------------------- networks
     @property
@@ -178,6 +185,7 @@ class FewStepModule(Configurable, L.LightningModule):
         return True
 
     def training_step(self, batch, batch_idx):
+        self._draws = 0
         iteration = int(self.iteration)
         optimizers = self._optimizer_list()
         for phase, opt in zip(self.phases, optimizers):
@@ -205,6 +213,38 @@ class FewStepModule(Configurable, L.LightningModule):
         self.iteration += 1
         if self.nonfinite == "skip":
             self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+
+    # ----------------------------------------------------------------------------- randomness
+    # Training noise comes from generators keyed by (seed, iteration, draw index), and each DDP rank
+    # takes its slice of one draw for the global batch. So a resumed run, and a run on any number of
+    # processes at the same global batch, see exactly the noise of the uninterrupted single process,
+    # whatever else touched torch's global RNG in between (validation, callbacks, data loading).
+    def _iteration_generator(self, device: torch.device) -> torch.Generator:
+        key = f"{int(self.rng_seed)}/{int(self.iteration)}/{self._draws}".encode()
+        self._draws += 1
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _global_draw(self, sampler, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+        if generator is not None:  # validation / explicit seeding
+            return sampler(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        full = sampler((shape[0] * world, *shape[1:]), generator=self._iteration_generator(like.device),
+                       device=like.device, dtype=like.dtype)
+        return full[rank * shape[0]:(rank + 1) * shape[0]]
+
+    def randn(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """N(0, 1) of `shape` (batch first) on like's device/dtype, reproducible across resume and DDP."""
+        return self._global_draw(torch.randn, tuple(shape), like, generator)
+
+    def rand(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """U[0, 1) of `shape` (batch first); see `randn`."""
+        return self._global_draw(torch.rand, tuple(shape), like, generator)
+
+    def on_fit_start(self) -> None:
+        if int(self.iteration) == 0:  # a fresh run takes the seed of seed_everything; a resumed one keeps its own
+            self.rng_seed.fill_(int(os.environ.get("PL_GLOBAL_SEED", 0)))
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -280,8 +320,13 @@ class FewStepModule(Configurable, L.LightningModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- setup checks
+    def configure_callbacks(self):
+        return [PreemptionCheckpoint()]
+
     def setup(self, stage: str) -> None:
         self.init_config  # fail now, not at the first checkpoint, if an argument cannot be recorded
+        if self._trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return

@@ -19,14 +19,14 @@ from .base import FewStepModule, Phase
 __all__ = ["DiffusionTeacher", "EDMDiffusion", "FlowMatching", "drop_labels"]
 
 
-def drop_labels(class_labels: Tensor | None, num_classes: int, p: float) -> Tensor | None:
-    """Replace each label by the null label `num_classes` with probability p (CFG training)."""
+def drop_labels(class_labels: Tensor | None, num_classes: int, p: float, u: Tensor | None = None) -> Tensor | None:
+    """Replace each label by the null label `num_classes` where the uniform draw u < p (CFG training)."""
     if class_labels is None or num_classes == 0:
         return None
     if p <= 0:
         return class_labels
-    drop = torch.rand(class_labels.shape, device=class_labels.device) < p
-    return torch.where(drop, torch.full_like(class_labels, num_classes), class_labels)
+    u = torch.rand(class_labels.shape, device=class_labels.device) if u is None else u
+    return torch.where(u < p, torch.full_like(class_labels, num_classes), class_labels)
 
 
 class DiffusionTeacher(FewStepModule):
@@ -57,6 +57,12 @@ class DiffusionTeacher(FewStepModule):
 
     def denoising_loss(self, batch, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
+
+    def maybe_drop_labels(self, y: Tensor, like: Tensor, generator=None) -> Tensor | None:
+        """Null labels with probability label_dropout while training (never at validation)."""
+        if not self.training or self.model.num_classes == 0:
+            return drop_labels(y, self.model.num_classes, 0.0)
+        return drop_labels(y, self.model.num_classes, self.label_dropout, self.rand((y.shape[0],), like, generator))
 
     def validation_step(self, batch, batch_idx):
         generator = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
@@ -111,9 +117,9 @@ class EDMDiffusion(DiffusionTeacher):
     def denoising_loss(self, batch, generator=None):
         """Eq. 2 + Table 1 of Karras et al. 2022: lambda(sigma) ||D(x + sigma n, sigma) - x||^2, mean over elements."""
         x, y = batch
-        y = drop_labels(y, self.model.num_classes, self.label_dropout if self.training else 0.0)
-        sigma = lognormal_sigmas(x.shape[0], self.P_mean, self.P_std, generator=generator, device=x.device, dtype=x.dtype)
-        n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        y = self.maybe_drop_labels(y, x, generator)
+        sigma = lognormal_sigmas(self.randn((x.shape[0],), x, generator), self.P_mean, self.P_std)
+        n = self.randn(x.shape, x, generator)
         sigma_b = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         D = self.model(x + sigma_b * n, sigma, class_labels=y)
         weight = (sigma_b**2 + self.sigma_data**2) / (sigma_b * self.sigma_data) ** 2
@@ -139,17 +145,18 @@ class FlowMatching(DiffusionTeacher):
                          grad_clip, nonfinite)
         self.time_distribution, self.P_mean, self.P_std = time_distribution, P_mean, P_std
 
-    def sample_times(self, n: int, generator=None, device=None, dtype=torch.float32) -> Tensor:
+    def sample_times(self, normal: Tensor, uniform: Tensor) -> Tensor:
+        """Training times from a standard normal draw (logit-normal) or a uniform one."""
         if self.time_distribution == "uniform":
-            return torch.rand(n, generator=generator, device=device, dtype=dtype)
-        return torch.sigmoid(self.P_mean + self.P_std * torch.randn(n, generator=generator, device=device, dtype=dtype))
+            return uniform
+        return torch.sigmoid(self.P_mean + self.P_std * normal)
 
     def denoising_loss(self, batch, generator=None):
         """Conditional flow matching: ||F(x_t, t) - (z - x)||^2 on x_t = (1 - t) x + t z, mean over elements."""
         x, y = batch
-        y = drop_labels(y, self.model.num_classes, self.label_dropout if self.training else 0.0)
-        t = self.sample_times(x.shape[0], generator, x.device, x.dtype)
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        y = self.maybe_drop_labels(y, x, generator)
+        t = self.sample_times(self.randn((x.shape[0],), x, generator), self.rand((x.shape[0],), x, generator))
+        z = self.randn(x.shape, x, generator)
         path = self.model.path
         v = self.model(path.noise(x, z, t), t, class_labels=y)
         return ((v - path.velocity(x, z, t)) ** 2).mean()
