@@ -263,6 +263,8 @@ def test_multistep_sampling_spends_exactly_k_network_calls(name, teacher_ckpt):
     assert len(calls) == 4 and not torch.allclose(a.x, b.x)
     with pytest.raises(ValueError, match="sigmas: 3 NFE need 2 intermediate noise levels, got 1"):
         model.sample(4, 3, sigmas=[1.0])
+    with pytest.raises(ValueError, match=r"sample: .* takes no option\(s\) \['guidance_scale'\]"):
+        model.sample(4, 1, guidance_scale=2.0)
 
 
 def test_default_intermediate_levels():

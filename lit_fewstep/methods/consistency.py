@@ -295,7 +295,10 @@ class ConsistencyFamily(FewStepModule):
         return super().sample(n, nfe, class_labels=class_labels, generator=generator, use_ema=use_ema,
                               _generator=generator, **options)
 
-    def _sample(self, noise, class_labels, nfe, net, _generator=None, sigmas=None):
+    def _sample(self, noise, class_labels, nfe, net, _generator=None, sigmas=None, **unused):
+        if unused:
+            raise ValueError(f"sample: {type(self).__name__} takes no option(s) {sorted(unused)}; consistency models "
+                             "take only sigmas=[...] (the nfe - 1 intermediate noise levels); guidance is not supported.")
         counter = NFECounter()
         labels = self._labels(net, class_labels)
         f = counter.counted(lambda x_t, t: net.x0(x_t, t, class_labels=labels))
