@@ -23,6 +23,10 @@ from .utils.config import instantiate
 
 __all__ = ["Evaluator", "evaluate_main", "data_from_config", "format_table"]
 
+# `Evaluator.score` holds all samples in one process: its metrics must not all-gather across DDP ranks (a
+# callback scoring on rank 0 alone would otherwise hang in the gather, or pair it with a gradient all-reduce).
+_LOCAL = {"sync_on_compute": False}
+
 
 def data_from_config(path: str, trust: bool = False):
     """A data module from a YAML file: a training config (its `data:` section) or a bare class_path block."""
@@ -87,17 +91,17 @@ class Evaluator:
             fake = self._features(samples.clamp(-1, 1))
             fid = make_fid(torch.nn.Identity())
             out["fid"] = _fid_from_features(fid, fake, self.real)
-            pr = PrecisionRecall()
+            pr = PrecisionRecall(**_LOCAL)
         else:
             fake = samples
-            for name, metric in (("sw2", SlicedWasserstein2()), ("mmd", MMD())):
+            for name, metric in (("sw2", SlicedWasserstein2(**_LOCAL)), ("mmd", MMD(**_LOCAL))):
                 metric.update(fake=fake, real=self.real)
                 out[name] = float(metric.compute())
             if self.log_prob is not None:
-                nll = ExactNLL(self.log_prob)
+                nll = ExactNLL(self.log_prob, **_LOCAL)
                 nll.update(fake)
                 out["nll"] = float(nll.compute())
-            pr = PrecisionRecall()
+            pr = PrecisionRecall(**_LOCAL)
         pr.update(fake=fake, real=self.real)
         precision, recall = pr.compute().tolist()
         out["precision"], out["recall"] = precision, recall

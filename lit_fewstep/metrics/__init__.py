@@ -1,5 +1,6 @@
 """Metrics: sample-based distribution distances (toy data / features) and FID/KID with offline feature nets."""
 
+from lit_fewstep.metrics.callbacks import NFESweepCallback, SampleGridCallback, ThroughputCallback
 from lit_fewstep.metrics.distribution import MMD, ExactNLL, PrecisionRecall, SlicedWasserstein2
 from lit_fewstep.metrics.features import (
     DigitsClassifier,
@@ -31,4 +32,7 @@ __all__ = [
     "DigitsFeatures",
     "load_digits_classifier",
     "load_digits_features",
+    "SampleGridCallback",
+    "NFESweepCallback",
+    "ThroughputCallback",
 ]
