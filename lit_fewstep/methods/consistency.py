@@ -370,9 +370,9 @@ class ConsistencyModel(ConsistencyFamily):
         """Karras grid sigma_1 = eps < ... < sigma_N = T (increasing, float64)."""
         return karras_sigmas(N, self.sigma_min, self.sigma_max, self.rho, append_zero=False).flip(0)
 
-    def draw_index(self, batch_size: int, sigmas: Tensor) -> Tensor:
-        """n ~ U{0, ..., N - 2} (0-based: pairs (sigma_n, sigma_{n+1}))."""
-        return torch.randint(0, sigmas.numel() - 1, (batch_size,))
+    def draw_index(self, u: Tensor, sigmas: Tensor) -> Tensor:
+        """n ~ U{0, ..., N - 2} (0-based: pairs (sigma_n, sigma_{n+1})), from uniforms u [B] in [0, 1)."""
+        return (u * (sigmas.numel() - 1)).long().clamp_max(sigmas.numel() - 2)
 
     def weight(self, sigma_n: Tensor, sigma_next: Tensor) -> Tensor:
         """lambda = 1 (all released CM commands use the uniform weight schedule)."""
@@ -394,9 +394,10 @@ class ConsistencyModel(ConsistencyFamily):
         x, y = batch
         k = int(self.iteration)
         sigmas = self.grid(self.scales(k)).to(device=x.device)
-        n = self.draw_index(x.shape[0], sigmas).to(x.device)
+        # noise from FewStepModule.rand/randn: seeded per iteration and sliced per DDP rank (exact resume)
+        n = self.draw_index(self.rand((x.shape[0],), x), sigmas).to(x.device)
         sigma_n, sigma_next = sigmas[n].to(x.dtype), sigmas[n + 1].to(x.dtype)
-        z = torch.randn_like(x)
+        z = self.randn(x.shape, x)
         x_next = self.path.noise(x, z, sigma_next)
         y_s = self._labels(self.student, y)
         with torch.no_grad():
@@ -543,8 +544,8 @@ class ICT(CT):
         return 1.0 / (sigma_next - sigma_n)
 
     # (4) n drawn from the discrete lognormal p(n) ∝ erf(ln sigma_{n+1}) - erf(ln sigma_n) (solvers.py)
-    def draw_index(self, batch_size, sigmas):
-        probs = discrete_lognormal_probs(sigmas.cpu(), self.P_mean, self.P_std)
-        return torch.multinomial(probs, batch_size, replacement=True)
+    def draw_index(self, u, sigmas):
+        cdf = discrete_lognormal_probs(sigmas, self.P_mean, self.P_std).cumsum(0).to(u.device)
+        return torch.searchsorted(cdf, u.double().contiguous(), right=True).clamp_max(sigmas.numel() - 2)
 
     # (5) pseudo-Huber distance: the default `distance` argument above.

@@ -143,9 +143,9 @@ class SCM(ConsistencyFamily):
         """r(k) = min(1, k / warmup_steps)."""
         return 1.0 if self.warmup_steps == 0 else min(1.0, k / self.warmup_steps)
 
-    def sample_times(self, batch_size: int, device, dtype) -> Tensor:
-        """tau ~ N(P_mean, P_std^2), sigma = e^tau clipped to [sigma_min, sigma_max], t = arctan(sigma / sigma_d)."""
-        sigma = torch.exp(self.P_mean + self.P_std * torch.randn(batch_size, device=device, dtype=dtype))
+    def sample_times(self, normal: Tensor) -> Tensor:
+        """tau = P_mean + P_std normal, sigma = e^tau clipped to [sigma_min, sigma_max], t = arctan(sigma / sigma_d)."""
+        sigma = torch.exp(self.P_mean + self.P_std * normal)
         return self.path.t_from_sigma(sigma.clamp(self.sigma_min, self.sigma_max))
 
     def dxdt(self, x: Tensor, z: Tensor, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
@@ -176,8 +176,9 @@ class SCM(ConsistencyFamily):
 
     def scm_loss(self, batch) -> Tensor:
         x, y = batch
-        t = self.sample_times(x.shape[0], x.device, x.dtype)
-        z = torch.randn_like(x)
+        # noise from FewStepModule.randn: seeded per iteration and sliced per DDP rank (exact resume)
+        t = self.sample_times(self.randn((x.shape[0],), x))
+        z = self.randn(x.shape, x)
         x_t = self.path.noise(x, z, t)
         with torch.no_grad():
             dxdt = self.dxdt(x, z, x_t, t, y)
