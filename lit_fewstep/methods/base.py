@@ -105,6 +105,8 @@ class FewStepModule(Configurable, L.LightningModule):
 
     # Submodules that are not written to checkpoints (re-loaded from their own file).
     unsaved_prefixes: tuple[str, ...] = ("teacher.",)
+    # Training bookkeeping that an exported file may lack (it then starts at zero).
+    optional_state_keys: tuple[str, ...] = ("iteration", "skipped_steps", "rng_seed")
     generator_name = "generator"
     max_nfe: int | None = None
 
@@ -338,7 +340,20 @@ class FewStepModule(Configurable, L.LightningModule):
                 f"model: network input shape {self.data_shape} does not match data shape {data_shape}; "
                 "set the network's in_channels/img_resolution (or dim) to the data's."
             )
+        if getattr(datamodule, "is_image", False) and hasattr(datamodule, "train_dataset"):
+            datamodule.setup(stage)
+            x = datamodule.train_dataset[0][0]
+            if x.min() < -1.0 - 1e-3 or x.max() > 1.0 + 1e-3:
+                raise ValueError(
+                    f"data: images must be scaled to [-1, 1], but the first training image spans "
+                    f"[{x.min().item():.3g}, {x.max().item():.3g}]; rescale them (x / 127.5 - 1 for uint8)."
+                )
         data_classes = int(getattr(datamodule, "num_classes", 0))
+        if self.num_classes > 0 and data_classes == 0:
+            raise ValueError(
+                "model: class-conditional network but the data has no labels; set the network's num_classes "
+                "to 0 or use a labelled data module."
+            )
         if self.num_classes > 0 and data_classes != self.num_classes:
             raise ValueError(
                 f"model: class-conditional network with num_classes={self.num_classes} but the data has "

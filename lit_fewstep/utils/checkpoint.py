@@ -53,7 +53,8 @@ def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt
     module.data_config = meta.get("data")
     skip = tuple(getattr(module, "unsaved_prefixes", ()))
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
-    missing = [k for k in missing if not k.startswith(skip)]
+    optional = set(getattr(module, "optional_state_keys", ()))
+    missing = [k for k in missing if not k.startswith(skip) and k not in optional]
     if missing and all(k.startswith("ema.") for k in missing) and hasattr(module, "on_load_state_dict_without_ema"):
         module.on_load_state_dict_without_ema()  # an EMA-only export
         missing = []
