@@ -57,12 +57,13 @@ def make_pairs(teacher, num: int, nfe: int = 35, num_classes: int | None = None,
     res = getattr(net, "img_resolution", None)
     shape = (net.in_channels,) if res is None else (net.in_channels, res, res)
     edm = EDMPath(sigma_max=sigma_max)
-    g = torch.Generator().manual_seed(seed)
+    device = next(teacher.parameters()).device
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same pairs on any device
     noises, xs, labels, counter = [], [], [], NFECounter()
     for begin in range(0, num, batch_size):
         n = min(batch_size, num - begin)
-        y = torch.randint(0, num_classes, (n,), generator=g) if num_classes > 0 else None
-        z = torch.randn((n, *shape), generator=g)
+        y = torch.randint(0, num_classes, (n,), generator=g).to(device) if num_classes > 0 else None
+        z = torch.randn((n, *shape), generator=g).to(device)
         counter.count = 0
 
         def x0_fn(x, sigma, y=y):
@@ -78,10 +79,10 @@ def make_pairs(teacher, num: int, nfe: int = 35, num_classes: int | None = None,
         noises.append(z)
         if y is not None:
             labels.append(y)
-    pairs = {"noise": torch.cat(noises), "x": torch.cat(xs).float(), "sigma_max": float(sigma_max),
+    pairs = {"noise": torch.cat(noises).cpu(), "x": torch.cat(xs).float().cpu(), "sigma_max": float(sigma_max),
              "nfe": int(counter.count), "guidance_scale": float(guidance_scale)}
     if labels:
-        pairs["labels"] = torch.cat(labels)
+        pairs["labels"] = torch.cat(labels).cpu()
     return pairs
 
 

@@ -359,10 +359,9 @@ class DMD(FewStepModule):
         return super().sample(n, nfe, class_labels, generator, use_ema, noise_generator=generator, **options)
 
     def sampling_sigmas(self, nfe: int) -> tuple[float, ...]:
-        """`nfe` of the fixed generator sigmas: the first, then evenly spaced ones ending at the last."""
-        K = len(self.generator_sigmas)
-        index = torch.linspace(0, K - 1, nfe).round().long().tolist() if nfe > 1 else [0]
-        return tuple(self.generator_sigmas[i] for i in index)
+        """The first `nfe` fixed generator sigmas: a prefix of the training chain, so with backward simulation every
+        input the sampler makes is one the generator was trained on (the output is that step's x̂0)."""
+        return self.generator_sigmas[:nfe]
 
     def chain(self, net: nn.Module, x: Tensor, sigmas: Sequence[float], y: Tensor | None,
               noise_generator: torch.Generator | None = None) -> Tensor:
