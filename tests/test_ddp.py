@@ -17,11 +17,6 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if k.startswith(("model.", "ema.")))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FewStepModule._global_draw hands rank r the CONTIGUOUS slice full[r*n:(r+1)*n] of the global-batch noise, while "
-    "EpochShuffleSampler gives rank r the INTERLEAVED items perm[r::W]: sample and noise pair differently than in "
-    "one process (weights differ by ~1.5e-2 after 6 steps). Fix: `return full[rank::world]` (verified: ~2.5e-6); "
-    "then remove this marker."))
 def test_two_process_ddp_fit_equals_single_process_fit(tmp_path):
     out = tmp_path / "ddp.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))

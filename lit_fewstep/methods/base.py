@@ -218,7 +218,7 @@ class FewStepModule(Configurable, L.LightningModule):
 
     # ----------------------------------------------------------------------------- randomness
     # Training noise comes from generators keyed by (seed, iteration, draw index), and each DDP rank
-    # takes its slice of one draw for the global batch. So a resumed run, and a run on any number of
+    # takes its rows of one draw for the global batch (rank r of W: rows r, r + W, ...). So a resumed run, and a run on any number of
     # processes at the same global batch, see exactly the noise of the uninterrupted single process,
     # whatever else touched torch's global RNG in between (validation, callbacks, data loading).
     def _iteration_generator(self, device: torch.device) -> torch.Generator:
@@ -234,7 +234,7 @@ class FewStepModule(Configurable, L.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         full = sampler((shape[0] * world, *shape[1:]), generator=self._iteration_generator(like.device),
                        device=like.device, dtype=like.dtype)
-        return full[rank * shape[0]:(rank + 1) * shape[0]]
+        return full[rank::world]  # interleaved, as EpochShuffleSampler deals samples to ranks
 
     def randn(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """N(0, 1) of `shape` (batch first) on like's device/dtype, reproducible across resume and DDP."""
