@@ -34,6 +34,12 @@ def _machine_overrides(config: str, tmp_path: Path) -> list[str]:
         (stub / "data_batch_1").touch()
         (stub / "test_batch").touch()
         args += ["--data.root", str(tmp_path)]
+    if "ImageFolderDataModule" in str((cfg.get("data") or {}).get("class_path")):
+        from PIL import Image
+
+        (tmp_path / "images" / "class0").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / "class0" / "0.png")
+        args += ["--data.root", str(tmp_path / "images")]
     return args
 
 
