@@ -227,9 +227,12 @@ class FewStepModule(Configurable, L.LightningModule):
         seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
         return torch.Generator(device=device).manual_seed(seed)
 
-    def _global_draw(self, sampler, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _global_draw(self, sampler, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None,
+                     shared: bool = False) -> Tensor:
         if generator is not None:  # validation / explicit seeding
             return sampler(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+        if shared:  # one value for every rank (e.g. which generator step to train this iteration)
+            return sampler(shape, generator=self._iteration_generator(like.device), device=like.device, dtype=like.dtype)
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0
         full = sampler((shape[0] * world, *shape[1:]), generator=self._iteration_generator(like.device),
@@ -240,9 +243,16 @@ class FewStepModule(Configurable, L.LightningModule):
         """N(0, 1) of `shape` (batch first) on like's device/dtype, reproducible across resume and DDP."""
         return self._global_draw(torch.randn, tuple(shape), like, generator)
 
-    def rand(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """U[0, 1) of `shape` (batch first); see `randn`."""
-        return self._global_draw(torch.rand, tuple(shape), like, generator)
+    def rand(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None,
+             shared: bool = False) -> Tensor:
+        """U[0, 1) of `shape` (batch first); see `randn`. `shared`: the same draw on every rank."""
+        return self._global_draw(torch.rand, tuple(shape), like, generator, shared)
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...], like: Tensor,
+                generator: torch.Generator | None = None, shared: bool = False) -> Tensor:
+        """Integers uniform in [low, high) (int64, on like's device); see `rand`."""
+        u = self.rand(shape, like.float() if not like.is_floating_point() else like, generator, shared)
+        return (low + (u.double() * (high - low)).floor().long()).clamp_(low, high - 1)
 
     def on_fit_start(self) -> None:
         if int(self.iteration) == 0:  # a fresh run takes the seed of seed_everything; a resumed one keeps its own
