@@ -165,9 +165,10 @@ class FewStepCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Export the trained module as a small self-describing file next to the logs."""
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if not self.trainer.is_global_zero or self.trainer.interrupted:
             return
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model.pt"
+        out = Path(log_dir or self.trainer.default_root_dir) / "model.pt"
         self.model.export(str(out))
         print(f"exported {type(self.model).__name__} to {out}")
 

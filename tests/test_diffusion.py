@@ -28,7 +28,16 @@ from lit_fewstep.diffusion import (
 )
 from lit_fewstep.diffusion.paths import make_path
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Closed-form checks run in float64; restored afterwards so other test files keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 PATHS = [EDMPath(), VPCosinePath(), TrigFlowPath(0.5), LinearPath()]
 MID_TIMES = {"edm": [0.01, 0.7, 20.0], "vp_cosine": [0.05, 0.5, 0.9], "trigflow": [0.05, 0.8, 1.5], "linear": [0.05, 0.5, 0.95]}
 
@@ -132,7 +141,7 @@ def test_heun_schedule_spends_exact_nfe(nfe, expected):
 
 
 # --- closed-form Gaussian data: D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu) -------------------------
-MU, S = torch.tensor([0.7, -1.2]), torch.tensor([0.5, 1.5])
+MU, S = torch.tensor([0.7, -1.2], dtype=torch.float64), torch.tensor([0.5, 1.5], dtype=torch.float64)
 
 
 def gaussian_denoiser(x, sigma):
