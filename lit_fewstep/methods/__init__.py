@@ -4,3 +4,5 @@ from .base import FewStepModule, Phase, Samples, load_teacher
 from .diffusion import EDMDiffusion, FlowMatching
 from .dmd import DMD, DMD2
 from .msd import MSD
+from .consistency import CD, CT, ICT
+from .scm import SCD, SCT
