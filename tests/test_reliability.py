@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_fewstep.cli import FewStepTrainer
 from lit_fewstep.data import Toy2DDataModule
-from lit_fewstep.methods import EDMDiffusion, FlowMatching
+from lit_fewstep.methods import ICT, SCT, EDMDiffusion, FlowMatching
 from lit_fewstep.methods.base import NonFiniteError
 from lit_fewstep.nets import MLP
 from lit_fewstep.utils.checkpoint import atomic_save, load_checkpoint
@@ -23,6 +23,12 @@ from lit_fewstep.utils.checkpoint import atomic_save, load_checkpoint
 METHOD_FACTORIES = {
     "edm": lambda: EDMDiffusion(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422, ema_decay=0.9),
     "flow_matching": lambda: FlowMatching(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422),
+    # curriculum N(k) and target network on the EDM path
+    "ict": lambda: ICT(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), s0=2, s1=16, total_steps=12,
+                       sigma_data=1.422, ema_decay=0.9),
+    # JVP objective, tangent warm-up r(k), adaptive weighting network
+    "sct": lambda: SCT(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422, warmup_steps=8,
+                       ema_decay=0.9),
 }
 
 
