@@ -66,6 +66,18 @@ def tiny_trainer(tmp_path, max_steps, **kw):
                      num_sanity_val_steps=0, limit_val_batches=0, **kw)
 
 
+def record_draws(model):
+    """Keep every N(0, I) draw the module makes (through FewStepModule.randn)."""
+    draws, randn = [], model.randn
+
+    def recording(shape, like, generator=None):
+        draws.append(randn(shape, like, generator))
+        return draws[-1]
+
+    model.randn = recording
+    return draws
+
+
 # ------------------------------------------------------------------------------------------------ DM gradient
 @pytest.mark.parametrize("reduction", ["mean", "per_sample"])
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
@@ -78,11 +90,10 @@ def test_surrogate_gradient_is_the_normalized_score_difference(toy_teacher, redu
     x = x.requires_grad_(True)
     sigma = torch.linspace(0.05, 20.0, 16)
     model.grid_sigmas = lambda n, fraction_range=None: sigma  # fixed noise levels
-    torch.manual_seed(5)
+    draws = record_draws(model)
     model.distribution_matching_loss(x, y).backward()
 
-    torch.manual_seed(5)
-    eps = torch.randn_like(x)  # the first draw inside dm_gradient
+    eps, = draws  # the forward-noising noise inside dm_gradient
     edm = EDMPath()
     with torch.no_grad():
         x_t = x + sigma[:, None] * eps
@@ -271,10 +282,10 @@ def test_pairs_command_and_regression_loss(toy_teacher, tmp_path):
 
     model = DMD(toy_teacher, pairs_path=str(out), reg_batch_size=40)
     model.prepare()
-    torch.manual_seed(0)
-    index = torch.randint(0, 40, (40,))
-    torch.manual_seed(0)
+    index = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    model.randint = lambda low, high, shape, like, generator=None, shared=False: index  # the pairs drawn
     reg = model.regression_loss()
+    del model.randint
     with torch.no_grad():
         x = model.G.x0(80.0 * pairs["noise"][index], torch.full((40,), 80.0), pairs["labels"][index])
     torch.testing.assert_close(reg, ((x - pairs["x"][index]) ** 2).mean())

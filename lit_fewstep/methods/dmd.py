@@ -256,8 +256,7 @@ class DMD(FewStepModule):
         """n noise levels drawn uniformly from the indices of the 1000-point Karras grid within `fraction_range`."""
         lo = round(fraction_range[0] * (GRID_SIZE - 1))
         hi = round(fraction_range[1] * (GRID_SIZE - 1))
-        index = torch.randint(lo, hi + 1, (n,), device=self.sigma_grid.device)
-        return self.sigma_grid[index]
+        return self.sigma_grid[self.randint(lo, hi + 1, (n,), self.sigma_grid)]
 
     @staticmethod
     def _unpack(batch) -> tuple[Tensor, Tensor | None]:
@@ -280,7 +279,7 @@ class DMD(FewStepModule):
         x_real, y = self._unpack(batch)
         y = self._labels(y)
         sigma = self.generator_sigmas[0]
-        z = torch.randn_like(x_real)
+        z = self.randn(x_real.shape, x_real)
         with torch.set_grad_enabled(grad):
             return self.G.x0_from(sigma * z, torch.full((z.shape[0],), sigma, device=z.device), self.edm,
                                class_labels=y), y
@@ -293,7 +292,7 @@ class DMD(FewStepModule):
         with torch.no_grad():
             x = x.detach()
             sigma = self.grid_sigmas(x.shape[0], self.dm_step_range)
-            x_t = self.edm.noise(x, torch.randn_like(x), sigma)
+            x_t = self.edm.noise(x, self.randn(x.shape, x), sigma)
             mu_real = self.real_score(x_t, sigma, y)
             mu_fake = self.fake_score.x0_from(x_t, sigma, self.edm, class_labels=y)
             w = 1.0 / (x - mu_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
@@ -310,7 +309,7 @@ class DMD(FewStepModule):
         lambda = 1/sigma^2 + 1/sigma_d^2 and sigma uniform on the Karras grid (DMD2 code); mean over elements."""
         x = x.detach()
         sigma = self.grid_sigmas(x.shape[0])
-        x_t = self.edm.noise(x, torch.randn_like(x), sigma)
+        x_t = self.edm.noise(x, self.randn(x.shape, x), sigma)
         mu = self.fake_score.x0_from(x_t, sigma, self.edm, class_labels=y)
         weight = _bcast(1.0 / sigma**2 + 1.0 / self.fake_score.sigma_data**2, x)
         return (weight * (mu - x) ** 2).mean()
@@ -319,7 +318,7 @@ class DMD(FewStepModule):
         """DMD Eq. 9: L_reg = E_(z, y) d(G(z), y) on the teacher's ODE pairs; d = mean squared error per sample
         (the paper's d is LPIPS), averaged over `reg_batch_size` random pairs."""
         n = self.reg_batch_size or 64
-        index = torch.randint(0, self.pair_x.shape[0], (n,), device=self.pair_x.device)
+        index = self.randint(0, self.pair_x.shape[0], (n,), self.pair_x)
         z, target = self.pair_noise[index], self.pair_x[index]
         labels = None if self.pair_labels is None else self.pair_labels[index]
         sigma = torch.full((n,), self.generator_sigmas[0], device=z.device)
@@ -374,9 +373,9 @@ class DMD(FewStepModule):
                 x = x0 + sigmas[i + 1] * self._noise_like(x0, noise_generator)
         return x0
 
-    @staticmethod
-    def _noise_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    def _noise_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Fresh re-noising noise: from `generator` when sampling, else the base's resume/DDP-exact training draw."""
+        return self.randn(x.shape, x, generator)
 
     def _sample(self, noise, class_labels, nfe, net, noise_generator: torch.Generator | None = None):
         sigmas = self.sampling_sigmas(nfe)
@@ -459,7 +458,7 @@ class DMD2(DMD):
         y = self._labels(y)
         sigmas = self.generator_sigmas
         k = self.draw_step()
-        x_in = sigmas[0] * torch.randn_like(x_real)
+        x_in = sigmas[0] * self.randn(x_real.shape, x_real)
         if k > 0 and self.backward_simulation:
             with torch.no_grad():
                 x0 = self.chain(self.G, x_in, sigmas[:k], y)
@@ -471,16 +470,16 @@ class DMD2(DMD):
             return self.G.x0_from(x_in, sigma_k, self.edm, class_labels=y), y
 
     def draw_step(self) -> int:
-        """The training step k ~ U{0..K-1} of the fixed chain (global RNG: equal across DDP ranks with equal seeds)."""
+        """The training step k ~ U{0..K-1} of the fixed chain, one draw shared by all DDP ranks (official code)."""
         K = len(self.generator_sigmas)
-        return int(torch.randint(0, K, ())) if K > 1 else 0
+        return int(self.randint(0, K, (1,), self.sigma_grid, shared=True)) if K > 1 else 0
 
     # ------------------------------------------------------------------------------------- GAN
     def gan_logits(self, x: Tensor, y: Tensor | None) -> Tensor:
         """D(F(x_sigma, sigma)): the head on fake_score's bottleneck features at x_sigma = x + sigma eps, sigma drawn
         from `gan_step_range` of the Karras grid (a diffusion GAN)."""
         sigma = self.grid_sigmas(x.shape[0], self.gan_step_range)
-        x_t = self.edm.noise(x, torch.randn_like(x), sigma)
+        x_t = self.edm.noise(x, self.randn(x.shape, x), sigma)
         x_own, t_own = convert(x_t, sigma, self.edm, self.fake_score.path)
         _, features = self.fake_score(x_own, t_own, class_labels=y, return_features=True)
         return self.discriminate(features, y)

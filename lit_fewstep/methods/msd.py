@@ -195,7 +195,7 @@ class MSD(DMD2):
         lambda = 1/sigma^2 + 1/sigma_d^2, mean over elements."""
         x, y = self._unpack(batch)
         sigma = self.grid_sigmas(x.shape[0])
-        x_t = self.edm.noise(x, torch.randn_like(x), sigma)
+        x_t = self.edm.noise(x, self.randn(x.shape, x), sigma)
         with torch.no_grad():
             target = self.real_score(x_t, sigma, y)
         pred = self.G.x0_from(x_t, sigma, self.edm, class_labels=y)
