@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -14,13 +15,25 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_fewstep.cli import FewStepTrainer
 from lit_fewstep.data import Toy2DDataModule
-from lit_fewstep.methods import ICT, SCT, EDMDiffusion, FlowMatching
+from lit_fewstep.methods import DMD2, ICT, SCT, EDMDiffusion, FlowMatching
 from lit_fewstep.methods.base import NonFiniteError
 from lit_fewstep.nets import MLP
 from lit_fewstep.utils.checkpoint import atomic_save, load_checkpoint
 
+def _toy_teacher_path() -> str:
+    """A tiny 8-Gaussians EDM teacher for distillation methods, written once per test session."""
+    path = Path(tempfile.gettempdir()) / f"lit_fewstep_test_teacher_{os.getpid()}.pt"
+    if not path.exists():
+        with torch.random.fork_rng():  # leave the global RNG as the calling run seeded it
+            torch.manual_seed(0)
+            EDMDiffusion(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422).export(str(path))
+    return str(path)
+
+
 # Methods whose resume is checked bit for bit; each entry builds a tiny module. Methods add themselves here.
 METHOD_FACTORIES = {
+    # two-time-scale schedule (critic every iteration, generator every 3rd): iteration 5 is mid-cycle
+    "dmd2": lambda: DMD2(_toy_teacher_path(), generator_sigmas=(80.0, 1.0), generator_every=3, lr=1e-3, ema_decay=0.9),
     "edm": lambda: EDMDiffusion(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422, ema_decay=0.9),
     "flow_matching": lambda: FlowMatching(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422),
     # curriculum N(k) and target network on the EDM path
@@ -43,12 +56,30 @@ def _trainer(root, steps, callbacks=(), **kw):
                           check_val_every_n_epoch=1, limit_val_batches=1, callbacks=list(callbacks), **kw)
 
 
-def _fit(factory, root, steps, ckpt_path=None, callbacks=()):
+class _StopAtIteration(Callback):
+    """Stop on the module's own iteration counter: `max_steps` counts optimizer steps (two per TTUR batch)."""
+
+    def __init__(self, iterations):
+        self.iterations = iterations
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if int(pl_module.iteration) >= self.iterations:
+            trainer.should_stop = True
+
+
+def _fit(factory, root, iterations, ckpt_path=None, callbacks=()):
     L.seed_everything(0)
     module = factory()
     ckpts = ModelCheckpoint(dirpath=root / "ckpts", every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    _trainer(root, steps, [ckpts, *callbacks]).fit(module, _data(), ckpt_path=ckpt_path)
+    _trainer(root, -1, [ckpts, _StopAtIteration(iterations), *callbacks]).fit(module, _data(), ckpt_path=ckpt_path)
     return module
+
+
+def _checkpoint_at(directory, iteration):
+    for path in sorted(directory.glob("step=*.ckpt")):
+        if int(load_checkpoint(path)["state_dict"]["iteration"]) == iteration:
+            return path
+    raise AssertionError(f"no checkpoint at iteration {iteration} in {directory}")
 
 
 def _assert_same_state(a, b):
@@ -66,7 +97,8 @@ def test_resume_mid_epoch_is_bit_exact(name, tmp_path):
     # A different global seed at resume must not matter: the run's own seed and RNG streams come back.
     L.seed_everything(123)
     module = factory()
-    _trainer(tmp_path / "cut", 12).fit(module, _data(), ckpt_path=tmp_path / "cut" / "ckpts" / "step=5.ckpt")
+    _trainer(tmp_path / "cut", -1, [_StopAtIteration(12)]).fit(
+        module, _data(), ckpt_path=_checkpoint_at(tmp_path / "cut" / "ckpts", 5))
     assert int(module.iteration) == 12
     _assert_same_state(full, module)
 
@@ -89,7 +121,7 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path):
     assert preempted.is_file()
     assert load_checkpoint(preempted)["state_dict"]["iteration"] == 5  # saved after the interrupted batch
     module = factory()
-    _trainer(tmp_path / "cut", 9).fit(module, _data(), ckpt_path=preempted)
+    _trainer(tmp_path / "cut", -1, [_StopAtIteration(9)]).fit(module, _data(), ckpt_path=preempted)
     _assert_same_state(full, module)
 
 
