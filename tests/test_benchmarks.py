@@ -1,0 +1,90 @@
+"""The benchmark harness and the timing benchmark measure what they say (no speed targets here: see benchmarks/)."""
+
+import sys
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT
+from lit_fewstep.data import Toy2DDataModule
+from lit_fewstep.methods import EDMDiffusion
+from lit_fewstep.methods.base import FewStepModule, Phase
+from lit_fewstep.nets import MLP
+
+sys.path.insert(0, str(ROOT))
+from benchmarks import run as bench  # noqa: E402
+from benchmarks.timing import sampling_throughput, training_step_ratio  # noqa: E402
+
+
+def tiny_teacher():
+    return EDMDiffusion(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=2), sigma_data=1.062, ema_decay=0.9)
+
+
+class StudentWithFrozenCritic(FewStepModule):
+    """Each step: the frozen `critic` is called under no_grad once and, with gradients flowing through it, once."""
+
+    generator_name = "student"
+
+    def __init__(self):
+        super().__init__(ema_decay=0.0)
+        self.student, self.critic = nn.Linear(2, 2), nn.Linear(2, 1)
+        self.student.in_channels = 2  # read by FewStepModule.data_shape
+        self.critic.requires_grad_(False)
+        self.phases = [Phase("student", "loss", ("student",))]
+
+    def loss(self, batch):
+        x, _ = batch
+        with torch.no_grad():
+            baseline = self.critic(x)
+        return (self.critic(self.student(x)) - baseline).square().mean()
+
+
+def test_training_step_ratio_records_each_network_pass(tmp_path):
+    L.seed_everything(0)
+    data = Toy2DDataModule(name="tree", batch_size=32, num_train=64)  # 2 batches per epoch: epochs roll over
+    teacher = training_step_ratio(tiny_teacher(), data, steps=3, warmup=1, repeats=1, accelerator="cpu")
+    assert teacher["passes"] == ["model:fwd+bwd"] and teacher["calls_per_step"] == 1
+    assert teacher["step_s"] > 0 and teacher["floor_s"] > 0 and teacher["ratio"] > 0
+
+    other = training_step_ratio(StudentWithFrozenCritic(), data, steps=3, warmup=1, repeats=1, accelerator="cpu")
+    # the critic: once forward only (no_grad), once forward + backward (gradient reaches the student through it)
+    assert other["passes"] == ["critic:fwd", "critic:fwd+bwd", "student:fwd+bwd"]
+    assert other["calls_per_step"] == 3
+
+
+def test_sampling_throughput_counts_nfe():
+    rows = sampling_throughput(tiny_teacher(), [1, 3], batch=50, repeats=2)
+    assert [(r["nfe"], r["nfe_spent"], r["batch"]) for r in rows] == [(1, 1, 50), (3, 3, 50)]
+    assert all(r["images_per_s"] == pytest.approx(50 / r["seconds"]) for r in rows)
+
+
+def test_suite_rows_report_and_teacher_column(tmp_path):
+    asset = ROOT / "lit_fewstep" / "assets" / "edm_tree.pt"
+    if not asset.exists():
+        pytest.skip("edm_tree.pt not shipped")
+    entry = {"name": "EDM", "config": "configs/edm/tree.yaml", "asset": "lit_fewstep/assets/edm_tree.pt",
+             "teacher": "self", "nfe": [1, 35], "num": 200, "options": {"solver": "heun"}}
+    result = bench.run_suite("unit", [entry], reuse=True, seed=0, timing=False, num_reference=500)
+    rows = result["rows"]
+    assert [r["nfe"] for r in rows] == [1, 35] and all(r["source"] == "reused" for r in rows)
+    # the teacher column is the teacher's own 35-NFE sw2, on every row
+    assert all(r["teacher sw2@35"] == rows[1]["sw2"] for r in rows)
+    assert rows[1]["sw2"] < rows[0]["sw2"]  # 35 Heun steps beat one step on the shipped teacher
+
+    class Args:
+        seed, reuse, num_reference = 0, True, 500
+
+    out = tmp_path / "unit.md"
+    bench.write_report(result, out, Args, "now", 1.0, "0 0 0", "0 0 0")
+    text = out.read_text()
+    assert "- command: `" in text and "- machine: " in text and "### tree" in text
+    assert "| EDM | 35 |" in text and out.with_suffix(".json").exists()
+
+
+def test_every_suite_entry_points_at_existing_files():
+    for suite, entries in bench.SUITES.items():
+        for entry in entries:
+            assert (ROOT / entry["config"]).exists(), (suite, entry["config"])
+            assert entry.get("teacher") in (None, "self") or (ROOT / entry["teacher"]).exists(), (suite, entry)
