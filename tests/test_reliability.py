@@ -2,10 +2,7 @@
 
 import os
 import signal
-import subprocess
-import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -125,41 +122,7 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path):
     _assert_same_state(full, module)
 
 
-def test_slurm_requeue_signal_saves_and_requeues(tmp_path):
-    """Simulated SLURM: environment variables, a fake `scontrol`, SIGUSR1 -> hpc checkpoint + requeue."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "scontrol.log"
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, signal, lightning as L
-        from lightning.pytorch.callbacks import Callback
-        from lightning.pytorch.plugins.environments import SLURMEnvironment
-        from lit_fewstep.cli import FewStepTrainer
-        from lit_fewstep.data import Toy2DDataModule
-        from lit_fewstep.methods import EDMDiffusion
-        from lit_fewstep.nets import MLP
-
-        class Signal(Callback):
-            def on_train_batch_start(self, trainer, module, batch, batch_idx):
-                if int(module.iteration) == 3:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-
-        L.seed_everything(0)
-        module = EDMDiffusion(MLP(dim=2, hidden=16, depth=1, emb_dim=8), sigma_data=1.4)
-        trainer = FewStepTrainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_progress_bar=False,
-                                 default_root_dir={str(tmp_path)!r}, plugins=[SLURMEnvironment(auto_requeue=True)],
-                                 callbacks=[Signal()], enable_checkpointing=False)
-        trainer.fit(module, Toy2DDataModule(name="eight_gaussians", batch_size=16, num_train=160))
-    """))
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NTASKS="1", SLURM_JOB_ID="4242",
-               SLURM_JOB_NAME="train", SLURM_NODEID="0", SLURM_LOCALID="0", SLURM_PROCID="0", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert (tmp_path / "hpc_ckpt_1.ckpt").is_file(), result.stderr[-2000:]
-    assert "requeue 4242" in log.read_text()
-    assert load_checkpoint(tmp_path / "hpc_ckpt_1.ckpt")["state_dict"]["iteration"] >= 3
+# SLURM requeue (SIGUSR1 -> hpc checkpoint -> scontrol requeue -> rerun resumes): tests/test_slurm.py
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
