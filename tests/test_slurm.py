@@ -92,9 +92,9 @@ def test_sigusr1_saves_requeues_and_the_rerun_resumes(tmp_path):
     saved = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
     step, iteration = saved["global_step"], int(saved["state_dict"]["iteration"])
     assert step > 0 and not any(k.startswith("teacher.") for k in saved["state_dict"])
-    # Lightning saves inside the signal handler, i.e. wherever training_step happens to be: after the optimizer
-    # step but before `iteration += 1` the file holds global_step = iteration + 1 (seen here; see README)
-    assert iteration in (step - 1, step)
+    # PreemptionCheckpoint defers Lightning's save to the end of the batch: a whole iteration (one optimizer
+    # step per iteration for this teacher), never a file written between the optimizer step and `iteration += 1`
+    assert iteration == step
 
     # the requeued job: same variables, same run dir, no ckpt_path -> resumes from hpc_ckpt_1 and runs 3 more steps
     rerun = subprocess.run(fit_command(run_dir, step + 3), cwd=ROOT, env=slurm_env(tmp_path), capture_output=True,

@@ -1,13 +1,16 @@
 """Nothing a user trained is lost: atomic checkpoint writes and a checkpoint on SIGTERM.
 
-Under SLURM, Lightning's `SLURMEnvironment(auto_requeue=True)` already saves `hpc_ckpt_N.ckpt` on the
-requeue signal (SIGUSR1 with `#SBATCH --signal=SIGUSR1@90`) and requeues the job; a rerun restores it.
+Under SLURM, Lightning's `SLURMEnvironment(auto_requeue=True)` saves `hpc_ckpt_N.ckpt` on the requeue signal
+(SIGUSR1 with `#SBATCH --signal=SIGUSR1@90`) and requeues the job; a rerun restores it. `PreemptionCheckpoint`
+moves that save to the end of the current batch, so the file always holds a whole iteration.
 Outside SLURM a SIGTERM makes Lightning stop after the current batch; `PreemptionCheckpoint` writes
 `<dirpath>/preempted.ckpt` first, so `fit --ckpt_path .../preempted.ckpt` continues exactly.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,43 @@ def preemption_checkpoint_dir(trainer: Trainer) -> Path:
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM (Lightning sets `trainer.received_sigterm`), save `preempted.ckpt` before the run stops."""
+    """On SIGTERM (Lightning sets `trainer.received_sigterm`), save `preempted.ckpt` before the run stops.
+
+    Under SLURM auto-requeue, Lightning saves `hpc_ckpt_N.ckpt` from inside the signal handler, that is
+    wherever the training step happens to be (after an optimizer step, before the iteration counter moves):
+    such a file does not resume exactly. This callback defers the requeue signal to the end of the batch.
+    """
 
     def __init__(self, filename: str = "preempted.ckpt"):
         self.filename = filename
+        self._requeue_signal = None
+        self._lightning_handler = None
+        self._pending = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if not isinstance(env, SLURMEnvironment) or not env.auto_requeue:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._requeue_signal = env.requeue_signal or signal.SIGUSR1
+        self._lightning_handler = signal.getsignal(self._requeue_signal)
+        if callable(self._lightning_handler):
+            signal.signal(self._requeue_signal, self._defer)
+
+    def _defer(self, signum, frame) -> None:
+        self._pending = (signum, frame)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._requeue_signal is not None and callable(self._lightning_handler):
+            signal.signal(self._requeue_signal, self._lightning_handler)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if self._pending is not None:  # the requeue signal came during this batch: let Lightning save and requeue now
+            pending, self._pending = self._pending, None
+            self._lightning_handler(*pending)
         if trainer.received_sigterm:
             path = preemption_checkpoint_dir(trainer) / self.filename
             trainer.save_checkpoint(path)
