@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from lit_fewstep.evaluation import Evaluator  # noqa: E402
 from lit_fewstep.methods.base import NonFiniteError  # noqa: E402
 from lit_fewstep.utils.checkpoint import load_module  # noqa: E402
 from lit_fewstep.utils.config import instantiate  # noqa: E402
+from lit_fewstep.utils.machine import describe_machine  # noqa: E402
 
 METHODS = ["cd", "ct", "ict", "scd", "sct"]
 NFES = [1, 2, 4, 8]
@@ -142,8 +142,7 @@ def _fmt(v):
 
 
 def write(results: dict, args, total: float) -> None:
-    machine = (f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), OMP_NUM_THREADS=1, torch "
-               f"{torch.__version__}, CPU shared with 3 other developers' jobs (timings are noisy)")
+    machine = describe_machine("CPU shared with other developers' jobs (timings are noisy)")
     lines = ["# Consistency family on CPU (CD, CT, iCT, sCD, sCT)", "",
              f"Command: `OMP_NUM_THREADS=1 python benchmarks/consistency.py --tree_steps {args.tree_steps} "
              f"--digits_steps {args.digits_steps} --num {args.num} --num_digits {args.num_digits} "

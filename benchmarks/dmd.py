@@ -17,7 +17,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+
+from lit_fewstep.utils.machine import describe_machine  # noqa: E402
 
 SEED = 0
 TEACHERS = {"tree": "lit_fewstep/assets/edm_tree.pt", "digits": "lit_fewstep/assets/edm_digits.pt"}
@@ -302,15 +303,7 @@ def timing_ratio(data: str = "digits", repeats: int = 20) -> dict:
 
 # ----------------------------------------------------------------------------------------------- report
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (shared with other users), torch {torch.__version__}, 1 thread per worker"
+    return describe_machine("CPU shared with other users, 1 thread per worker")
 
 
 def metric_cells(row: dict, data: str) -> list[str]:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -41,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
+
+from lit_fewstep.utils.machine import describe_machine  # noqa: E402
 
 TEACHER_NFE = [1, 2, 4, 8, 35]
 
@@ -69,23 +69,7 @@ TIMING_REPEATS = 3
 
 # ------------------------------------------------------------------------------------------------ environment
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import lightning
-
-    parts = [f"{cpu}, {os.cpu_count()} logical cores", f"torch threads {torch.get_num_threads()}",
-             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"]
-    if torch.cuda.is_available():
-        parts.append(f"GPU {torch.cuda.get_device_name(0)}")
-    parts.append(f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}, "
-                 f"{platform.system()} {platform.release()}")
-    return "; ".join(parts)
+    return describe_machine()
 
 
 def git_state() -> str:
