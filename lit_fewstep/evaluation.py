@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import yaml
 
 from .metrics import MMD, ExactNLL, PrecisionRecall, SlicedWasserstein2, load_digits_features, make_fid
 from .utils.config import instantiate
+from .utils.machine import describe_machine
 
 __all__ = ["Evaluator", "evaluate_main", "data_from_config", "format_table"]
 
@@ -127,7 +127,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     """Sample a checkpoint at several NFE and print one metrics row per NFE (also written as JSON)."""
-    from .cli import _checkpoint_arguments, _load, draw
+    from .cli import _checkpoint_arguments, _device, _load, draw
+    from .utils.checkpoint import load_module
 
     parser = argparse.ArgumentParser(prog="python -m lit_fewstep evaluate", description=evaluate_main.__doc__)
     _checkpoint_arguments(parser)
@@ -137,9 +138,16 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--num_reference", type=int, default=10000, help="toy reference samples")
     parser.add_argument("--solver", default=None, help="heun or euler (teachers)")
     parser.add_argument("--inception_weights", default=None, help="local InceptionV3 weights for non-digits images")
+    parser.add_argument("--teacher_nfe", type=int, nargs="+", default=None,
+                        help="also score the teacher of a distilled checkpoint at these NFE, in the same table")
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint for --teacher_nfe (default: the one "
+                        "recorded in --ckpt as teacher_ckpt)")
     parser.add_argument("--out", default=None, help="JSON file (default: next to the checkpoint)")
     args = parser.parse_args(argv)
     module = _load(args)
+    teacher_path = args.teacher or getattr(module, "teacher_ckpt", None)
+    if args.teacher_nfe and not teacher_path:
+        parser.error(f"--teacher_nfe: {args.ckpt} records no teacher_ckpt; pass --teacher PATH.")
     if args.data is not None:
         datamodule = data_from_config(args.data, trust=args.trust_checkpoint)
     elif module.data_config is not None:
@@ -155,16 +163,22 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     if args.solver:
         options["solver"] = args.solver
+    runs = [("student" if args.teacher_nfe else type(module).__name__, module, args.nfe, options)]
+    if args.teacher_nfe:
+        # The teacher samples with its own defaults (Heun, its guidance); only --solver is shared.
+        teacher = load_module(teacher_path, trust=args.trust_checkpoint, field="teacher").to(_device(args.device)).eval()
+        runs.append(("teacher", teacher, args.teacher_nfe, {"solver": args.solver} if args.solver else {}))
     rows = []
-    for nfe in args.nfe:
-        x, _, spent, seconds = draw(module, args.num, nfe, args.seed, None, args.ema, args.batch_size, **options)
-        row = {"nfe": nfe, "nfe_spent": spent, **evaluator.score(x), "samples_per_s": args.num / seconds}
-        rows.append(row)
-        print(format_table([row]).splitlines()[-1] if rows[:-1] else format_table([row]), flush=True)
+    for name, model, nfes, opts in runs:
+        for nfe in nfes:
+            x, _, spent, seconds = draw(model, args.num, nfe, args.seed, None, args.ema, args.batch_size, **opts)
+            row = {"model": name, "nfe": nfe, "nfe_spent": spent, **evaluator.score(x),
+                   "samples_per_s": args.num / seconds}
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1] if rows[:-1] else format_table([row]), flush=True)
     out = Path(args.out) if args.out else Path(args.ckpt).with_suffix(".eval.json")
     result = {"ckpt": str(args.ckpt), "method": type(module).__name__, "num": args.num, "seed": args.seed,
-              "ema": args.ema, "machine": f"{platform.machine()} {platform.processor() or ''} "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}".strip(),
+              "ema": args.ema, "teacher": teacher_path if args.teacher_nfe else None, "machine": describe_machine(),
               "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))

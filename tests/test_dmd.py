@@ -422,3 +422,32 @@ def test_msd_errors_name_the_field(eight_class_teacher, toy_teacher):
         MSD(eight_class_teacher, num_students=2, partition=[[0, 1, 2, 3], [3, 4, 5, 6, 7]])
     with pytest.raises(ValueError, match="class_labels: MSD routes samples"):
         MSD(toy_teacher, num_students=2).G.x0(torch.randn(3, 2), torch.ones(3))
+
+
+def test_evaluate_prints_student_beside_its_teacher(tmp_path):
+    """The README's main command: `evaluate --teacher_nfe` scores the teacher recorded in a distilled checkpoint in
+    the same table. At equal (2) NFE the one-step DMD2 student must beat its 35-NFE-trained teacher's 2-step Heun
+    sampler by far (teacher ~295 FID at 2 NFE in benchmarks/results/teachers.md, student ~13 at 1)."""
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "eval.json"
+    result = run_cli(["evaluate", "--ckpt", "lit_fewstep/assets/dmd2_digits.pt", "--nfe", "1", "--num", "500",
+                      "--teacher_nfe", "2", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| student | 1 | 1 |" in result.stdout and "| teacher | 2 | 2 |" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["teacher"] == "lit_fewstep/assets/edm_digits.pt"
+    student, teacher = report["rows"]
+    assert (student["model"], teacher["model"]) == ("student", "teacher")
+    assert student["fid"] < 0.25 * teacher["fid"], (student, teacher)
+
+
+def test_evaluate_teacher_nfe_needs_a_teacher(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli(["evaluate", "--ckpt", "lit_fewstep/assets/edm_digits.pt", "--nfe", "1", "--num", "10",
+                      "--teacher_nfe", "35"])
+    assert result.returncode == 2 and "--teacher_nfe" in result.stderr and "--teacher PATH" in result.stderr
+    assert "Traceback" not in result.stderr
