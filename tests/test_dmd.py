@@ -293,6 +293,39 @@ def test_pairs_command_and_regression_loss(toy_teacher, tmp_path):
     assert torch.isfinite(loss) and loss > 0
 
 
+def test_lpips_regression_is_the_papers_distance_and_trains_the_generator(image_teacher, tmp_path):
+    """DMD Eq. 9 with d = LPIPS (reg_distance="lpips", a local VGG16 file): L_reg = mean_i LPIPS(G(z_i), y_i), and its
+    gradient reaches the generator only."""
+    from torchvision.models import vgg16
+
+    from lit_fewstep.metrics.lpips import LPIPS
+
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in vgg16(weights=None).features.state_dict().items()},
+               tmp_path / "vgg16.pth")
+    out = tmp_path / "pairs.pt"
+    pairs_main(["--teacher", image_teacher, "--num", "6", "--nfe", "3", "--out", str(out)])
+    with pytest.raises(ValueError, match="lpips_weights: reg_distance 'lpips' needs"):
+        DMD(image_teacher, pairs_path=str(out), reg_distance="lpips")
+    model = DMD(image_teacher, pairs_path=str(out), reg_batch_size=6, reg_distance="lpips",
+                lpips_weights=str(tmp_path / "vgg16.pth"))
+    model.prepare()
+    model.lpips.resolution = 32  # 224 in the paper; small here for CPU time
+    pairs = load_pairs(out)
+    index = torch.arange(6)
+    model.randint = lambda low, high, shape, like, generator=None, shared=False: index
+    reg = model.regression_loss()
+    with torch.no_grad():
+        x = model.G.x0(80.0 * pairs["noise"], torch.full((6,), 80.0), pairs["labels"])
+        reference = LPIPS(str(tmp_path / "vgg16.pth"), resolution=32)(x, pairs["x"]).mean()
+    torch.testing.assert_close(reg, reference)
+    assert reg > 0
+    reg.backward()
+    assert all(p.grad is not None for p in model.G.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.lpips.parameters()) and not any(
+        k.startswith("lpips.") for k in model.state_dict_to_save())
+
+
 def test_pairs_must_match_the_generator(toy_teacher, tmp_path):
     out = tmp_path / "pairs.pt"
     pairs_main(["--teacher", toy_teacher, "--num", "4", "--nfe", "3", "--out", str(out)])

@@ -339,3 +339,66 @@ def test_ddp_equals_single_process(tmp_path):
         got = torch.load(f"{out}.{rank}", weights_only=True)
         for k, v in expected.items():
             torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6, msg=f"{k} rank {rank}")
+
+
+# ------------------------------------------------------------------------------------------------ LPIPS
+@pytest.fixture(scope="module")
+def random_vgg16(tmp_path_factory):
+    """A random VGG16 in torchvision's state-dict layout (the real file is never downloaded in tests)."""
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    net = vgg16(weights=None).features.eval()
+    path = tmp_path_factory.mktemp("lpips") / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in net.state_dict().items()}, path)
+    return net, path
+
+
+def lpips_by_hand(net, heads, a, b, resolution):
+    """LPIPS written out from Zhang et al. (Eq. 1) on a torchvision VGG16: relu1_2 ... relu5_3."""
+    def feats(x):
+        x = torch.nn.functional.interpolate(x.repeat(1, 3, 1, 1), size=(resolution,) * 2, mode="bilinear",
+                                            align_corners=False)
+        x = (x - torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)) / torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        out = []
+        for i, layer in enumerate(net):
+            x = layer(x)
+            if i in (3, 8, 15, 22, 29):
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    return sum(((fa - fb) ** 2 * heads[f"lin{l}.model.1.weight"]).sum(1).mean((1, 2))
+               for l, (fa, fb) in enumerate(zip(feats(a), feats(b))))
+
+
+def test_lpips_matches_its_definition_for_both_file_layouts(random_vgg16, tmp_path):
+    from lit_fewstep.metrics.lpips import LPIPS, torchmetrics_lpips_heads
+
+    net, torchvision_file = random_vgg16
+    heads = torch.load(torchmetrics_lpips_heads(), map_location="cpu", weights_only=True)
+    assert all((w >= 0).all() for w in heads.values())  # the official heads, not random ones
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.rand(3, 1, 8, 8, generator=g) * 2 - 1 for _ in range(2))
+    with torch.no_grad():
+        expected = lpips_by_hand(net, heads, a, b, 32)
+        lpips = LPIPS(str(torchvision_file), resolution=32)
+        torch.testing.assert_close(lpips(a, b), expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(lpips(b, a), expected, rtol=1e-5, atol=1e-7)
+        assert torch.equal(lpips(a, a), torch.zeros(3))
+        # The lpips package's own layout: net.slice{s}.{torchvision index}.* plus lin{l}.model.1.weight.
+        slices = ((1, 0, 4), (2, 4, 9), (3, 9, 16), (4, 16, 23), (5, 23, 30))
+        package = {f"net.slice{s}.{k}": v for s, lo, hi in slices for k, v in net.state_dict().items()
+                   if lo <= int(k.split(".")[0]) < hi}
+        torch.save({**package, **heads}, tmp_path / "lpips_vgg.pth")
+        torch.testing.assert_close(LPIPS(str(tmp_path / "lpips_vgg.pth"), resolution=32)(a, b), expected,
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_lpips_errors_name_the_field(tmp_path):
+    from lit_fewstep.metrics.lpips import LPIPS
+
+    with pytest.raises(FileNotFoundError, match="lpips_weights: .* never downloaded"):
+        LPIPS(str(tmp_path / "missing.pth"))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="lpips_weights: .* lacks"):
+        LPIPS(str(tmp_path / "other.pth"))

@@ -33,12 +33,11 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..diffusion.paths import _bcast
+from ..metrics.lpips import LPIPS
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.solvers import (NFECounter, consistency_sigmas, discrete_lognormal_probs, euler_step, heun_step,
                                  karras_sigmas, multistep_consistency_sample)
@@ -149,65 +148,6 @@ def consistency_distance(a: Tensor, b: Tensor, kind: str, c: float = 0.0, lpips:
     if kind == "lpips":
         return lpips(a, b)
     raise ValueError(f"distance: unknown {kind!r}; choose one of {DISTANCES}.")
-
-
-class LPIPS(nn.Module):
-    """LPIPS-VGG (Zhang et al. 2018) from a LOCAL weights file, as CM uses it: images in [-1, 1] upsampled
-    bilinearly to 224 px, grey images repeated to RGB.
-
-    The file is a plain state dict in the layout of the `lpips` package's ``LPIPS(net="vgg").state_dict()``
-    (keys ``net.slice{1..5}.*`` with torchvision VGG16 layer indices, ``lin{0..4}.model.1.weight``), loaded
-    with weights_only=True. Nothing is downloaded.
-    """
-
-    _SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
-    _CHANNELS = (64, 128, 256, 512, 512)
-
-    def __init__(self, weights_path: str, resolution: int = 224):
-        super().__init__()
-        from torchvision.models import vgg16
-
-        if not Path(weights_path).is_file():
-            raise FileNotFoundError(f"lpips_weights: {weights_path!r} does not exist; give a local LPIPS-VGG state "
-                                    "dict (lpips package layout) or choose distance l2 / l1 / pseudo_huber.")
-        features = vgg16(weights=None).features
-        self.slices = nn.ModuleList(nn.Sequential(*[features[i] for i in range(a, b)]) for a, b in self._SLICES)
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self._CHANNELS)
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        self.resolution = resolution
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        mapped = {}
-        for key, value in state.items():
-            if key.startswith("net.slice"):
-                s, rest = key[len("net.slice"):].split(".", 1)
-                idx, name = rest.split(".", 1)
-                mapped[f"slices.{int(s) - 1}.{int(idx) - self._SLICES[int(s) - 1][0]}.{name}"] = value
-            elif key.startswith("lin") and key.endswith("model.1.weight"):
-                mapped[f"lins.{int(key[3])}.weight"] = value
-            elif key.startswith("scaling_layer."):
-                mapped[key.split(".", 1)[1]] = value.reshape(1, 3, 1, 1)
-        missing, unexpected = self.load_state_dict(mapped, strict=False)
-        if missing:
-            raise ValueError(f"lpips_weights: {weights_path!r} lacks {missing[:3]}...; expected the lpips package's "
-                             "LPIPS(net='vgg') state dict.")
-        self.requires_grad_(False).eval()
-
-    def _features(self, x: Tensor) -> list[Tensor]:
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        x = torch.nn.functional.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear",
-                                            align_corners=False)
-        h, feats = (x - self.shift) / self.scale, []
-        for block in self.slices:
-            h = block(h)
-            feats.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
-        return feats
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        """a, b [B, C, H, W] in [-1, 1] -> [B]."""
-        return sum(lin((fa - fb) ** 2).mean((1, 2, 3)) for lin, fa, fb in zip(self.lins, self._features(a),
-                                                                                 self._features(b)))
 
 
 # ----------------------------------------------------------------------------------------------- shared helpers

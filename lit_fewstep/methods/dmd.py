@@ -46,6 +46,7 @@ from ..diffusion.guidance import guide
 from ..diffusion.paths import EDMPath, _bcast, convert
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.solvers import karras_sigmas
+from ..metrics.lpips import LPIPS
 from ..nets.heads import DiscriminatorHead
 from ..utils.config import to_config
 from .base import FewStepModule, Phase, load_teacher
@@ -53,6 +54,7 @@ from .base import FewStepModule, Phase, load_teacher
 __all__ = ["DMD", "DMD2", "frozen", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "per_sample")
+REG_DISTANCES = ("l2", "lpips")
 GRID_SIZE = 1000  # the 1000-point Karras grid on which DMD2's code draws every noise level
 
 
@@ -97,14 +99,18 @@ class DMD(FewStepModule):
         dm_reduction: "mean" over all B*D elements (official; dL/dx = grad / (B D)) or "per_sample"
             (sum over each sample's elements, mean over the batch; dL/dx = grad / B).
         pairs_path: regression pairs from ``python -m lit_fewstep.data.pairs`` (None: no regression loss).
-        reg_weight: lambda_reg (0.25 in the paper, with LPIPS; here the distance is L2).
+        reg_weight: lambda_reg (0.25 in the paper, with LPIPS).
+        reg_distance: d of L_reg: "l2" (mean squared error per sample) or "lpips" (the paper's; needs
+            `lpips_weights`).
+        lpips_weights: local LPIPS-VGG file (lpips package state dict, or torchvision's vgg16-397923af.pth with
+            torchmetrics' shipped heads; see `metrics.lpips.LPIPS`); nothing is downloaded.
         reg_batch_size: pairs per generator step (0: the data batch size).
         lr, betas, weight_decay: AdamW of both phases.
         ema_decay, grad_clip, nonfinite: see `FewStepModule` (EMA of the generator only).
     """
 
     generator_name = "G"
-    unsaved_prefixes = ("teacher.",)
+    unsaved_prefixes = ("teacher.", "lpips.")
     # Only the generator (and its EMA) is needed to sample: `export` drops the critic, checkpoints keep it.
     critic_prefixes: tuple[str, ...] = ("fake_score.", "head.")
 
@@ -112,6 +118,7 @@ class DMD(FewStepModule):
                  sigma_data: float | None = None, conditioning_sigma: float = 80.0, real_guidance_scale: float = 1.0,
                  dm_step_range: Sequence[float] = (0.02, 0.98), dm_reduction: str = "mean",
                  pairs_path: str | None = None, reg_weight: float = 0.25, reg_batch_size: int = 0,
+                 reg_distance: str = "l2", lpips_weights: str | None = None,
                  lr: float = 2e-6, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.01,
                  ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop"):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite)
@@ -121,6 +128,13 @@ class DMD(FewStepModule):
             raise ValueError(f"reg_weight, reg_batch_size: must be >= 0, got {reg_weight}, {reg_batch_size}.")
         self.pairs_path, self.reg_weight, self.reg_batch_size = pairs_path, float(reg_weight), int(reg_batch_size)
         self.uses_regression = pairs_path is not None and reg_weight > 0
+        if reg_distance not in REG_DISTANCES:
+            raise ValueError(f"reg_distance: choose one of {REG_DISTANCES}, got {reg_distance!r}.")
+        if reg_distance == "lpips" and self.uses_regression and not lpips_weights:
+            raise ValueError("lpips_weights: reg_distance 'lpips' needs a local LPIPS-VGG weights file; give "
+                             "lpips_weights: PATH or set reg_distance: l2.")
+        self.reg_distance, self.lpips_weights = reg_distance, lpips_weights
+        self.lpips: LPIPS | None = None  # built by `prepare` from the local file, never saved
         self.phases = [
             Phase("generator", "generator_loss", ("G",), lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                   updates_ema=True),
@@ -207,6 +221,8 @@ class DMD(FewStepModule):
             self._attach_teacher(load_teacher(self.teacher_ckpt, field_name="teacher_ckpt"))
         if getattr(self, "uses_regression", False) and not hasattr(self, "pair_noise"):
             self._load_pairs()
+        if getattr(self, "uses_regression", False) and self.reg_distance == "lpips" and self.lpips is None:
+            self.lpips = LPIPS(self.lpips_weights).to(self.sigma_grid.device)
 
     def configure_model(self) -> None:
         self.prepare()
@@ -315,14 +331,16 @@ class DMD(FewStepModule):
         return (weight * (mu - x) ** 2).mean()
 
     def regression_loss(self) -> Tensor:
-        """DMD Eq. 9: L_reg = E_(z, y) d(G(z), y) on the teacher's ODE pairs; d = mean squared error per sample
-        (the paper's d is LPIPS), averaged over `reg_batch_size` random pairs."""
+        """DMD Eq. 9: L_reg = E_(z, y) d(G(z), y) on the teacher's ODE pairs, d = `reg_distance` (LPIPS in the
+        paper; "l2": mean squared error per sample), averaged over `reg_batch_size` random pairs."""
         n = self.reg_batch_size or 64
         index = self.randint(0, self.pair_x.shape[0], (n,), self.pair_x)
         z, target = self.pair_noise[index], self.pair_x[index]
         labels = None if self.pair_labels is None else self.pair_labels[index]
         sigma = torch.full((n,), self.generator_sigmas[0], device=z.device)
         x = self.G.x0_from(_bcast(sigma, z) * z, sigma, self.edm, class_labels=labels)
+        if self.reg_distance == "lpips":
+            return self.lpips(x, target).mean()
         return ((x - target) ** 2).flatten(1).mean(1).mean()
 
     def _log(self, name: str, value: Tensor) -> None:
