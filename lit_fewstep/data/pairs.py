@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from ..diffusion.guidance import guide
 from ..diffusion.paths import EDMPath

@@ -21,7 +21,6 @@ Reference samples are kept on the metric's device; for large sets compute featur
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
