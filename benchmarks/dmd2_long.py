@@ -100,8 +100,42 @@ def with_weights(model, tracker: WeightTracker, key: str):
 @torch.no_grad()
 def score(model, tracker, key, evaluator, num, seed) -> dict:
     with with_weights(model, tracker, key) as use_ema:
-        out = model.sample(num, 1, generator=torch.Generator().manual_seed(seed), use_ema=use_ema)
+        return sample_and_score(model, 1, evaluator, num, seed, use_ema)
+
+
+@torch.no_grad()
+def sample_and_score(model, nfe: int, evaluator, num: int, seed: int, use_ema: bool = True) -> dict:
+    """The protocol of every FID here: `num` samples from one `sample()` call seeded with `seed`."""
+    out = model.sample(num, nfe, generator=torch.Generator().manual_seed(seed), use_ema=use_ema)
     return evaluator.score(out.x)
+
+
+def rescore(args) -> None:
+    """--rescore STUDENT: the exported student at 1 NFE and its teacher at 35 NFE over --seeds, no training."""
+    evaluator = Evaluator(instantiate(yaml.safe_load(CONFIG.read_text())["data"]))
+    student = load_module(args.rescore).eval()
+    teacher = load_module(ROOT / student.teacher_ckpt).eval()
+    rows = []
+    for seed in args.seeds:
+        row = {"seed": seed, "student_1nfe": sample_and_score(student, 1, evaluator, args.num, seed)["fid"],
+               "teacher_35nfe": sample_and_score(teacher, 35, evaluator, args.num, seed)["fid"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in ("student_1nfe", "teacher_35nfe")}
+    command = (f"OMP_NUM_THREADS=1 python benchmarks/dmd2_long.py --rescore {args.rescore} --num {args.num} "
+               f"--seeds {' '.join(map(str, args.seeds))} --out {args.out}")
+    lines = [f"# {args.rescore}: one-step student vs its teacher over {len(rows)} sampling seeds", "",
+             f"Command: `{command}`", "", f"Machine: {describe_machine()}. FID on the shipped digits classifier's "
+             f"features against the training split, {args.num:,} samples per score, one `sample()` call per seed.",
+             "", "| seed | student, 1 NFE | teacher, 35 NFE (Heun) | ratio |", "|---|---|---|---|"]
+    lines += [f"| {r['seed']} | {r['student_1nfe']:.2f} | {r['teacher_35nfe']:.2f} | "
+              f"{r['student_1nfe'] / r['teacher_35nfe']:.2f} |" for r in rows]
+    lines.append(f"| **median** | **{med['student_1nfe']:.2f}** | **{med['teacher_35nfe']:.2f}** | "
+                 f"**{med['student_1nfe'] / med['teacher_35nfe']:.2f}** |")
+    out = Path(args.out)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "median": med}, indent=2))
+    print(out.read_text())
 
 
 def main() -> None:
@@ -113,8 +147,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="model init_args overrides, key=value")
     parser.add_argument("--asset", default=None, help="export the best weight set here")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dmd2_digits_long.md"))
+    parser.add_argument("--rescore", default=None, help="score an exported student and its teacher; no training")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.rescore:
+        return rescore(args)
 
     config = yaml.safe_load(CONFIG.read_text())
     seed = int(config.get("seed_everything", 0))
@@ -143,10 +180,7 @@ def main() -> None:
         fids = [score(model, tracker, key, evaluator, args.num, s)["fid"] for s in args.seeds]
         final[key] = {"fid_per_seed": fids, "fid_median": statistics.median(fids)}
     teacher = load_module(teacher_path).eval()
-    teacher_fids = []
-    for s in args.seeds:
-        samples = teacher.sample(args.num, 35, generator=torch.Generator().manual_seed(s))
-        teacher_fids.append(evaluator.score(samples.x)["fid"])
+    teacher_fids = [sample_and_score(teacher, 35, evaluator, args.num, s)["fid"] for s in args.seeds]
     teacher_median = statistics.median(teacher_fids)
     best = min(final, key=lambda k: final[k]["fid_median"])
     if args.asset:
