@@ -156,7 +156,8 @@ def main() -> None:
     config = yaml.safe_load(CONFIG.read_text())
     seed = int(config.get("seed_everything", 0))
     init_args = {**config["model"]["init_args"], **parse_overrides(args.set)}
-    teacher_path = str(ROOT / init_args.pop("teacher_ckpt"))
+    os.chdir(ROOT)  # the student records the config's relative teacher path, as `fit` from the repository root does
+    teacher_path = init_args.pop("teacher_ckpt")
     L.seed_everything(seed, verbose=False)
     model = instantiate({"class_path": config["model"]["class_path"], "init_args": {"teacher_ckpt": teacher_path,
                                                                                     **init_args}})

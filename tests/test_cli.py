@@ -81,3 +81,17 @@ def test_sample_writes_npz(asset, tmp_path):
         assert data["samples"].min() >= -1.5 and data["samples"].max() <= 1.5
     png = main(["sample", "--ckpt", str(ckpt), "--nfe", "3", "--num", "12", "--out", str(tmp_path / "s.png")])
     assert Path(png).stat().st_size > 1000
+
+
+def test_shipped_assets_record_no_absolute_paths():
+    """A shipped student must find its teacher on any machine: recorded paths are relative to the repository root."""
+    import json
+
+    import torch
+
+    from lit_fewstep.utils.checkpoint import FORMAT_KEY
+
+    for asset in sorted((ROOT / "lit_fewstep" / "assets").glob("*.pt")):
+        meta = torch.load(asset, map_location="cpu", weights_only=True).get(FORMAT_KEY)
+        text = json.dumps(meta, default=str)
+        assert '"/' not in text and str(ROOT) not in text, f"{asset.name} records an absolute path"
