@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import statistics
@@ -83,18 +84,16 @@ class WeightTracker(L.Callback):
         return ("ema", "raw", *self.decays)
 
 
+@contextlib.contextmanager
 def with_weights(model, tracker: WeightTracker, key: str):
-    """Context: the module's EMA slot temporarily holds weight set `key` (sample/export read the EMA)."""
-    class _Swap:
-        def __enter__(self):
-            self.saved = {n: v.clone() for n, v in model.ema.state_dict().items()}
-            if key in tracker.decays:
-                model.ema.load_state_dict(tracker.averages[key])
-            return key != "raw"  # use_ema
-
-        def __exit__(self, *exc):
-            model.ema.load_state_dict(self.saved)
-    return _Swap()
+    """The module's EMA slot holds weight set `key` inside the block (sample/export read the EMA); yields use_ema."""
+    saved = {n: v.clone() for n, v in model.ema.state_dict().items()}
+    if key in tracker.decays:
+        model.ema.load_state_dict(tracker.averages[key])
+    try:
+        yield key != "raw"
+    finally:
+        model.ema.load_state_dict(saved)
 
 
 @torch.no_grad()

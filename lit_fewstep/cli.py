@@ -48,8 +48,9 @@ def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow pickle loading (runs code from the file: only for files you trust)")
 
 
-def _load(args) -> FewStepModule:
-    module = load_module(args.ckpt, trust=args.trust_checkpoint)
+def _load(args, path: str | None = None, field: str = "ckpt") -> FewStepModule:
+    """The module of `path` (default --ckpt) on --device, in eval mode, loaded as --trust_checkpoint allows."""
+    module = load_module(args.ckpt if path is None else path, trust=args.trust_checkpoint, field=field)
     return module.to(_device(args.device)).eval()
 
 

@@ -127,8 +127,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     """Sample a checkpoint at several NFE and print one metrics row per NFE (also written as JSON)."""
-    from .cli import _checkpoint_arguments, _device, _load, draw
-    from .utils.checkpoint import load_module
+    from .cli import _checkpoint_arguments, _load, draw
 
     parser = argparse.ArgumentParser(prog="python -m lit_fewstep evaluate", description=evaluate_main.__doc__)
     _checkpoint_arguments(parser)
@@ -166,7 +165,7 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     runs = [("student" if args.teacher_nfe else type(module).__name__, module, args.nfe, options)]
     if args.teacher_nfe:
         # The teacher samples with its own defaults (Heun, its guidance); only --solver is shared.
-        teacher = load_module(teacher_path, trust=args.trust_checkpoint, field="teacher").to(_device(args.device)).eval()
+        teacher = _load(args, teacher_path, field="teacher")
         runs.append(("teacher", teacher, args.teacher_nfe, {"solver": args.solver} if args.solver else {}))
     rows = []
     for name, model, nfes, opts in runs:

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..metrics.lpips import LPIPS
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.solvers import (NFECounter, consistency_sigmas, discrete_lognormal_probs, euler_step, heun_step,
                                  karras_sigmas, multistep_consistency_sample)
+from ..metrics.lpips import LPIPS
 from .base import FewStepModule, Phase, load_teacher
 
 __all__ = [

@@ -50,6 +50,7 @@ from ..metrics.lpips import LPIPS
 from ..nets.heads import DiscriminatorHead
 from ..utils.config import to_config
 from .base import FewStepModule, Phase, load_teacher
+from .consistency import consistency_distance
 
 __all__ = ["DMD", "DMD2", "frozen", "REDUCTIONS"]
 
@@ -339,9 +340,7 @@ class DMD(FewStepModule):
         labels = None if self.pair_labels is None else self.pair_labels[index]
         sigma = torch.full((n,), self.generator_sigmas[0], device=z.device)
         x = self.G.x0_from(_bcast(sigma, z) * z, sigma, self.edm, class_labels=labels)
-        if self.reg_distance == "lpips":
-            return self.lpips(x, target).mean()
-        return ((x - target) ** 2).flatten(1).mean(1).mean()
+        return consistency_distance(x, target, self.reg_distance, lpips=self.lpips).mean()
 
     def _log(self, name: str, value: Tensor) -> None:
         if self._trainer is not None:
