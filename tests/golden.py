@@ -1,0 +1,150 @@
+"""Golden losses: the exact per-phase losses of a method's tree config over its first iterations.
+
+`record_losses("dmd2")` builds the model and data module of ``configs/dmd2/tree.yaml`` through the package's own
+CLI (``FewStepCLI(..., run=False)``, as ``python -m lit_fewstep fit --config ...`` would), trains it on CPU for
+exactly `iterations` iterations of the module's own ``iteration`` counter (a phase schedule may take several
+optimizer steps per iteration) at seed 0, with the logger, checkpointing, validation, the progress bar and the
+config's callbacks off, and returns every value logged under ``train/<name>_loss``, in order, as the exact
+float of the tensor passed to ``self.log``. That covers every phase's loss (``train/<phase>_loss``, logged once
+per optimizer step by ``FewStepModule.training_step``, so a repeated phase logs several values per iteration)
+and the component losses some methods log inside their phase losses (e.g. DMD's ``train/dm_loss``).
+
+`tests/make_golden_losses.py` writes them to ``tests/golden_losses.json``; `tests/test_golden_losses.py`
+re-records them and asserts bit-equality.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 0
+ITERATIONS = 5
+LOSS_NAME = re.compile(r"^train/.+_loss$")
+
+# Teacher ODE pairs for configs/dmd/tree.yaml, made as its comments say (python -m lit_fewstep.data.pairs
+# --teacher lit_fewstep/assets/edm_tree.pt --num 4096 --nfe 35 --out ...; default --seed 0), into a temporary
+# directory; its path replaces the config's runs/pairs/edm_tree.pt.
+DMD_PAIRS_ARGS = ["--teacher", "lit_fewstep/assets/edm_tree.pt", "--num", "4096", "--nfe", "35", "--seed", "0"]
+
+
+def tree_configs() -> dict[str, str]:
+    """{method: "configs/<method>/tree.yaml"} for every method with a tree config."""
+    return {p.parent.name: str(p.relative_to(ROOT)) for p in sorted((ROOT / "configs").glob("*/tree.yaml"))}
+
+
+def config_path(method_config: str) -> str:
+    """A method name ("dmd2") means configs/<method>/tree.yaml; anything else is a config path."""
+    if method_config.endswith((".yaml", ".yml")):
+        return method_config
+    return f"configs/{method_config}/tree.yaml"
+
+
+@dataclass
+class Recording:
+    config: str
+    iterations: int
+    seed: int
+    overrides: dict[str, str]
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    # the module's iteration counter when each value was logged (same shape as `losses`)
+    loss_iterations: dict[str, list[int]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _chdir(path: Path):
+    """contextlib.chdir, which Python 3.10 lacks: the configs name files relative to the repository root."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+class _StopAtIteration(Callback):
+    """Stop on the module's own iteration counter: `max_steps` counts optimizer steps."""
+
+    def __init__(self, iterations: int):
+        self.iterations = iterations
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if int(pl_module.iteration) >= self.iterations:
+            trainer.should_stop = True
+
+
+def _overrides(config: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
+    """CLI arguments a config needs to run here (files it points at), and how they are described in the JSON."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / config).read_text())
+    init_args = (cfg.get("model") or {}).get("init_args") or {}
+    args, described = [], {}
+    pairs_path = init_args.get("pairs_path")
+    if pairs_path:
+        # made afresh every time (never a user's runs/ file, which may be stale or missing)
+        from lit_fewstep.data.pairs import main as make_pairs_main
+
+        out = workdir / "pairs.pt"
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            make_pairs_main([*DMD_PAIRS_ARGS, "--out", str(out)])
+        args += ["--model.init_args.pairs_path", str(out)]
+        described["model.init_args.pairs_path"] = (
+            f"TMP/pairs.pt from `python -m lit_fewstep.data.pairs {' '.join(DMD_PAIRS_ARGS)} --out TMP/pairs.pt` "
+            f"(replaces {pairs_path})")
+    return args, described
+
+
+def record(method_config: str, iterations: int = ITERATIONS, seed: int = SEED) -> Recording:
+    """Train a tree config for `iterations` iterations (see the module docstring) and capture its losses."""
+    from lit_fewstep.cli import FewStepCLI, FewStepTrainer
+    from lit_fewstep.methods.base import FewStepModule
+
+    torch.set_num_threads(1)
+    config = config_path(method_config)
+    with tempfile.TemporaryDirectory(prefix="golden_") as tmp, _chdir(ROOT):
+        workdir = Path(tmp)
+        extra, described = _overrides(config, workdir)
+        L.seed_everything(seed, verbose=False)
+        cli = FewStepCLI(FewStepModule, LightningDataModule, trainer_class=FewStepTrainer, subclass_mode_model=True,
+                         subclass_mode_data=True, auto_configure_optimizers=False, run=False,
+                         args=["--config", config, "--seed_everything", str(seed), "--trainer.logger", "false",
+                               *extra])
+        module, datamodule = cli.model, cli.datamodule
+
+        rec = Recording(config=config, iterations=iterations, seed=seed, overrides=described)
+        log = module.log
+
+        def capturing_log(name, value, *args, **kwargs):
+            if LOSS_NAME.match(name):
+                v = float(value.item() if isinstance(value, torch.Tensor) else value)
+                rec.losses.setdefault(name, []).append(v)
+                rec.loss_iterations.setdefault(name, []).append(int(module.iteration))
+            return log(name, value, *args, **kwargs)
+
+        module.log = capturing_log
+        trainer = FewStepTrainer(accelerator="cpu", devices=1, max_epochs=-1, max_steps=-1, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                 limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(workdir),
+                                 callbacks=[_StopAtIteration(iterations)])
+        L.seed_everything(seed, verbose=False)
+        trainer.fit(module, datamodule=datamodule)
+        del module.log
+        if int(module.iteration) != iterations:
+            raise RuntimeError(f"{config}: stopped at iteration {int(module.iteration)}, not {iterations}")
+    return rec
+
+
+def record_losses(method_config: str, iterations: int = ITERATIONS) -> dict[str, list[float]]:
+    """{log name: [every value logged, in order]} for `iterations` iterations of a tree config at seed 0."""
+    return record(method_config, iterations).losses

@@ -1,0 +1,34 @@
+"""Every tree config's logged losses over its first iterations are bit-identical to the recorded golden values
+(tests/golden_losses.json, written by tests/make_golden_losses.py before the core refactor)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from golden import record
+
+GOLDEN = json.loads((Path(__file__).resolve().parent / "golden_losses.json").read_text())
+
+
+@pytest.mark.parametrize("method", sorted(GOLDEN["methods"]))
+def test_losses_match_golden_bit_exactly(method):
+    golden = GOLDEN["methods"][method]
+    rec = record(golden["config"], golden["iterations"], golden["seed"])
+    where = (f"{method} ({golden['config']}; recorded with torch {golden['torch']} on "
+             f"{GOLDEN['environment']['cpu_capability']}, now torch {torch.__version__} on "
+             f"{torch.backends.cpu.get_cpu_capability()})")
+    assert rec.overrides == golden["overrides"], f"{where}: overrides changed"
+    assert sorted(rec.losses) == sorted(golden["losses"]), f"{where}: logged loss names changed"
+    for name, hexes in golden["losses"].items():
+        expected = [float.fromhex(h) for h in hexes]
+        got = rec.losses[name]
+        at = golden["loss_iterations"][name]
+        assert rec.loss_iterations[name] == at, (
+            f"{where}: {name} logged at iterations {rec.loss_iterations[name]}, expected {at}")
+        for i, (e, g) in enumerate(zip(expected, got)):
+            assert g.hex() == e.hex(), (
+                f"{where}: {name} value {i} (iteration {at[i]}): expected {e!r} ({e.hex()}), got {g!r} ({g.hex()}), "
+                f"difference {g - e:.3e}")
+        assert len(got) == len(expected), f"{where}: {name} logged {len(got)} values, expected {len(expected)}"
