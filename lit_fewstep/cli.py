@@ -17,18 +17,11 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from .methods.base import FewStepModule
+from .utils.args import check_writable, finite_float, parse_bool, positive_int
 from .utils.checkpoint import load_module
 from .utils.images import save_samples_png
 
 __all__ = ["main", "FewStepCLI", "FewStepTrainer", "sample_main", "evaluate_main"]
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y"):
-        return True
-    if text.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _device(name: str) -> torch.device:
@@ -37,15 +30,20 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+SOLVERS = ("heun", "euler")
+
+
 def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint (.ckpt from fit, or .pt from export)")
-    parser.add_argument("--ema", type=_bool, default=True, help="sample from EMA weights (true|false)")
+    parser.add_argument("--ema", type=parse_bool, default=True, help="sample from EMA weights (true|false)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    parser.add_argument("--batch_size", type=int, default=1000)
-    parser.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (1 = none; default: the model's)")
-    parser.add_argument("--trust_checkpoint", type=_bool, default=False,
-                        help="allow pickle loading (runs code from the file: only for files you trust)")
+    parser.add_argument("--batch_size", type=positive_int, default=1000)
+    parser.add_argument("--guidance_scale", type=finite_float, default=None, help="CFG scale (1 = none; default: the model's)")
+    parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun)")
+    parser.add_argument("--trust_checkpoint", type=parse_bool, default=False,
+                        help="allow pickle loading and classes outside lit_fewstep (runs code from the file: only for "
+                             "files you trust)")
 
 
 def _load(args, path: str | None = None, field: str = "ckpt") -> FewStepModule:
@@ -79,15 +77,16 @@ def sample_main(argv: list[str]) -> Path:
     """Draw samples from a checkpoint and write them as .npz (or a .png picture)."""
     parser = argparse.ArgumentParser(prog="python -m lit_fewstep sample", description=sample_main.__doc__)
     _checkpoint_arguments(parser)
-    parser.add_argument("--nfe", type=int, required=True, help="network evaluations per sample")
-    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--nfe", type=positive_int, required=True, help="network evaluations per sample")
+    parser.add_argument("--num", type=positive_int, default=64)
     parser.add_argument("--out", required=True, help="FILE.npz, or FILE.png for a grid / scatter plot")
     parser.add_argument("--class_labels", type=int, nargs="+", default=None,
                         help="one label for all samples, or one per sample")
-    parser.add_argument("--solver", default=None, help="heun or euler (teachers)")
     args = parser.parse_args(argv)
-    if args.num < 1:
-        parser.error(f"--num must be >= 1, got {args.num}")
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        out = out.with_suffix(".npz")
+    check_writable(out, "--out")  # before any sampling
     module = _load(args)
     labels = None
     if args.class_labels is not None:
@@ -98,13 +97,9 @@ def sample_main(argv: list[str]) -> Path:
     if args.solver:
         options["solver"] = args.solver
     x, y, nfe, seconds = draw(module, args.num, args.nfe, args.seed, labels, args.ema, args.batch_size, **options)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         save_samples_png(x.numpy(), out, None if y is None else y.numpy(), title=f"{Path(args.ckpt).name}, NFE {nfe}")
     else:
-        if out.suffix != ".npz":
-            out = out.with_suffix(".npz")
         arrays = {"samples": x.numpy().astype(np.float32), "nfe": np.int64(nfe)}
         if y is not None:
             arrays["labels"] = y.numpy().astype(np.int64)
@@ -129,7 +124,8 @@ class FewStepTrainer(Trainer):
 
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path: str | None = None,
             weights_only: bool = True):
-        """Train; `--ckpt_path` resumes (safe loading; `--weights_only false` allows pickle for trusted files)."""
+        """Train; `--ckpt_path` resumes from the file's state (the config decides the model; safe loading:
+        `--weights_only false` allows pickle in that file only, for files you trust)."""
         return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only=weights_only)
 
     def validate(self, model=None, dataloaders=None, ckpt_path: str | None = None, verbose: bool = True,
@@ -163,6 +159,11 @@ class FewStepCLI(LightningCLI):
         if subcommand in TOOLS:  # parsed by main() with argparse; listed here for --help only
             return self.init_parser(**kwargs)
         return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would re-parse the model config from the checkpoint's `hyper_parameters`, letting a file
+        rewrite the user's config and name any class (and it reads the file with weights_only=True before
+        `--weights_only false` can apply). Here the config decides the model; the checkpoint supplies state only."""
 
     def after_fit(self) -> None:
         """Export the trained module as a small self-describing file next to the logs."""

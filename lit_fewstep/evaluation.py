@@ -16,9 +16,12 @@ from typing import Any
 
 import torch
 import yaml
+from lightning.pytorch import LightningDataModule
 
 from .metrics import MMD, ExactNLL, PrecisionRecall, SlicedWasserstein2, load_digits_features, make_fid
-from .utils.config import instantiate
+from .utils.args import check_writable, positive_int
+from .utils.checkpoint import TRUST_FLAG
+from .utils.config import UnsafeClassPathError, instantiate
 from .utils.machine import describe_machine
 
 __all__ = ["Evaluator", "evaluate_main", "data_from_config", "format_table"]
@@ -37,7 +40,7 @@ def data_from_config(path: str, trust: bool = False):
     config = config.get("data", config) if isinstance(config, dict) else None
     if not isinstance(config, dict) or "class_path" not in config:
         raise ValueError(f"data: {path!r} has no data class_path; pass a training config with a `data:` section.")
-    return instantiate(config, trust=trust)
+    return instantiate(config, trust=trust, base=LightningDataModule)
 
 
 class Evaluator:
@@ -131,18 +134,18 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
 
     parser = argparse.ArgumentParser(prog="python -m lit_fewstep evaluate", description=evaluate_main.__doc__)
     _checkpoint_arguments(parser)
-    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--num", type=int, default=5000, help="generated samples per NFE")
+    parser.add_argument("--nfe", type=positive_int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--num", type=positive_int, default=5000, help="generated samples per NFE")
     parser.add_argument("--data", default=None, help="config with a data: section (default: the one recorded at fit)")
-    parser.add_argument("--num_reference", type=int, default=10000, help="toy reference samples")
-    parser.add_argument("--solver", default=None, help="heun or euler (teachers)")
+    parser.add_argument("--num_reference", type=positive_int, default=10000, help="toy reference samples")
     parser.add_argument("--inception_weights", default=None, help="local InceptionV3 weights for non-digits images")
-    parser.add_argument("--teacher_nfe", type=int, nargs="+", default=None,
+    parser.add_argument("--teacher_nfe", type=positive_int, nargs="+", default=None,
                         help="also score the teacher of a distilled checkpoint at these NFE, in the same table")
     parser.add_argument("--teacher", default=None, help="teacher checkpoint for --teacher_nfe (default: the one "
                         "recorded in --ckpt as teacher_ckpt)")
     parser.add_argument("--out", default=None, help="JSON file (default: next to the checkpoint)")
     args = parser.parse_args(argv)
+    out = check_writable(Path(args.out) if args.out else Path(args.ckpt).with_suffix(".eval.json"), "--out")
     module = _load(args)
     teacher_path = args.teacher or getattr(module, "teacher_ckpt", None)
     if args.teacher_nfe and not teacher_path:
@@ -150,7 +153,11 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     if args.data is not None:
         datamodule = data_from_config(args.data, trust=args.trust_checkpoint)
     elif module.data_config is not None:
-        datamodule = instantiate(module.data_config, trust=args.trust_checkpoint)
+        try:
+            datamodule = instantiate(module.data_config, trust=args.trust_checkpoint, base=LightningDataModule)
+        except UnsafeClassPathError as err:
+            raise UnsafeClassPathError(f"ckpt: {args.ckpt!r} (its data config): {err}; only if you trust the "
+                                       f"file's source, pass {TRUST_FLAG}.") from None
     else:
         parser.error("the checkpoint records no data module; pass --data configs/<method>/<data>.yaml")
     feature_net = None
@@ -167,6 +174,12 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
         # The teacher samples with its own defaults (Heun, its guidance); only --solver is shared.
         teacher = _load(args, teacher_path, field="teacher")
         runs.append(("teacher", teacher, args.teacher_nfe, {"solver": args.solver} if args.solver else {}))
+    for name, model, nfes, _ in runs:  # every requested NFE is checked before any work
+        for nfe in nfes:
+            try:
+                model.check_nfe(nfe)
+            except ValueError as err:
+                parser.error(f"--{'teacher_' if name == 'teacher' else ''}nfe: {err}")
     rows = []
     for name, model, nfes, opts in runs:
         for nfe in nfes:
@@ -175,11 +188,9 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
                    "samples_per_s": args.num / seconds}
             rows.append(row)
             print(format_table([row]).splitlines()[-1] if rows[:-1] else format_table([row]), flush=True)
-    out = Path(args.out) if args.out else Path(args.ckpt).with_suffix(".eval.json")
     result = {"ckpt": str(args.ckpt), "method": type(module).__name__, "num": args.num, "seed": args.seed,
               "ema": args.ema, "teacher": teacher_path if args.teacher_nfe else None, "machine": describe_machine(),
               "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
     print(f"wrote {out}")
     return rows

@@ -66,7 +66,7 @@ def test_pickle_checkpoint_names_the_opt_in(tmp_path):
 def test_checkpoint_naming_foreign_class_is_refused(tmp_path):
     path = tmp_path / "foreign_class.pt"
     torch.save({"lit_fewstep": {"config": {"class_path": "os.system", "init_args": {}}}, "state_dict": {}}, path)
-    with pytest.raises(ValueError, match=r"names class 'os.system' outside lit_fewstep.*--trust_checkpoint true"):
+    with pytest.raises(ValueError, match=r"class_path 'os.system', which was refused: it is outside lit_fewstep.*--trust_checkpoint true"):
         load_module(path)
 
 
@@ -205,3 +205,104 @@ def test_unknown_config_key():
     result = run_cli(["fit", "--config", "configs/edm/tree.yaml", "--model.init_args.sigma_dta", "0.5"])
     assert result.returncode != 0 and "sigma_dta" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- issue "security and exact resume", low items: one clear line each ------------------------------------------
+def test_empty_checkpoint_file(tmp_path):
+    path = tmp_path / "empty.ckpt"
+    path.touch()
+    with pytest.raises(ValueError, match=r"^ckpt: .*empty.ckpt' is empty \(0 bytes") as err:
+        load_module(path)
+    _one_line(err.value)
+
+
+def test_directory_as_checkpoint(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"^ckpt: .* is a directory; give the path of a \.ckpt/\.pt file in it") as err:
+        load_module(tmp_path)
+    _one_line(err.value)
+
+
+def test_checkpoint_with_weights_of_another_shape(tmp_path):
+    _toy_teacher().export(str(tmp_path / "m.pt"))
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    ckpt["state_dict"][key] = torch.zeros(3, 3)
+    torch.save(ckpt, tmp_path / "reshaped.pt")
+    with pytest.raises(ValueError, match=rf"'{key}' has shape \(3, 3\) in the file but \(\d+, \d+\) in the module") as err:
+        load_module(tmp_path / "reshaped.pt")
+    _one_line(err.value)
+
+
+def test_checkpoint_with_nan_weights(tmp_path):
+    _toy_teacher().export(str(tmp_path / "m.pt"))
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    ckpt["state_dict"][key][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=rf"holds non-finite weights \(NaN/Inf in '{key}'\)") as err:
+        load_module(tmp_path / "nan.pt")
+    _one_line(err.value)
+
+
+def test_disk_full_while_saving(tmp_path, monkeypatch):
+    from lit_fewstep.utils.checkpoint import atomic_save
+
+    path = tmp_path / "last.ckpt"
+    atomic_save({"w": torch.ones(2)}, path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"^could not write checkpoint .*last.ckpt' \(\[enforce fail.*is the disk full") as err:
+        atomic_save({"w": torch.zeros(2)}, path)
+    _one_line(err.value)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(2)) and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch_size", "0", "expected an integer >= 1, got 0"),
+    ("--batch_size", "-1", "expected an integer >= 1, got -1"),
+    ("--num", "0", "expected an integer >= 1, got 0"),
+    ("--guidance_scale", "nan", "expected a finite number, got 'nan'"),
+    ("--solver", "rk4", "invalid choice: 'rk4'"),
+    ("--solver", "Euler", "invalid choice: 'Euler'"),
+])
+def test_sample_cli_refuses_bad_values_before_loading(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", TEACHER, "--nfe", "1", "--out", str(tmp_path / "s.npz"), flag, value])
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_sample_api_refuses_unknown_options_and_nan_guidance():
+    teacher = load_module(TEACHER)
+    with pytest.raises(ValueError, match=r"^guidance_scale: must be a finite number, got nan"):
+        teacher.sample(2, 1, guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"^solver: unknown method 'rk4'; choose 'heun' or 'euler'"):
+        teacher.sample(2, 3, solver="rk4")
+    student = load_module(ROOT / "lit_fewstep" / "assets" / "dmd2_digits.pt")
+    with pytest.raises(ValueError, match=r"^solver: DMD2 takes no 'solver' option at sampling"):
+        student.sample(2, 1, solver="euler")
+
+
+def test_negative_sigma_data():
+    with pytest.raises(ValueError, match=r"^sigma_data: the data's standard deviation must be a positive number, got -1"):
+        EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8), sigma_data=-1.0)
+
+
+def test_wrong_typed_value_is_named():
+    with pytest.raises(TypeError, match=r"^sigma_data: EDMDiffusion expects float, got '0.5' \(str\)"):
+        EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8), sigma_data="0.5")
+    with pytest.raises(TypeError, match=r"^hidden: MLP expects int, got 1.5 \(float\)"):
+        MLP(dim=2, hidden=1.5)
+
+
+def test_unwritable_out_fails_before_sampling(tmp_path, monkeypatch):
+    import lit_fewstep.cli as cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(cli, "draw", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    with pytest.raises(OSError, match=r"^--out: cannot write .*; choose a writable location"):
+        main(["sample", "--ckpt", TEACHER, "--nfe", "1", "--out", str(blocker / "samples.npz")])

@@ -86,18 +86,23 @@ def _assert_same_state(a, b):
     assert not different, different[:5]
 
 
+# 10 batches per epoch: 5 is inside epoch 0, 10 exactly at the first epoch boundary, 15 inside epoch 1.
+RESUME_POINTS = (5, 10, 15)
+
+
 @pytest.mark.parametrize("name", sorted(METHOD_FACTORIES))
-def test_resume_mid_epoch_is_bit_exact(name, tmp_path):
+def test_resume_is_bit_exact_inside_and_across_epochs(name, tmp_path):
     factory = METHOD_FACTORIES[name]
-    full = _fit(factory, tmp_path / "full", 12)
-    _fit(factory, tmp_path / "cut", 5)
-    # A different global seed at resume must not matter: the run's own seed and RNG streams come back.
-    L.seed_everything(123)
-    module = factory()
-    _trainer(tmp_path / "cut", -1, [_StopAtIteration(12)]).fit(
-        module, _data(), ckpt_path=_checkpoint_at(tmp_path / "cut" / "ckpts", 5))
-    assert int(module.iteration) == 12
-    _assert_same_state(full, module)
+    full = _fit(factory, tmp_path / "full", 18)
+    _fit(factory, tmp_path / "cut", max(RESUME_POINTS))
+    for cut in RESUME_POINTS:
+        # A different global seed at resume must not matter: the run's own seed and RNG streams come back.
+        L.seed_everything(123)
+        module = factory()
+        _trainer(tmp_path / f"resumed_{cut}", -1, [_StopAtIteration(18)]).fit(
+            module, _data(), ckpt_path=_checkpoint_at(tmp_path / "cut" / "ckpts", cut))
+        assert int(module.iteration) == 18, cut
+        _assert_same_state(full, module)
 
 
 class _SigtermAt(Callback):
@@ -151,9 +156,52 @@ def test_injected_nan_stops_with_phase_named(name, tmp_path):
             trainer.fit(module, _data())
 
 
-def test_nonfinite_skip_counts_and_continues(tmp_path):
+
+
+def test_nonfinite_skip_still_ends_at_max_steps(tmp_path):
+    """A skipped step counts as a scheduled optimizer step: the run ends at max_steps, not never."""
     module = EDMDiffusion(MLP(dim=2, hidden=16, depth=1, emb_dim=8), sigma_data=1.4, nonfinite="skip")
+    module.denoising_loss = lambda batch, generator=None: torch.tensor(float("nan"), requires_grad=True)
+    before = [p.detach().clone() for p in module.parameters()]
+    # max_epochs bounds the run in case max_steps is never reached (it was not, before the fix: 20 iterations)
+    _trainer(tmp_path, 4, enable_checkpointing=False, max_epochs=2).fit(module, _data())
+    assert int(module.iteration) == 4 and int(module.skipped_steps) == 4
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # nothing was learned from NaN
+
+
+def test_nonfinite_skip_stops_after_consecutive_skips_and_says_what_is_saved(tmp_path):
+    module = EDMDiffusion(MLP(dim=2, hidden=16, depth=1, emb_dim=8), sigma_data=1.4, nonfinite="skip",
+                          max_consecutive_skips=4)
     module.denoising_loss = lambda batch, generator=None: torch.tensor(float("inf"), requires_grad=True)
-    # every step is skipped, so no optimizer step happens: bound the run by batches, not max_steps
-    _trainer(tmp_path, -1, enable_checkpointing=False, max_epochs=1, limit_train_batches=3).fit(module, _data())
-    assert int(module.skipped_steps) == 3 and int(module.iteration) == 3
+    with pytest.raises(NonFiniteError, match=r"4 iterations in a row \(up to iteration 3\).*no checkpoint has been "
+                                             r"written in this run yet.*max_consecutive_skips"):
+        _trainer(tmp_path, -1, enable_checkpointing=False, max_epochs=1).fit(module, _data())
+
+
+def test_nonfinite_stop_names_the_checkpoint_that_exists(tmp_path):
+    module = METHOD_FACTORIES["edm"]()
+    loss = module.denoising_loss
+    module.denoising_loss = lambda batch, generator=None: (
+        loss(batch) if int(module.iteration) < 3 else torch.tensor(float("nan"), requires_grad=True))
+    ckpts = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=2, save_last=True)
+    with pytest.raises(NonFiniteError, match=r"at iteration 3 .*Stopped; the last checkpoint written is .*last\.ckpt"):
+        _trainer(tmp_path, 10, [ckpts]).fit(module, _data())
+    assert int(load_checkpoint(tmp_path / "ckpts" / "last.ckpt")["state_dict"]["iteration"]) == 2
+
+
+def test_stale_temporaries_are_removed_and_checkpoints_follow_the_umask(tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    stale = folder / ".last.ckpt.k2_x9a0b.tmp"  # what a kill -9 during atomic_save leaves
+    stale.write_bytes(b"x" * 100)
+    keep = [folder / "notes.tmp", folder / ".hidden.tmp", folder / "last.ckpt.tmp"]  # not our pattern: kept
+    for path in keep:
+        path.write_bytes(b"user file")
+    ckpts = ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_last=True)
+    old = os.umask(0o027)
+    try:
+        _trainer(tmp_path, 2, [ckpts]).fit(METHOD_FACTORIES["edm"](), _data())
+    finally:
+        os.umask(old)
+    assert not stale.exists() and all(p.exists() for p in keep)
+    assert (folder / "last.ckpt").stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not mkstemp's 0600

@@ -144,6 +144,8 @@ class EpochShuffleSampler(DistributedSampler):
     def __init__(self, num_items: int, seed: int = 0):
         super().__init__(range(num_items), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
         self.num_items = num_items
+        self.yielded = 0  # indices handed out in the current epoch (this rank)
+        self._resume_at = 0
 
     @staticmethod
     def _world() -> tuple[int, int]:
@@ -154,7 +156,26 @@ class EpochShuffleSampler(DistributedSampler):
     def __iter__(self):
         world, rank = self._world()
         perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
-        return iter(perm[rank::world][: self.num_items // world].tolist())
+        indices = perm[rank::world][: self.num_items // world].tolist()
+        start, self._resume_at = self._resume_at, 0
+        return self._count(indices, start)
+
+    def _count(self, indices: list[int], start: int):
+        self.yielded = start
+        for index in indices[start:]:
+            self.yielded += 1
+            yield index
+
+    # The StatefulDataLoader saves these with its own state. Restoring the epoch together with the position
+    # matters: Lightning sets the sampler's epoch only after the loader has been restored, so a sampler
+    # that kept only a position would replay epoch 0's order in the middle of a later epoch.
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._resume_at = int(state["epoch"]), int(state["yielded"])
+        if self._resume_at >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
+            self.epoch, self._resume_at = self.epoch + 1, 0
 
     def __len__(self) -> int:
         return self.num_items // self._world()[0]

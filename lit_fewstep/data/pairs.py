@@ -28,7 +28,8 @@ import torch
 from ..diffusion.guidance import guide
 from ..diffusion.paths import EDMPath
 from ..diffusion.solvers import NFECounter, sample_edm_heun
-from ..utils.checkpoint import atomic_save, load_checkpoint
+from ..utils.args import parse_bool, positive_int
+from ..utils.checkpoint import TRUST_FLAG, atomic_save, load_checkpoint
 
 __all__ = ["make_pairs", "save_pairs", "load_pairs"]
 
@@ -112,9 +113,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="output FILE.pt")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="teacher CFG scale (1 = none)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--batch_size", type=positive_int, default=512)
+    parser.add_argument("--trust_checkpoint", type=parse_bool, default=False,
+                        help="allow pickle and classes outside lit_fewstep in --teacher (runs code from the file)")
     args = parser.parse_args(argv)
-    teacher = load_teacher(args.teacher, field_name="--teacher")
+    teacher = load_teacher(args.teacher, trust=args.trust_checkpoint, field_name="--teacher", opt_in=TRUST_FLAG)
     start = time.perf_counter()
     pairs = make_pairs(teacher, args.num, args.nfe, guidance_scale=args.guidance_scale, seed=args.seed,
                        batch_size=args.batch_size)

@@ -8,6 +8,8 @@ teacher the same way (converting other paths' states through `diffusion.paths.co
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -62,6 +64,9 @@ class PreconditionedNet(nn.Module):
     """
 
     def __init__(self, net: nn.Module, preconditioning: str = "edm", sigma_data: float = 0.5, sigma_min: float = 0.002):
+        if not isinstance(sigma_data, (int, float)) or not 0.0 < float(sigma_data) < math.inf:
+            raise ValueError(f"sigma_data: the data's standard deviation must be a positive number, got {sigma_data!r}; "
+                             "use the data module's sigma_data (e.g. 0.5 for images in [-1, 1]).")
         super().__init__()
         if preconditioning not in PRECONDITIONINGS:
             raise ValueError(

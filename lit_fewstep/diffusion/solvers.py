@@ -136,6 +136,8 @@ def sample_edm_heun(x0_fn: X0Fn, noise: Tensor, nfe: int, sigma_min: float = 0.0
 
     `noise` is unit Gaussian; the start is sigma_max * noise. With method="euler" every step is Euler.
     """
+    if method not in ("heun", "euler"):
+        raise ValueError(f"solver: unknown method {method!r}; choose 'heun' or 'euler'.")
     path = EDMPath(sigma_min, sigma_max)
     if method == "euler":
         heun, euler = 0, nfe

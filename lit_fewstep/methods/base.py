@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -89,9 +91,13 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/Inf; the message names method, phase, step and tensor."""
 
 
-def load_teacher(path: str, trust: bool = False, field_name: str = "teacher_ckpt") -> nn.Module:
-    """The EMA generator of a trained lit_fewstep module, frozen (requires_grad False, eval mode)."""
-    module = load_module(path, trust=trust, field=field_name)
+def load_teacher(path: str, trust: bool = False, field_name: str = "teacher_ckpt", opt_in: str | None = None) -> nn.Module:
+    """The EMA generator of a trained lit_fewstep module, frozen (requires_grad False, eval mode).
+
+    `opt_in`: how the caller's user allows pickle (e.g. "--trust_checkpoint true"); None where no opt-in is
+    offered (a method's `teacher_ckpt`), and the error then says how to re-save a trusted file weights-only.
+    """
+    module = load_module(path, trust=trust, field=field_name, opt_in=opt_in)
     teacher = module.ema if getattr(module, "ema", None) is not None else module.generator
     teacher = copy.deepcopy(teacher)
     teacher.requires_grad_(False)
@@ -105,8 +111,12 @@ class FewStepModule(Configurable, L.LightningModule):
     Args:
         ema_decay: per-iteration EMA decay of the generator (0 disables the EMA).
         grad_clip: max gradient norm per phase (0 disables clipping).
-        nonfinite: what a NaN/Inf loss or gradient does: "stop" (raise, the last checkpoint stays
-            intact) or "skip" (drop that step and count it in ``train/skipped_steps``).
+        nonfinite: what a NaN/Inf loss or gradient does: "stop" (raise; checkpoints already written stay
+            intact) or "skip" (drop that step and count it in ``train/skipped_steps``). A skipped step still
+            counts toward the trainer's ``max_steps`` (the optimizer steps with no gradient and changes nothing), so a
+            run with skips ends at the iteration it was scheduled to end at.
+        max_consecutive_skips: with "skip", stop with an error once this many iterations in a row had a skipped
+            step (a run that only skips would otherwise never learn anything and never end).
     """
 
     # Submodules that are not written to checkpoints (re-loaded from their own file).
@@ -116,17 +126,22 @@ class FewStepModule(Configurable, L.LightningModule):
     generator_name = "generator"
     max_nfe: int | None = None
 
-    def __init__(self, ema_decay: float = 0.999, grad_clip: float = 0.0, nonfinite: str = "stop"):
+    def __init__(self, ema_decay: float = 0.999, grad_clip: float = 0.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in [0, 1), got {ema_decay}.")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite: must be 'stop' or 'skip', got {nonfinite!r}.")
+        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips: must be an integer >= 1, got {max_consecutive_skips!r}.")
         self.automatic_optimization = False
         self.strict_loading = False
         self.ema_decay = ema_decay
         self.grad_clip = grad_clip
         self.nonfinite = nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self._consecutive_skips = 0
         self.phases: list[Phase] = []
         self.ema: nn.Module | None = None
         self.data_config: dict | None = None  # recorded at fit so `evaluate` knows the reference data
@@ -182,35 +197,49 @@ class FewStepModule(Configurable, L.LightningModule):
         opts = self.optimizers()
         return opts if isinstance(opts, (list, tuple)) else [opts]
 
-    def _nonfinite(self, what: str, phase: Phase) -> bool:
-        """Stop with a message naming method, phase, step and tensor, or skip and count."""
+    def _saved_state(self) -> str:
+        """What a user can resume from right now, for error messages."""
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        last = callback and (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", ""))
+        if last and os.path.isfile(last):
+            return f"the last checkpoint written is {last}"
+        resumed = self.trainer.ckpt_path if self._trainer is not None else None
+        if resumed:
+            return f"no checkpoint was written since resuming from {resumed}"
+        return "no checkpoint has been written in this run yet"
+
+    def _nonfinite(self, what: str, phase: Phase, opt) -> None:
+        """Stop with a message naming method, phase, step and tensor, or skip the step and count it."""
         message = (f"{type(self).__name__}: non-finite {what} in phase {phase.name!r} at iteration "
                    f"{int(self.iteration)} (loss method {phase.loss!r}).")
         if self.nonfinite == "stop":
-            raise NonFiniteError(message + " Stopped; the last checkpoint is intact. Lower the learning rate, "
-                                           "enable grad_clip, or set nonfinite: skip.")
+            raise NonFiniteError(f"{message} Stopped; {self._saved_state()}. Lower the learning rate, enable "
+                                 "grad_clip, or set nonfinite: skip.")
         self.skipped_steps += 1
-        return True
+        # An optimizer step without gradients changes no parameter and no optimizer state, but Lightning counts
+        # it: max_steps (optimizer steps) is then reached at the scheduled iteration, skips or not.
+        opt.zero_grad(set_to_none=True)
+        opt.step()
 
     def training_step(self, batch, batch_idx):
         self._draws = 0
         iteration = int(self.iteration)
         optimizers = self._optimizer_list()
+        skipped_before = int(self.skipped_steps)
         for phase, opt in zip(self.phases, optimizers):
             if not phase.active(iteration):
                 continue
             for _ in range(phase.repeats):
                 loss = getattr(self, phase.loss)(batch)
                 if not torch.isfinite(loss):
-                    self._nonfinite("loss", phase)
+                    self._nonfinite("loss", phase, opt)
                     continue
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 bad = next((f"{net}.{n}" for net in phase.networks for n, p in getattr(self, net).named_parameters()
                             if p.grad is not None and not torch.isfinite(p.grad).all()), None)
                 if bad is not None:
-                    self._nonfinite(f"gradient of {bad}", phase)
-                    opt.zero_grad(set_to_none=True)
+                    self._nonfinite(f"gradient of {bad}", phase, opt)
                     continue
                 if self.grad_clip > 0:
                     self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
@@ -221,6 +250,13 @@ class FewStepModule(Configurable, L.LightningModule):
         self.iteration += 1
         if self.nonfinite == "skip":
             self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+            self._consecutive_skips = self._consecutive_skips + 1 if int(self.skipped_steps) > skipped_before else 0
+            if self._consecutive_skips >= self.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"{type(self).__name__}: {self._consecutive_skips} iterations in a row (up to iteration "
+                    f"{int(self.iteration) - 1}) skipped a non-finite step, {int(self.skipped_steps)} skipped in all; "
+                    f"stopped ({self._saved_state()}). Lower the learning rate or enable grad_clip; "
+                    "max_consecutive_skips sets this limit.")
 
     # ----------------------------------------------------------------------------- randomness
     # Training noise comes from generators keyed by (seed, iteration, draw index), and each DDP rank
@@ -312,6 +348,20 @@ class FewStepModule(Configurable, L.LightningModule):
         if class_labels.min() < 0 or class_labels.max() >= self.num_classes:
             raise ValueError(f"class_labels: labels must be in [0, {self.num_classes - 1}], got {class_labels.tolist()[:8]}.")
 
+    def check_sample_options(self, options: dict) -> None:
+        """Options a method's `_sample` does not take (e.g. --solver for a one-step generator) and non-finite
+        guidance scales are refused here, instead of being ignored or turning every sample into NaN."""
+        parameters = inspect.signature(self._sample).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            takes = [name for name in list(parameters)[4:] if not name.startswith("_")]
+            unknown = sorted(set(options) - set(takes))
+            if unknown:
+                raise ValueError(f"{unknown[0]}: {type(self).__name__} takes no {unknown[0]!r} option at sampling "
+                                 f"(it takes {takes or 'none'}); drop it.")
+        scale = options.get("guidance_scale")
+        if scale is not None and not math.isfinite(float(scale)):
+            raise ValueError(f"guidance_scale: must be a finite number, got {scale}.")
+
     @torch.no_grad()
     def sample(self, n: int, nfe: int, class_labels: Tensor | None = None, generator: torch.Generator | None = None,
                use_ema: bool = True, **options) -> Samples:
@@ -320,6 +370,7 @@ class FewStepModule(Configurable, L.LightningModule):
         Class labels default to uniform draws from `generator` for class-conditional models.
         """
         self.check_nfe(nfe)
+        self.check_sample_options(options)
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device)
         self.check_class_labels(class_labels, n)

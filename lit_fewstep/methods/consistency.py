@@ -261,15 +261,17 @@ class ConsistencyModel(ConsistencyFamily):
         distance: "l2", "l1", "pseudo_huber" or "lpips".
         huber_c: pseudo-Huber c (default 0.00054 sqrt(dim)).
         lpips_weights: local LPIPS-VGG state dict (distance "lpips").
-        lr, betas, weight_decay, ema_decay (sampling EMA), grad_clip, nonfinite: see `FewStepModule`.
+        lr, betas, weight_decay, ema_decay (sampling EMA), grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule`.
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, distance: str = "l2", huber_c: float | None = None,
                  lpips_weights: str | None = None, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, ema_decay: float = 0.9999, grad_clip: float = 0.0,
-                 nonfinite: str = "stop"):
-        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite)
+                 nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
+        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
+                         max_consecutive_skips=max_consecutive_skips)
         if distance not in DISTANCES:
             raise ValueError(f"distance: unknown {distance!r}; choose one of {DISTANCES}.")
         if distance == "lpips" and lpips_weights is None:
@@ -391,9 +393,11 @@ class CD(ConsistencyModel):
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, distance: str = "l2",
                  huber_c: float | None = None, lpips_weights: str | None = None, lr: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.9999,
-                 grad_clip: float = 0.0, nonfinite: str = "stop"):
+                 grad_clip: float = 0.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
         super().__init__(net, sigma_data, sigma_min, sigma_max, rho, distance, huber_c, lpips_weights, lr, betas,
-                         weight_decay, ema_decay, grad_clip, nonfinite)
+                         weight_decay, ema_decay, grad_clip, nonfinite,
+                         max_consecutive_skips)
         if solver not in ("heun", "euler"):
             raise ValueError(f"solver: choose 'heun' or 'euler', got {solver!r}.")
         if num_scales < 2:
@@ -429,9 +433,11 @@ class CT(ConsistencyModel):
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, distance: str = "l2",
                  huber_c: float | None = None, lpips_weights: str | None = None, lr: float = 2e-4,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.9999,
-                 grad_clip: float = 0.0, nonfinite: str = "stop"):
+                 grad_clip: float = 0.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
         super().__init__(net, sigma_data, sigma_min, sigma_max, rho, distance, huber_c, lpips_weights, lr, betas,
-                         weight_decay, ema_decay, grad_clip, nonfinite)
+                         weight_decay, ema_decay, grad_clip, nonfinite,
+                         max_consecutive_skips)
         if not 1 <= s0 <= s1 or total_steps < 1:
             raise ValueError(f"s0 / s1 / total_steps: need 1 <= s0 <= s1 and total_steps >= 1, got {s0}, {s1}, "
                              f"{total_steps}.")
@@ -466,9 +472,11 @@ class ICT(CT):
                  sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  distance: str = "pseudo_huber", huber_c: float | None = None, lr: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.9999,
-                 grad_clip: float = 0.0, nonfinite: str = "stop"):
+                 grad_clip: float = 0.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
         super().__init__(net, s0, s1, total_steps, 0.9, "code", teacher_ckpt, sigma_data, sigma_min, sigma_max, rho,
-                         distance, huber_c, None, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite)
+                         distance, huber_c, None, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
+                         max_consecutive_skips)
         self.P_mean, self.P_std = P_mean, P_std
 
     # (1) exponential curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1

@@ -37,7 +37,7 @@ class DiffusionTeacher(FewStepModule):
         sigma_data: data standard deviation (0.5 for images in [-1, 1]).
         label_dropout: probability of the null label during training (enables CFG).
         guidance_scale: default CFG scale at sampling (1 = no guidance; EDM2 convention).
-        lr, betas, weight_decay, ema_decay, grad_clip, nonfinite: see `FewStepModule` and `Phase`.
+        lr, betas, weight_decay, ema_decay, grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule` and `Phase`.
     """
 
     generator_name = "model"
@@ -45,8 +45,10 @@ class DiffusionTeacher(FewStepModule):
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, label_dropout: float = 0.1, guidance_scale: float = 1.0,
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
-                 ema_decay: float = 0.999, grad_clip: float = 1.0, nonfinite: str = "stop"):
-        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite)
+                 ema_decay: float = 0.999, grad_clip: float = 1.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
+        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
+                         max_consecutive_skips=max_consecutive_skips)
         self.model = PreconditionedNet(net, self.preconditioning, sigma_data)
         self.sigma_data = sigma_data
         self.label_dropout = label_dropout
@@ -109,9 +111,11 @@ class EDMDiffusion(DiffusionTeacher):
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2,
                  label_dropout: float = 0.1, guidance_scale: float = 1.0, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.999,
-                 grad_clip: float = 1.0, nonfinite: str = "stop"):
+                 grad_clip: float = 1.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
         super().__init__(net, sigma_data, label_dropout, guidance_scale, lr, betas, weight_decay, ema_decay,
-                         grad_clip, nonfinite)
+                         grad_clip, nonfinite,
+                         max_consecutive_skips)
         self.P_mean, self.P_std = P_mean, P_std
 
     def denoising_loss(self, batch, generator=None):
@@ -138,11 +142,13 @@ class FlowMatching(DiffusionTeacher):
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, time_distribution: str = "logit_normal",
                  P_mean: float = 0.0, P_std: float = 1.0, label_dropout: float = 0.1, guidance_scale: float = 1.0,
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
-                 ema_decay: float = 0.999, grad_clip: float = 1.0, nonfinite: str = "stop"):
+                 ema_decay: float = 0.999, grad_clip: float = 1.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
         if time_distribution not in ("uniform", "logit_normal"):
             raise ValueError(f"time_distribution: choose 'uniform' or 'logit_normal', got {time_distribution!r}.")
         super().__init__(net, sigma_data, label_dropout, guidance_scale, lr, betas, weight_decay, ema_decay,
-                         grad_clip, nonfinite)
+                         grad_clip, nonfinite,
+                         max_consecutive_skips)
         self.time_distribution, self.P_mean, self.P_std = time_distribution, P_mean, P_std
 
     def sample_times(self, normal: Tensor, uniform: Tensor) -> Tensor:

@@ -107,7 +107,7 @@ class DMD(FewStepModule):
             torchmetrics' shipped heads; see `metrics.lpips.LPIPS`); nothing is downloaded.
         reg_batch_size: pairs per generator step (0: the data batch size).
         lr, betas, weight_decay: AdamW of both phases.
-        ema_decay, grad_clip, nonfinite: see `FewStepModule` (EMA of the generator only).
+        ema_decay, grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule` (EMA of the generator only).
     """
 
     generator_name = "G"
@@ -121,8 +121,10 @@ class DMD(FewStepModule):
                  pairs_path: str | None = None, reg_weight: float = 0.25, reg_batch_size: int = 0,
                  reg_distance: str = "l2", lpips_weights: str | None = None,
                  lr: float = 2e-6, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.01,
-                 ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop"):
-        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite)
+                 ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
+        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
+                         max_consecutive_skips=max_consecutive_skips)
         self._init_common(teacher_ckpt, net, preconditioning, sigma_data, (conditioning_sigma,), real_guidance_scale,
                           dm_step_range, dm_reduction)
         if reg_weight < 0 or reg_batch_size < 0:
@@ -432,8 +434,10 @@ class DMD2(DMD):
                  gan_critic_weight: float = 1e-2, gan_step_range: Sequence[float] = (0.0, 1.0),
                  real_guidance_scale: float = 1.0, dm_step_range: Sequence[float] = (0.02, 0.98),
                  dm_reduction: str = "mean", lr: float = 2e-6, betas: Sequence[float] = (0.9, 0.999),
-                 weight_decay: float = 0.01, ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop"):
-        FewStepModule.__init__(self, ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite)
+                 weight_decay: float = 0.01, ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
+        FewStepModule.__init__(self, ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
+                         max_consecutive_skips=max_consecutive_skips)
         if generator_every < 1:
             raise ValueError(f"generator_every: must be >= 1 (critic steps per generator step), got {generator_every}.")
         if gan_generator_weight < 0 or gan_critic_weight < 0:

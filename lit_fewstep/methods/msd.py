@@ -126,7 +126,8 @@ class MSD(DMD2):
                  gan_critic_weight: float = 1e-2, gan_step_range: Sequence[float] = (0.0, 1.0),
                  real_guidance_scale: float = 1.0, dm_step_range: Sequence[float] = (0.02, 0.98),
                  dm_reduction: str = "mean", lr: float = 2e-6, betas: Sequence[float] = (0.9, 0.999),
-                 weight_decay: float = 0.01, ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop"):
+                 weight_decay: float = 0.01, ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
         if not isinstance(num_students, int) or num_students < 1:
             raise ValueError(f"num_students: must be an integer >= 1, got {num_students!r}.")
         if tsm_iterations < 0:
@@ -135,7 +136,8 @@ class MSD(DMD2):
         self.num_students, self.partition_arg = num_students, partition
         super().__init__(teacher_ckpt, student_net, preconditioning, sigma_data, generator_sigmas, backward_simulation,
                          generator_every, gan_generator_weight, gan_critic_weight, gan_step_range, real_guidance_scale,
-                         dm_step_range, dm_reduction, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite)
+                         dm_step_range, dm_reduction, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
+                         max_consecutive_skips)
         self.tsm_iterations = int(tsm_iterations)
         if self.tsm_iterations > 0:
             for phase in self.phases:

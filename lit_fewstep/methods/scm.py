@@ -110,15 +110,17 @@ class SCM(ConsistencyFamily):
         warmup_steps: tangent warm-up r(k) = min(1, k / warmup_steps) (0: r = 1 from the start).
         adaptive_weighting: learn w_phi(t) (its parameters share the student's optimizer); False: w = 0.
         prior_weighting: multiply the regression term by 1 / (sigma_d tan t) (FastGen's default; off in the paper's form).
-        lr, betas, weight_decay, ema_decay, grad_clip, nonfinite: see `FewStepModule`.
+        lr, betas, weight_decay, ema_decay, grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule`.
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, P_mean: float = -1.0, P_std: float = 1.4,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, tangent_norm: str = "l2", tangent_c: float = 0.1,
                  warmup_steps: int = 10_000, adaptive_weighting: bool = True, prior_weighting: bool = False,
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
-                 ema_decay: float = 0.9999, grad_clip: float = 0.0, nonfinite: str = "stop"):
-        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite)
+                 ema_decay: float = 0.9999, grad_clip: float = 0.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
+        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
+                         max_consecutive_skips=max_consecutive_skips)
         if tangent_norm not in TANGENT_NORMS:
             raise ValueError(f"tangent_norm: choose one of {TANGENT_NORMS}, got {tangent_norm!r}.")
         if warmup_steps < 0:
@@ -202,9 +204,11 @@ class SCD(SCM):
                  tangent_c: float = 0.1, warmup_steps: int = 10_000, adaptive_weighting: bool = True,
                  prior_weighting: bool = False, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, ema_decay: float = 0.9999, grad_clip: float = 0.0,
-                 nonfinite: str = "stop"):
+                 nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
         super().__init__(net, sigma_data, P_mean, P_std, sigma_min, sigma_max, tangent_norm, tangent_c, warmup_steps,
-                         adaptive_weighting, prior_weighting, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite)
+                         adaptive_weighting, prior_weighting, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
+                         max_consecutive_skips)
         self.teacher_ckpt = teacher_ckpt
 
     def dxdt(self, x, z, x_t, t, y):
@@ -224,9 +228,11 @@ class SCT(SCM):
                  sigma_min: float = 0.002, sigma_max: float = 80.0, tangent_norm: str = "l2", tangent_c: float = 0.1,
                  warmup_steps: int = 10_000, adaptive_weighting: bool = True, prior_weighting: bool = False,
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
-                 ema_decay: float = 0.9999, grad_clip: float = 0.0, nonfinite: str = "stop"):
+                 ema_decay: float = 0.9999, grad_clip: float = 0.0, nonfinite: str = "stop",
+                 max_consecutive_skips: int = 100):
         super().__init__(net, sigma_data, P_mean, P_std, sigma_min, sigma_max, tangent_norm, tangent_c, warmup_steps,
-                         adaptive_weighting, prior_weighting, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite)
+                         adaptive_weighting, prior_weighting, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
+                         max_consecutive_skips)
 
     def dxdt(self, x, z, x_t, t, y):
         return self.path.velocity(x, z, t)

@@ -1,28 +1,54 @@
-"""Checkpoint files: safe loading by default, atomic writes, modules rebuilt from their recorded config."""
+"""Checkpoint files: safe loading by default, atomic writes, modules rebuilt from their recorded config.
+
+Every failure is one line that names the field (or command-line flag) the file came from and says what to do.
+Loading is `torch.load(weights_only=True)` unless the caller passes `trust`; what the user must type to opt in
+differs between entry points (`--trust_checkpoint true` for `sample`, `--weights_only false` for `fit --ckpt_path`),
+so each caller says it with `opt_in` (None: this entry point offers no opt-in).
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 
-from .config import instantiate
+from .config import UnsafeClassPathError, instantiate
 
-__all__ = ["load_checkpoint", "load_module", "atomic_save", "FORMAT_KEY"]
+__all__ = ["load_checkpoint", "load_module", "atomic_save", "remove_stale_temporaries", "FORMAT_KEY", "TRUST_FLAG"]
 
 FORMAT_KEY = "lit_fewstep"
+TRUST_FLAG = "--trust_checkpoint true"
+# How to make a trusted pickled lit_fewstep file safe once, for entry points without an opt-in (teacher_ckpt).
+RESAVE_HINT = ("if you trust its source, re-save it weights-only once: python -c \"from lit_fewstep.utils.checkpoint "
+               "import load_module; load_module('OLD', trust=True).export('NEW.pt')\" and use NEW.pt")
 
 
-def load_checkpoint(path: str | os.PathLike, trust: bool = False, field: str = "ckpt") -> dict[str, Any]:
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:160] if lines else type(err).__name__
+
+
+def _opt_in_hint(opt_in: str | None) -> str:
+    return f"only if you trust the file's source, pass {opt_in}" if opt_in else RESAVE_HINT
+
+
+def load_checkpoint(path: str | os.PathLike, trust: bool = False, field: str = "ckpt",
+                    opt_in: str | None = TRUST_FLAG) -> dict[str, Any]:
     """torch.load with weights_only=True unless `trust`; every failure is one line naming `field`."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{field}: {str(path)!r} is a directory; give the path of a .ckpt/.pt file in it.")
     if not path.is_file():
         raise FileNotFoundError(f"{field}: checkpoint {str(path)!r} does not exist; give the path of a .ckpt/.pt file written by lit_fewstep.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{field}: {str(path)!r} is empty (0 bytes; a save that never finished); use an earlier checkpoint.")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
@@ -30,27 +56,51 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, field: str = "
         if trust or not zipfile.is_zipfile(path):
             raise ValueError(
                 f"{field}: {str(path)!r} is not a readable checkpoint (truncated or corrupted: "
-                f"{str(err).splitlines()[0][:120]}); use an earlier checkpoint or re-export it."
-            ) from err
+                f"{_first_line(err)}); use an earlier checkpoint or re-export it."
+            ) from None
         raise ValueError(
-            f"{field}: {str(path)!r} contains pickled Python objects and was refused (weights_only=True). "
-            "Unpickling runs arbitrary code: only if you trust the file's source, pass --trust_checkpoint true."
-        ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+            f"{field}: {str(path)!r} contains pickled Python objects and was refused (weights_only=True; unpickling "
+            f"runs arbitrary code): {_opt_in_hint(opt_in)}."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as err:
         raise ValueError(
-            f"{field}: {str(path)!r} is not a readable checkpoint (truncated or corrupted: {str(err).splitlines()[0][:120]}); "
+            f"{field}: {str(path)!r} is not a readable checkpoint (truncated or corrupted: {_first_line(err)}); "
             "use an earlier checkpoint or re-export it."
-        ) from err
+        ) from None
 
 
-def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt"):
-    """Rebuild a lit_fewstep module from a checkpoint (Lightning .ckpt or exported .pt) with its weights."""
-    ckpt = load_checkpoint(path, trust=trust, field=field)
+def _check_weights(state: dict[str, Any], module: torch.nn.Module, where: str) -> None:
+    """Shapes against the module, and finite values: a clear line instead of load_state_dict's text or NaN samples."""
+    own = module.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where} holds {type(value).__name__} under {key!r} where a tensor belongs; re-export it.")
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(
+                f"{where} does not match the module it describes: {key!r} has shape {tuple(value.shape)} in the file "
+                f"but {tuple(own[key].shape)} in the module; it was written by another version of the code or edited."
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{where} holds non-finite weights (NaN/Inf in {key!r}); use an earlier checkpoint.")
+
+
+def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt", opt_in: str | None = TRUST_FLAG):
+    """Rebuild a lit_fewstep module from a checkpoint (Lightning .ckpt or exported .pt) with its weights.
+
+    Every class path in the recorded config, nested ones included, must name a lit_fewstep class of the
+    expected kind (`utils.config.resolve_class`); `trust` lifts that rule and allows pickle.
+    """
+    ckpt = load_checkpoint(path, trust=trust, field=field, opt_in=opt_in)
+    where = f"{field}: {str(path)!r}"
     meta = ckpt.get(FORMAT_KEY) if isinstance(ckpt, dict) else None
-    if not meta or "config" not in meta or "state_dict" not in ckpt:
-        raise ValueError(f"{field}: {str(path)!r} is not a lit_fewstep checkpoint (no '{FORMAT_KEY}' config); train or export it with lit_fewstep.")
-    module = instantiate(meta["config"], trust=trust)
+    if not isinstance(meta, dict) or "config" not in meta or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{where} is not a lit_fewstep checkpoint (no '{FORMAT_KEY}' config); train or export it with lit_fewstep.")
+    try:
+        module = instantiate(meta["config"], trust=trust, base=LightningModule)
+    except UnsafeClassPathError as err:
+        raise UnsafeClassPathError(f"{where}: {err}; {_opt_in_hint(opt_in) if opt_in else 'this entry point builds only lit_fewstep classes'}.") from None
     module.data_config = meta.get("data")
+    _check_weights(ckpt["state_dict"], module, where)
     skip = tuple(getattr(module, "unsaved_prefixes", ()))
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     optional = set(getattr(module, "optional_state_keys", ()))
@@ -60,21 +110,53 @@ def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt
         missing = []
     if missing or unexpected:
         raise ValueError(
-            f"{field}: {str(path)!r} does not match the module it describes "
+            f"{where} does not match the module it describes "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); it was written by another version of the code."
         )
     return module
 
 
+# mkstemp's names: ".<file name>.<8 random characters>.tmp" (see atomic_save); nothing else is ever removed.
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write then rename, so a kill during the write never leaves a half-written file at `path`."""
+    """Write then rename, so a kill during the write never leaves a half-written file at `path`.
+
+    The file gets the permissions of any file the user creates (0666 less the umask; mkstemp alone gives 0600).
+    A failed write (disk full, no permission) raises one line naming the file; the previous file stays.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            torch.save(obj, tmp)
+        except (RuntimeError, OSError) as err:
+            raise OSError(
+                f"could not write checkpoint {str(path)!r} ({_first_line(err)}); is the disk full or read-only? "
+                "The previous file at that path, if any, is unchanged."
+            ) from None
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that `atomic_save` left in `directory` when its process was killed mid-write."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.is_file() and _TEMPORARY.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

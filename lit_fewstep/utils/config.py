@@ -12,7 +12,7 @@ import importlib
 import inspect
 from typing import Any
 
-__all__ = ["Configurable", "to_config", "instantiate", "TRUSTED_PREFIXES"]
+__all__ = ["Configurable", "to_config", "instantiate", "resolve_class", "UnsafeClassPathError", "TRUSTED_PREFIXES"]
 
 # Classes a checkpoint may name without an explicit opt-in (a class path is code that will run).
 TRUSTED_PREFIXES = ("lit_fewstep.",)
@@ -31,6 +31,8 @@ class Configurable:
 
         @functools.wraps(init)
         def recording_init(self, *args, **kw):
+            if type(self) is cls:
+                _check_plain_types(cls, signature, signature.bind(self, *args, **kw).arguments)
             init(self, *args, **kw)
             if type(self) is cls:
                 bound = signature.bind(self, *args, **kw)
@@ -52,6 +54,26 @@ class Configurable:
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": to_config(getattr(self, "_init_args", {}))}
 
 
+_PLAIN_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_plain_types(cls: type, signature: inspect.Signature, arguments: dict) -> None:
+    """A value of the wrong plain type (a string where a number belongs, from a hand-written config or a Python
+    call) is named here, instead of surfacing as a TypeError from inside torch. Only annotations that are plain
+    int / float / bool / str (optionally `| None`) are checked; everything else is the method's business."""
+    for name, value in list(arguments.items())[1:]:
+        annotation = signature.parameters[name].annotation
+        if not isinstance(annotation, str):
+            annotation = getattr(annotation, "__name__", "")
+        base, _, rest = annotation.partition(" | ")
+        if base not in _PLAIN_TYPES or rest not in ("", "None") or (value is None and rest == "None"):
+            continue
+        wrong_bool = isinstance(value, bool) and base != "bool"
+        if wrong_bool or not isinstance(value, _PLAIN_TYPES[base]):
+            raise TypeError(f"{name}: {cls.__name__} expects {annotation}, got {value!r} ({type(value).__name__}); "
+                            "fix that value in the config or call.")
+
+
 def to_config(value: Any) -> Any:
     """Plain-data form of a constructor argument (modules become nested class_path dicts)."""
     if isinstance(value, Configurable):
@@ -68,30 +90,70 @@ def to_config(value: Any) -> Any:
     )
 
 
-def _import(class_path: str, trust: bool):
+class UnsafeClassPathError(ValueError):
+    """A recorded config names something that is not a lit_fewstep class of the expected kind."""
+
+
+def _refuse(class_path: Any, why: str) -> UnsafeClassPathError:
+    return UnsafeClassPathError(f"config names class_path {class_path!r}, which was refused: {why}")
+
+
+def resolve_class(class_path: Any, base: type = object, trust: bool = False) -> type:
+    """The class that `class_path` names, if it is safe to build.
+
+    A class path is code that will run, so it resolves only to a *class* (never a function such as
+    `os.system`) that is a subclass of `base`. Without `trust` the module part must be
+    a `lit_fewstep` module and the class must be defined in one; the name is looked up only through classes
+    (nested classes), never through attributes of a module that merely imports another one
+    (`lit_fewstep.utils.checkpoint.os.system`).
+    """
+    if not isinstance(class_path, str) or not all(part.isidentifier() for part in class_path.split(".")):
+        raise _refuse(class_path, "it is not a dotted Python name")
+    parts = class_path.split(".")
     if not trust and not class_path.startswith(TRUSTED_PREFIXES):
-        raise ValueError(
-            f"checkpoint names class {class_path!r} outside lit_fewstep; building it runs its code. "
-            "If you trust the file, pass --trust_checkpoint true (trust=True)."
-        )
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        obj = importlib.import_module(module_name)
-    except ModuleNotFoundError:
-        # nested qualname such as pkg.module.Outer.Inner
-        module_name, _, outer = module_name.rpartition(".")
-        obj = getattr(importlib.import_module(module_name), outer)
-    return getattr(obj, name)
+        raise _refuse(class_path, "it is outside lit_fewstep")
+    module = None
+    for cut in range(len(parts) - 1, 0, -1):  # the longest prefix that is a real module
+        module_name = ".".join(parts[:cut])
+        if not trust and not (module_name + ".").startswith(TRUSTED_PREFIXES):
+            break
+        try:
+            module = importlib.import_module(module_name)
+            break
+        except ModuleNotFoundError as err:
+            if err.name is None or not module_name.startswith(err.name):
+                raise
+    if module is None:
+        raise _refuse(class_path, "no module of that name exists")
+    obj: Any = module
+    for name in parts[cut:]:
+        obj = getattr(obj, name, None)
+        if not inspect.isclass(obj):
+            what = "does not exist" if obj is None else f"is a {type(obj).__name__}, not a class"
+            raise _refuse(class_path, f"{name!r} {what}")
+    if not trust and not obj.__module__.startswith(TRUSTED_PREFIXES):
+        raise _refuse(class_path, f"it is {obj.__module__}.{obj.__qualname__}, which is not defined in lit_fewstep")
+    if not issubclass(obj, base):
+        expected = "a configurable lit_fewstep module" if base is Configurable else f"a {base.__name__}"
+        raise _refuse(class_path, f"{obj.__qualname__} is not {expected}")
+    return obj
 
 
-def instantiate(config: Any, trust: bool = False) -> Any:
-    """Inverse of `to_config`: build nested `{"class_path", "init_args"}` dicts."""
+def instantiate(config: Any, trust: bool = False, base: type = object, nested_base: type = Configurable) -> Any:
+    """Inverse of `to_config`: build nested `{"class_path", "init_args"}` dicts.
+
+    The outermost class must be a subclass of `base`, every nested one (a network inside a method) of
+    `nested_base`; each class path passes `resolve_class` before its class is built.
+    """
     if isinstance(config, dict) and "class_path" in config:
-        cls = _import(config["class_path"], trust)
-        kwargs = {k: instantiate(v, trust) for k, v in (config.get("init_args") or {}).items()}
+        cls = resolve_class(config["class_path"], base, trust)
+        init_args = config.get("init_args") or {}
+        if not isinstance(init_args, dict) or not all(isinstance(k, str) for k in init_args):
+            raise _refuse(config["class_path"], "its init_args are not a mapping of argument names")
+        kwargs = {k: instantiate(v, trust, nested_base, nested_base) for k, v in init_args.items()}
         return cls(**kwargs)
     if isinstance(config, list):
-        return [instantiate(v, trust) for v in config]
+        return [instantiate(v, trust, base, nested_base) for v in config]
     if isinstance(config, dict):
-        return {k: instantiate(v, trust) for k, v in config.items()}
+        return {k: instantiate(v, trust, base, nested_base) for k, v in config.items()}
     return config

@@ -17,7 +17,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries
 
 __all__ = ["AtomicCheckpointIO", "PreemptionCheckpoint", "preemption_checkpoint_dir"]
 
@@ -30,6 +30,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options.")
         atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        """`fit/validate/test --ckpt_path`: weights_only unless `--weights_only false`; errors in one line."""
+        return load_checkpoint(path, trust=weights_only is False, field="ckpt_path", opt_in="--weights_only false")
 
 
 def preemption_checkpoint_dir(trainer: Trainer) -> Path:
@@ -55,6 +59,13 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        # A process killed during a save leaves its temporary file (atomic_save's name pattern) behind.
+        folders = {preemption_checkpoint_dir(trainer), Path(trainer.log_dir or trainer.default_root_dir)}
+        if trainer.is_global_zero:
+            for folder in sorted(folders):
+                for path in remove_stale_temporaries(folder):
+                    print(f"removed {path}, left by a save that was killed", flush=True)
 
         env = getattr(trainer.strategy, "cluster_environment", None)
         if not isinstance(env, SLURMEnvironment) or not env.auto_requeue:
