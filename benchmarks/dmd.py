@@ -77,11 +77,6 @@ def runs_for(data: str) -> list[dict]:
     ]
 
 
-def optimizer_steps(model, iterations: int) -> int:
-    """Lightning's max_steps counts optimizer steps: sum over phases of their active iterations."""
-    return sum(phase.repeats * sum(phase.active(i) for i in range(iterations)) for phase in model.phases)
-
-
 def build(run: dict, data: str, pairs_path: str | None):
     from lit_fewstep import methods
     from lit_fewstep.utils.config import instantiate
@@ -127,7 +122,7 @@ def train_and_score(job: tuple) -> dict:
     start = time.perf_counter()
     model = build(run, data, pairs_path)
     datamodule = instantiate(SETTINGS[data]["data"])
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=optimizer_steps(model, run["iters"]), logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=model.optimizer_steps_for(run["iters"]), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=out_dir)
     trainer.fit(model, datamodule)
@@ -225,7 +220,7 @@ def timing_ratio(data: str = "digits", repeats: int = 20) -> dict:
 
     warm = 5
     iters = warm + 5 * cycles
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=optimizer_steps(model, iters), logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=model.optimizer_steps_for(iters), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Clock()])
     torch.Tensor.backward = timed_backward

@@ -66,7 +66,8 @@ def test_pickle_checkpoint_names_the_opt_in(tmp_path):
 def test_checkpoint_naming_foreign_class_is_refused(tmp_path):
     path = tmp_path / "foreign_class.pt"
     torch.save({"lit_fewstep": {"config": {"class_path": "os.system", "init_args": {}}}, "state_dict": {}}, path)
-    with pytest.raises(ValueError, match=r"class_path 'os.system', which was refused: it is outside lit_fewstep.*--trust_checkpoint true"):
+    with pytest.raises(ValueError, match=r"class_path 'os.system', which was refused: it is outside lit_fewstep; if you "
+                                         r"trust the package that defines it, allow it with --allow_module os"):
         load_module(path)
 
 

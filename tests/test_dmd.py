@@ -165,7 +165,7 @@ def test_optimizer_steps_per_phase_follow_the_schedule(toy_teacher, tmp_path, cl
 
     class Count(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            for phase, opt in zip(pl_module.phases, pl_module._optimizer_list()):
+            for phase, (opt,) in zip(pl_module.phases, pl_module._optimizers_by_phase()):
                 if not hasattr(opt, "_counted"):
                     opt._counted = True
                     original = opt.optimizer.step
@@ -437,7 +437,8 @@ def test_msd_half_width_students_warm_up_with_teacher_score_matching(eight_class
     assert float(model.tsm_loss(batch).detach()) > 1e-3
     # trains, exports, reloads without the teacher; routing and width survive
     L.seed_everything(0)
-    tiny_trainer(tmp_path, 4 + 3 * 3).fit(model, Toy2DDataModule(name="eight_gaussians", batch_size=32, num_train=640))
+    # optimizer steps, one optimizer per student: 4 TSM iterations x 2, then 6 critic + 3 generator steps x 2
+    tiny_trainer(tmp_path, 2 * (4 + 6 + 3)).fit(model, Toy2DDataModule(name="eight_gaussians", batch_size=32, num_train=640))
     assert int(model.iteration) == 10
     path = tmp_path / "msd.pt"
     model.export(str(path))

@@ -181,3 +181,29 @@ def test_teacher_without_opt_in_says_how_to_resave(tmp_path):
 def test_shipped_assets_still_load():
     for name in ("edm_tree", "fm_tree", "edm_digits", "fm_digits", "dmd2_digits"):
         load_module(ROOT / "lit_fewstep" / "assets" / f"{name}.pt")
+
+
+def test_allowing_a_users_module_builds_its_classes_without_pickle(tmp_path, monkeypatch):
+    """A user's own method class loads once its package is allowed (argument or environment); pickle stays off."""
+    import sys
+
+    package = tmp_path / "mylab_methods.py"
+    package.write_text("from lit_fewstep.methods import EDMDiffusion\n\nclass MyEDM(EDMDiffusion):\n"
+                       "    def __init__(self, net, sigma_data: float = 0.5):\n        super().__init__(net, sigma_data)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mylab_methods
+
+    path = tmp_path / "mine.pt"
+    mylab_methods.MyEDM(MLP(dim=2, hidden=8, depth=1, emb_dim=8), sigma_data=1.0).export(str(path))
+    with pytest.raises(UnsafeClassPathError, match=r"mylab_methods.MyEDM', which was refused: it is outside lit_fewstep; "
+                                                   r"if you trust the package .* --allow_module mylab_methods .*pickle stays off"):
+        load_module(path)
+    assert type(load_module(path, allow_modules=["mylab_methods"])).__name__ == "MyEDM"
+    monkeypatch.setenv("LIT_FEWSTEP_ALLOW_MODULES", "mylab_methods")
+    assert type(load_module(path)).__name__ == "MyEDM"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["note"] = argparse.Namespace(a=1)
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="pickled"):  # allowing a module is not allowing pickle
+        load_module(path)
+    sys.modules.pop("mylab_methods", None)

@@ -37,44 +37,97 @@ from ..utils.preemption import AtomicCheckpointIO, PreemptionCheckpoint
 # Here that is the intended state: checkpoints fall between iterations, with `iteration` already advanced, which is
 # what exact resume needs (tests/test_reliability.py).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+# Frozen networks (teachers, guides) are in eval mode on purpose (see FewStepModule.register_frozen).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 __all__ = ["Phase", "Samples", "FewStepModule", "NonFiniteError", "load_teacher"]
 
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "radam": torch.optim.RAdam}
+
+
 @dataclass
 class Phase:
-    """One optimizer of the update schedule.
+    """One loss of the update schedule and the optimizer(s) it steps.
 
     Args:
         name: logged as ``train/<name>_loss``.
         loss: name of the module method ``loss(batch) -> scalar``.
-        networks: attribute names of the submodules this phase's optimizer owns.
-        every: run on iterations k with (k - start) % every == 0 and k >= start.
+        networks: submodules this phase trains, as attribute paths (``"G"``, ``"G.members.0"``); with `separate`,
+            an entry may be a tuple of paths that share one optimizer.
+        every: run on iterations k with (k - start) % every == 0 and start <= k < stop.
         repeats: optimizer steps per active iteration (same batch, fresh noise).
-        lr, betas, weight_decay: AdamW settings.
-        updates_ema: update the generator EMA after each step of this phase.
+        start, stop: the iteration range [start, stop) of the phase (stop None: no end).
+        optimizer: "adamw", "adam" or "radam" (the papers use all three).
+        lr, betas, weight_decay: its settings.
+        warmup: linear learning-rate warm-up over this many of the phase's own optimizer steps (0: none).
+        separate: one optimizer (and one gradient clip) per entry of `networks` instead of one for all of them;
+            the loss is still computed and back-propagated once. For networks trained independently on one
+            batched loss (MSD's students).
+        updates_ema: update the generator EMAs after each step of this phase.
     """
 
     name: str
     loss: str
-    networks: tuple[str, ...]
+    networks: tuple[str | tuple[str, ...], ...]
     every: int = 1
     repeats: int = 1
     start: int = 0
+    stop: int | None = None
+    optimizer: str = "adamw"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
+    warmup: int = 0
+    separate: bool = False
     updates_ema: bool = False
 
     def __post_init__(self):
-        if self.every < 1 or self.repeats < 1 or self.start < 0:
+        self.networks = tuple(self.networks)
+        if self.every < 1 or self.repeats < 1 or self.start < 0 or self.warmup < 0:
             raise ValueError(
-                f"schedule: phase {self.name!r} needs every >= 1, repeats >= 1 and start >= 0 "
-                f"(got every={self.every}, repeats={self.repeats}, start={self.start})."
+                f"schedule: phase {self.name!r} needs every >= 1, repeats >= 1, start >= 0 and warmup >= 0 "
+                f"(got every={self.every}, repeats={self.repeats}, start={self.start}, warmup={self.warmup})."
             )
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError(f"schedule: phase {self.name!r} stops at {self.stop}, not after its start {self.start}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"schedule: phase {self.name!r} optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}.")
 
     def active(self, iteration: int) -> bool:
-        return iteration >= self.start and (iteration - self.start) % self.every == 0
+        return (self.start <= iteration and (self.stop is None or iteration < self.stop)
+                and (iteration - self.start) % self.every == 0)
+
+    @property
+    def network_paths(self) -> tuple[str, ...]:
+        return tuple(p for entry in self.networks for p in ((entry,) if isinstance(entry, str) else entry))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at the phase's `step`-th optimizer step (0-based): linear warm-up, then constant."""
+        return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
+
+
+@dataclass
+class Stage:
+    """A range of iterations [start, stop) with its own phases (e.g. a warm-up stage, then distillation, or
+    the successive halvings of progressive distillation). `on_enter` names a module method called once, when
+    the first iteration of the stage begins (re-initialise a student from the previous one, freeze the previous
+    stage's network as the new teacher); it must leave the module in a state a checkpoint captures, because a
+    run resumed inside the stage does not call it again."""
+
+    name: str
+    start: int
+    stop: int | None
+    phases: list[Phase]
+    on_enter: str | None = None
+
+
+@dataclass
+class FrozenNetwork:
+    """A registry entry: where a frozen network comes from and whether checkpoints hold it."""
+
+    path: str | None  # loaded from this checkpoint on first use (never saved), or None: made in memory (saved)
+    field: str  # the config field named in error messages
 
 
 @dataclass
@@ -122,13 +175,14 @@ class FewStepModule(Configurable, L.LightningModule):
     # Submodules that are not written to checkpoints (re-loaded from their own file).
     unsaved_prefixes: tuple[str, ...] = ("teacher.",)
     # Training bookkeeping that an exported file may lack (it then starts at zero).
-    optional_state_keys: tuple[str, ...] = ("iteration", "skipped_steps", "rng_seed")
+    optional_state_keys: tuple[str, ...] = ("iteration", "skipped_steps", "rng_seed", "ema_updates", "stage_entered")
     generator_name = "generator"
     max_nfe: int | None = None
 
     def __init__(self, ema_decay: float = 0.999, grad_clip: float = 0.0, nonfinite: str = "stop",
                  max_consecutive_skips: int = 100):
         super().__init__()
+        self._frozen: dict[str, FrozenNetwork] = {}  # first: train() reads it
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in [0, 1), got {ema_decay}.")
         if nonfinite not in ("stop", "skip"):
@@ -143,12 +197,17 @@ class FewStepModule(Configurable, L.LightningModule):
         self.max_consecutive_skips = max_consecutive_skips
         self._consecutive_skips = 0
         self.phases: list[Phase] = []
+        self.stages: list[Stage] = []
         self.ema: nn.Module | None = None
+        self._ema_profiles: dict[str, tuple[str, float]] = {}  # named EMAs beside `ema` (see add_ema)
         self.data_config: dict | None = None  # recorded at fit so `evaluate` knows the reference data
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         # Seed of the training noise (set from seed_everything at fit); saved, so a resumed run keeps it.
         self.register_buffer("rng_seed", torch.zeros((), dtype=torch.long))
+        # Generator EMA updates so far (the power-function profile needs it) and the last stage entered.
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("stage_entered", torch.full((), -1, dtype=torch.long))
         self._draws = 0
 
     # ----------------------------------------------------------------------------- networks
@@ -161,17 +220,93 @@ class FewStepModule(Configurable, L.LightningModule):
         if self.ema_decay > 0:
             self.ema = copy.deepcopy(self.generator).requires_grad_(False)
 
+    def add_ema(self, name: str, decay: float | None = None, gamma: float | None = None) -> None:
+        """A further EMA of the generator, saved as ``ema_<name>`` and sampled with ``use_ema=name``.
+
+        `decay`: a constant per-update decay (as `ema_decay`). `gamma`: EDM2's power-function profile
+        (Karras et al. 2024), decay (1 - 1/n)^(gamma + 1) at the n-th update: after N updates the n-th weights
+        count with (n^(gamma+1) - (n-1)^(gamma+1)) / N^(gamma+1), an average whose length grows with training
+        (gamma = 6.94 gives EDM2's sigma_rel 0.05, 16.97 gives 0.03).
+        """
+        if (decay is None) == (gamma is None):
+            raise ValueError(f"ema {name!r}: give exactly one of decay (constant) or gamma (power-function profile).")
+        if decay is not None and not 0.0 < decay < 1.0:
+            raise ValueError(f"ema {name!r}: decay must be in (0, 1), got {decay}.")
+        if gamma is not None and gamma <= 0:
+            raise ValueError(f"ema {name!r}: gamma must be > 0, got {gamma}.")
+        self._ema_profiles[name] = ("constant", float(decay)) if decay is not None else ("power", float(gamma))
+        setattr(self, f"ema_{name}", copy.deepcopy(self.generator).requires_grad_(False))
+
+    @property
+    def ema_names(self) -> tuple[str, ...]:
+        return tuple(self._ema_profiles)
+
     @torch.no_grad()
     def update_ema(self) -> None:
-        if self.ema is None:
-            return
-        for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - self.ema_decay)
-        for b_ema, b in zip(self.ema.buffers(), self.generator.buffers()):
-            b_ema.copy_(b)
+        self.ema_updates += 1
+        averages = [(self.ema, self.ema_decay)] if self.ema is not None else []
+        for name, (kind, value) in self._ema_profiles.items():
+            n = int(self.ema_updates)
+            averages.append((getattr(self, f"ema_{name}"), value if kind == "constant" else (1.0 - 1.0 / n) ** (value + 1.0)))
+        for average, decay in averages:
+            for p_ema, p in zip(average.parameters(), self.generator.parameters()):
+                p_ema.lerp_(p.detach(), 1.0 - decay)
+            for b_ema, b in zip(average.buffers(), self.generator.buffers()):
+                b_ema.copy_(b)
 
-    def sampling_network(self, use_ema: bool = True) -> nn.Module:
+    def sampling_network(self, use_ema: bool | str = True) -> nn.Module:
+        """The generator (False), its EMA (True) or a named EMA (its name)."""
+        if isinstance(use_ema, str):
+            if use_ema not in self._ema_profiles:
+                raise ValueError(f"use_ema: {type(self).__name__} has no EMA named {use_ema!r}; it has "
+                                 f"{['ema', *self.ema_names] if self.ema is not None else list(self.ema_names)}.")
+            return getattr(self, f"ema_{use_ema}")
         return self.ema if (use_ema and self.ema is not None) else self.generator
+
+    # ----------------------------------------------------------------------------- frozen networks
+    # Teachers, guides, weak teachers and previous stages: frozen (no gradient, eval mode whatever Lightning or
+    # `sample()` do with the module's mode), loaded once from a checkpoint and kept out of checkpoints, or made
+    # in memory and saved with the module so a resumed run has them exactly.
+    def register_frozen(self, name: str, path: str | None = None, module: nn.Module | None = None,
+                        field: str | None = None) -> None:
+        """Declare a frozen network `name`: from checkpoint `path` (loaded by `frozen_network` on first use,
+        safe loading, never saved) or the in-memory `module` (saved in checkpoints)."""
+        if (path is None) == (module is None):
+            raise ValueError(f"frozen network {name!r}: give exactly one of path or module.")
+        self._frozen[name] = FrozenNetwork(path, field or f"{name}_ckpt")
+        prefix = f"{name}."
+        unsaved = tuple(p for p in self.unsaved_prefixes if p != prefix)
+        self.unsaved_prefixes = unsaved + ((prefix,) if path is not None else ())
+        if module is not None:
+            self._attach_frozen(name, module)
+        elif name not in self._modules:
+            setattr(self, name, None)
+
+    @property
+    def frozen_names(self) -> tuple[str, ...]:
+        return tuple(self._frozen)
+
+    def frozen_network(self, name: str) -> nn.Module:
+        """The frozen network `name`, loaded from its checkpoint now if it has not been yet."""
+        module = getattr(self, name, None)
+        if module is None:
+            entry = self._frozen[name]
+            module = self._attach_frozen(name, load_teacher(entry.path, field_name=entry.field))
+        return module
+
+    def _attach_frozen(self, name: str, module: nn.Module) -> nn.Module:
+        like = next(self.generator.parameters(), None) if self.generator_name in self._modules else None
+        module = module.to(device=self.device if like is None else like.device,
+                           dtype=None if like is None else like.dtype)
+        setattr(self, name, module.requires_grad_(False).eval())
+        return module
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in getattr(self, "_frozen", ()):
+            if self._modules.get(name) is not None:
+                self._modules[name].eval()  # frozen: eval mode whatever the caller asked
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -184,18 +319,70 @@ class FewStepModule(Configurable, L.LightningModule):
         return (net.in_channels,) if res is None else (net.in_channels, res, res)
 
     # ----------------------------------------------------------------------------- optimization
+    def set_stages(self, stages: list[Stage]) -> None:
+        """Declare the schedule as stages: each stage's phases run only inside its iteration range (a phase's own
+        `start` counts from the stage's start), and its `on_enter` hook runs once when the stage begins."""
+        previous_stop = 0
+        for stage in stages:
+            if stage.start < previous_stop or (stage.stop is not None and stage.stop <= stage.start):
+                raise ValueError(f"stages: stage {stage.name!r} [{stage.start}, {stage.stop}) overlaps the previous "
+                                 "one or is empty; give increasing, disjoint iteration ranges.")
+            if stage.on_enter is not None and not callable(getattr(self, stage.on_enter, None)):
+                raise ValueError(f"stages: stage {stage.name!r} names on_enter {stage.on_enter!r}, which is not a "
+                                 f"method of {type(self).__name__}.")
+            previous_stop = stage.stop if stage.stop is not None else float("inf")
+            for phase in stage.phases:
+                phase.start = stage.start + phase.start
+                phase.stop = stage.stop if phase.stop is None else min(stage.start + phase.stop, stage.stop or math.inf)
+        self.stages = list(stages)
+        self.phases = [phase for stage in stages for phase in stage.phases]
+
+    def _enter_stages(self, iteration: int) -> None:
+        """Run the `on_enter` hook of every stage that has begun by `iteration` and was not entered yet."""
+        for index, stage in enumerate(self.stages):
+            if index > int(self.stage_entered) and stage.start <= iteration:
+                if stage.on_enter is not None:
+                    getattr(self, stage.on_enter)()
+                self.stage_entered.fill_(index)
+
+    def _phase_parameter_groups(self, phase: Phase) -> list[list[nn.Parameter]]:
+        groups = [[p for path in ((entry,) if isinstance(entry, str) else entry)
+                   for p in self.get_submodule(path).parameters() if p.requires_grad] for entry in phase.networks]
+        return groups if phase.separate else [[p for group in groups for p in group]]
+
     def configure_optimizers(self):
         if not self.phases:
             raise RuntimeError(f"{type(self).__name__} declares no update phases.")
         optimizers = []
         for phase in self.phases:
-            params = [p for name in phase.networks for p in getattr(self, name).parameters() if p.requires_grad]
-            optimizers.append(torch.optim.AdamW(params, lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay))
+            for params in self._phase_parameter_groups(phase):
+                kwargs = {"lr": phase.lr, "betas": phase.betas, "weight_decay": phase.weight_decay}
+                optimizers.append(OPTIMIZERS[phase.optimizer](params, **kwargs))
         return optimizers
 
-    def _optimizer_list(self) -> list:
+    def _optimizers_by_phase(self) -> list[list]:
+        """The optimizers of each phase, in `self.phases` order (several for a `separate` phase)."""
         opts = self.optimizers()
-        return opts if isinstance(opts, (list, tuple)) else [opts]
+        opts = list(opts) if isinstance(opts, (list, tuple)) else [opts]
+        grouped = []
+        for phase in self.phases:
+            count = len(phase.networks) if phase.separate else 1
+            grouped.append(opts[:count])
+            opts = opts[count:]
+        return grouped
+
+    def optimizer_steps_for(self, iterations: int) -> int:
+        """Lightning's `max_steps` for a run of `iterations` iterations: it counts every optimizer step, so a
+        5:1 critic/generator schedule takes 1.2 per iteration and a `separate` phase one per network."""
+        return sum(self._phase_steps_before(phase, iterations) * (len(phase.networks) if phase.separate else 1)
+                   for phase in self.phases)
+
+    def _phase_steps_before(self, phase: Phase, iteration: int) -> int:
+        """Optimizer steps the phase took before `iteration` (derived from the schedule: resume-exact)."""
+        if iteration <= phase.start:
+            return 0
+        end = iteration if phase.stop is None else min(iteration, phase.stop)
+        return -(-(end - phase.start) // phase.every) * phase.repeats
 
     def _saved_state(self) -> str:
         """What a user can resume from right now, for error messages."""
@@ -208,7 +395,7 @@ class FewStepModule(Configurable, L.LightningModule):
             return f"no checkpoint was written since resuming from {resumed}"
         return "no checkpoint has been written in this run yet"
 
-    def _nonfinite(self, what: str, phase: Phase, opt) -> None:
+    def _nonfinite(self, what: str, phase: Phase, *opts) -> None:
         """Stop with a message naming method, phase, step and tensor, or skip the step and count it."""
         message = (f"{type(self).__name__}: non-finite {what} in phase {phase.name!r} at iteration "
                    f"{int(self.iteration)} (loss method {phase.loss!r}).")
@@ -218,32 +405,40 @@ class FewStepModule(Configurable, L.LightningModule):
         self.skipped_steps += 1
         # An optimizer step without gradients changes no parameter and no optimizer state, but Lightning counts
         # it: max_steps (optimizer steps) is then reached at the scheduled iteration, skips or not.
-        opt.zero_grad(set_to_none=True)
-        opt.step()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+            opt.step()
 
     def training_step(self, batch, batch_idx):
         self._draws = 0
         iteration = int(self.iteration)
-        optimizers = self._optimizer_list()
+        self._enter_stages(iteration)
         skipped_before = int(self.skipped_steps)
-        for phase, opt in zip(self.phases, optimizers):
+        for phase, opts in zip(self.phases, self._optimizers_by_phase()):
             if not phase.active(iteration):
                 continue
-            for _ in range(phase.repeats):
+            for repeat in range(phase.repeats):
                 loss = getattr(self, phase.loss)(batch)
                 if not torch.isfinite(loss):
-                    self._nonfinite("loss", phase, opt)
+                    self._nonfinite("loss", phase, *opts)
                     continue
-                opt.zero_grad(set_to_none=True)
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                bad = next((f"{net}.{n}" for net in phase.networks for n, p in getattr(self, net).named_parameters()
+                bad = next((f"{net}.{n}" for net in phase.network_paths for n, p in self.get_submodule(net).named_parameters()
                             if p.grad is not None and not torch.isfinite(p.grad).all()), None)
                 if bad is not None:
-                    self._nonfinite(f"gradient of {bad}", phase, opt)
+                    self._nonfinite(f"gradient of {bad}", phase, *opts)
                     continue
-                if self.grad_clip > 0:
-                    self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-                opt.step()
+                if phase.warmup:
+                    lr = phase.lr_at(self._phase_steps_before(phase, iteration) + repeat)
+                for opt in opts:
+                    if phase.warmup:
+                        for group in opt.param_groups:
+                            group["lr"] = lr
+                    if self.grad_clip > 0:
+                        self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+                    opt.step()
                 if phase.updates_ema:
                     self.update_ema()
                 self.log(f"train/{phase.name}_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
@@ -310,6 +505,17 @@ class FewStepModule(Configurable, L.LightningModule):
     def state_dict_to_save(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.unsaved_prefixes)}
 
+    def prepare_state(self, state_dict: dict[str, Tensor]) -> None:
+        """Give the module the structure of `state_dict` before it is loaded: the stages the saved run had entered
+        run their `on_enter` hooks again (they make in-memory frozen networks, whose weights the state then
+        overwrites). `utils.checkpoint.load_module` and resume call it."""
+        entered = state_dict.get("stage_entered")
+        if entered is not None and self.stages:
+            self._enter_stages(self.stages[int(entered)].start if int(entered) >= 0 else -1)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.prepare_state(checkpoint.get("state_dict", {}))
+
     def export(self, path: str, ema_only: bool = True) -> None:
         """A small self-describing file for `sample`, `evaluate` and `teacher_ckpt` (atomic write).
 
@@ -319,14 +525,17 @@ class FewStepModule(Configurable, L.LightningModule):
         state = self.state_dict_to_save()
         if ema_only and self.ema is not None:
             prefix = f"{self.generator_name}."
-            state = {k: v for k, v in state.items() if not k.startswith(("ema.", prefix))}
+            named = tuple(f"ema_{name}." for name in self.ema_names)
+            state = {k: v for k, v in state.items() if not k.startswith(("ema.", prefix, *named))}
             state.update({prefix + k: v for k, v in self.ema.state_dict().items()})
         atomic_save({FORMAT_KEY: self._format_entry(), "state_dict": state}, path)
 
     def on_load_state_dict_without_ema(self) -> None:
-        """An EMA-only export holds no `ema.*` keys: the EMA starts from the loaded generator."""
-        if self.ema is not None:
-            self.ema.load_state_dict(self.generator.state_dict())
+        """An EMA-only export holds no `ema.*` (nor named `ema_<name>.*`) keys: every EMA starts from the loaded
+        generator."""
+        for average in [self.ema] + [getattr(self, f"ema_{name}") for name in self.ema_names]:
+            if average is not None:
+                average.load_state_dict(self.generator.state_dict())
 
     def _format_entry(self) -> dict:
         return {"config": self.init_config, "data": self.data_config, "version": 1}
@@ -364,7 +573,7 @@ class FewStepModule(Configurable, L.LightningModule):
 
     @torch.no_grad()
     def sample(self, n: int, nfe: int, class_labels: Tensor | None = None, generator: torch.Generator | None = None,
-               use_ema: bool = True, **options) -> Samples:
+               use_ema: bool | str = True, **options) -> Samples:
         """Draw n samples with `nfe` network evaluations each (guidance counts double).
 
         Class labels default to uniform draws from `generator` for class-conditional models.

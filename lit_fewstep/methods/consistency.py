@@ -41,7 +41,7 @@ from ..diffusion.precond import PreconditionedNet
 from ..diffusion.solvers import (NFECounter, consistency_sigmas, discrete_lognormal_probs, euler_step, heun_step,
                                  karras_sigmas, multistep_consistency_sample)
 from ..metrics.lpips import LPIPS
-from .base import FewStepModule, Phase, load_teacher
+from .base import FewStepModule, Phase
 
 __all__ = [
     "FixedScales", "SqrtScales", "ExponentialScales", "TargetRate", "DISTANCES", "consistency_distance",
@@ -191,16 +191,14 @@ class ConsistencyFamily(FewStepModule):
         weights into the student, the target and the sampling EMA)."""
         if self.teacher_ckpt is None:
             return
-        if getattr(self, "teacher", None) is None:
-            dtype = next(self.student.parameters()).dtype
-            teacher = load_teacher(self.teacher_ckpt, field_name="teacher_ckpt").to(device=self.device, dtype=dtype)
+        if self._modules.get("teacher") is None:
+            teacher = self.frozen_network("teacher")  # the registry loads it (safe loading, frozen, never saved)
             if not isinstance(teacher, PreconditionedNet):
                 raise ValueError(f"teacher_ckpt: {self.teacher_ckpt!r} holds a {type(teacher).__name__}, not a "
                                  "diffusion teacher; give an EDMDiffusion or FlowMatching checkpoint.")
             if teacher.num_classes != self.student.num_classes:
                 raise ValueError(f"teacher_ckpt: teacher has num_classes={teacher.num_classes} but the student "
                                  f"net has num_classes={self.student.num_classes}; set net.num_classes to match.")
-            self.teacher = teacher
         if initialize and self.init_from_teacher and int(self.iteration) == 0 and not self._initialized:
             if self.teacher.preconditioning != "edm":
                 raise ValueError(f"init_from_teacher: the student's c_in / c_noise are EDM's; a "
@@ -218,7 +216,7 @@ class ConsistencyFamily(FewStepModule):
             self._initialized = True
 
     def _teacher(self) -> PreconditionedNet:
-        if getattr(self, "teacher", None) is None:
+        if self._modules.get("teacher") is None:
             self.prepare_teacher()
         return self.teacher
 
@@ -403,7 +401,7 @@ class CD(ConsistencyModel):
         if num_scales < 2:
             raise ValueError(f"num_scales: need N >= 2 grid points, got {num_scales}.")
         self.teacher_ckpt, self.solver, self.init_from_teacher = teacher_ckpt, solver, init_from_teacher
-        self.teacher = None
+        self.register_frozen("teacher", path=teacher_ckpt)
         self.scales = FixedScales(num_scales)
         self.target_rate = TargetRate("fixed", mu=target_mu)
         self._finish_init()

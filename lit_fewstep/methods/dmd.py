@@ -168,7 +168,7 @@ class DMD(FewStepModule):
         # Index 0 = sigma_max = 80, index 999 = sigma_min = 0.002 (DMD2's code flips it; the draw is symmetric).
         self.register_buffer("sigma_grid", karras_sigmas(GRID_SIZE, append_zero=False).float(), persistent=False)
 
-        self.teacher: PreconditionedNet | None = None
+        self.register_frozen("teacher", path=teacher_ckpt)  # the real score: frozen, never saved
         self.fake_score: nn.Module | None = None
         self.head: nn.Module | None = None
         self._fresh: tuple | None = None  # generator samples handed from the generator phase to the critic phase
@@ -195,7 +195,7 @@ class DMD(FewStepModule):
         if self.real_guidance_scale != 1.0 and teacher.num_classes == 0:
             raise ValueError("real_guidance_scale: CFG needs a class-conditional teacher trained with label dropout; "
                              "set it to 1.")
-        self.teacher = teacher.to(self.sigma_grid.device).requires_grad_(False).eval()
+        self._attach_frozen("teacher", teacher)
         if self.fake_score is None:
             self._build_critic(teacher)
         if int(self.iteration) == 0:
@@ -221,7 +221,7 @@ class DMD(FewStepModule):
         """Load what only training needs (teacher, critic, pair set) if construction did not. Lightning calls it
         through `configure_model`; call it yourself to use the losses outside a Trainer."""
         if self.teacher is None:
-            self._attach_teacher(load_teacher(self.teacher_ckpt, field_name="teacher_ckpt"))
+            self._attach_teacher(load_teacher(self.teacher_ckpt, field_name="teacher_ckpt"))  # checks, critic, init
         if getattr(self, "uses_regression", False) and not hasattr(self, "pair_noise"):
             self._load_pairs()
         if getattr(self, "uses_regression", False) and self.reg_distance == "lpips" and self.lpips is None:
@@ -263,12 +263,6 @@ class DMD(FewStepModule):
 
     def state_dict_to_save(self) -> dict[str, Tensor]:
         return {k: v for k, v in super().state_dict_to_save().items() if not k.startswith(self.critic_prefixes)}
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # frozen: stays in eval mode whatever Lightning does
-        return self
 
     # ======================================================================================= pieces
     def grid_sigmas(self, n: int, fraction_range: Sequence[float] = (0.0, 1.0)) -> Tensor:

@@ -17,7 +17,6 @@ noisy real data of their classes, then DMD2.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -97,16 +96,6 @@ class Routed(nn.Module):
         return self._dispatch(lambda m, *a, **k: m.x0(*a, **k), args, class_labels, kwargs)
 
 
-@dataclass
-class WarmupPhase(Phase):
-    """A phase active only on iterations [start, stop) (the TSM warm-up of smaller students)."""
-
-    stop: int = 0
-
-    def active(self, iteration: int) -> bool:
-        return super().active(iteration) and iteration < self.stop
-
-
 class MSD(DMD2):
     """Multi-Student Distillation with DMD2 losses. Args beyond `DMD2`'s (``net`` is named ``student_net``):
 
@@ -139,12 +128,20 @@ class MSD(DMD2):
                          dm_step_range, dm_reduction, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
                          max_consecutive_skips)
         self.tsm_iterations = int(tsm_iterations)
+        # The students train independently (MSD Sec. 3): one optimizer and one gradient clip per student, for the
+        # generator and for its critic (fake score + head), although each phase batches all students in one loss.
+        students = range(self.num_students)
+        generator, critic = self.phases
+        generator.networks, generator.separate = tuple(f"G.members.{k}" for k in students), True
+        critic.networks = tuple((f"fake_score.members.{k}",) + ((f"head.members.{k}",) if self.uses_gan else ())
+                                for k in students)
+        critic.separate = True
         if self.tsm_iterations > 0:
             for phase in self.phases:
                 phase.start = self.tsm_iterations
-            self.phases.insert(0, WarmupPhase("tsm", "tsm_loss", ("G",), lr=self.phases[0].lr,
-                                              betas=self.phases[0].betas, weight_decay=self.phases[0].weight_decay,
-                                              updates_ema=True, stop=self.tsm_iterations))
+            self.phases.insert(0, Phase("tsm", "tsm_loss", generator.networks, separate=True, lr=generator.lr,
+                                        betas=generator.betas, weight_decay=generator.weight_decay,
+                                        updates_ema=True, stop=self.tsm_iterations))
 
     # ------------------------------------------------------------------------------------- networks
     def _routing(self, num_classes: int) -> Tensor:

@@ -137,7 +137,6 @@ class SCM(ConsistencyFamily):
         networks = ("student", "weighting") if adaptive_weighting else ("student",)
         self.phases = [Phase("consistency", "scm_loss", networks, lr=lr, betas=tuple(betas),
                              weight_decay=weight_decay, updates_ema=True)]
-        self.teacher = None
         self.init_ema()
 
     # -------------------------------------------------------------- pieces
@@ -210,6 +209,7 @@ class SCD(SCM):
                          adaptive_weighting, prior_weighting, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
                          max_consecutive_skips)
         self.teacher_ckpt = teacher_ckpt
+        self.register_frozen("teacher", path=teacher_ckpt)
 
     def dxdt(self, x, z, x_t, t, y):
         """The teacher's PF-ODE velocity on TrigFlow, dx_t/dt = sigma_d F_teacher (converted through diffusion/)."""

@@ -84,11 +84,13 @@ def _check_weights(state: dict[str, Any], module: torch.nn.Module, where: str) -
             raise ValueError(f"{where} holds non-finite weights (NaN/Inf in {key!r}); use an earlier checkpoint.")
 
 
-def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt", opt_in: str | None = TRUST_FLAG):
+def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt", opt_in: str | None = TRUST_FLAG,
+                allow_modules: tuple[str, ...] | list[str] = ()):
     """Rebuild a lit_fewstep module from a checkpoint (Lightning .ckpt or exported .pt) with its weights.
 
-    Every class path in the recorded config, nested ones included, must name a lit_fewstep class of the
-    expected kind (`utils.config.resolve_class`); `trust` lifts that rule and allows pickle.
+    Every class path in the recorded config, nested ones included, must name a class of the expected kind
+    defined in lit_fewstep or in `allow_modules` / $LIT_FEWSTEP_ALLOW_MODULES (a user's own method package;
+    `utils.config.resolve_class`); `trust` lifts that rule and also allows pickle.
     """
     ckpt = load_checkpoint(path, trust=trust, field=field, opt_in=opt_in)
     where = f"{field}: {str(path)!r}"
@@ -96,16 +98,18 @@ def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt
     if not isinstance(meta, dict) or "config" not in meta or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{where} is not a lit_fewstep checkpoint (no '{FORMAT_KEY}' config); train or export it with lit_fewstep.")
     try:
-        module = instantiate(meta["config"], trust=trust, base=LightningModule)
+        module = instantiate(meta["config"], trust=trust, base=LightningModule, allow_modules=allow_modules)
     except UnsafeClassPathError as err:
-        raise UnsafeClassPathError(f"{where}: {err}; {_opt_in_hint(opt_in) if opt_in else 'this entry point builds only lit_fewstep classes'}.") from None
+        raise UnsafeClassPathError(f"{where}: {err}.") from None
     module.data_config = meta.get("data")
+    if hasattr(module, "prepare_state"):
+        module.prepare_state(ckpt["state_dict"])  # e.g. frozen networks a later training stage made in memory
     _check_weights(ckpt["state_dict"], module, where)
     skip = tuple(getattr(module, "unsaved_prefixes", ()))
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     optional = set(getattr(module, "optional_state_keys", ()))
     missing = [k for k in missing if not k.startswith(skip) and k not in optional]
-    if missing and all(k.startswith("ema.") for k in missing) and hasattr(module, "on_load_state_dict_without_ema"):
+    if missing and all(k.startswith(("ema.", "ema_")) for k in missing) and hasattr(module, "on_load_state_dict_without_ema"):
         module.on_load_state_dict_without_ema()  # an EMA-only export
         missing = []
     if missing or unexpected:

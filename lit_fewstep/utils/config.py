@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 from typing import Any
 
-__all__ = ["Configurable", "to_config", "instantiate", "resolve_class", "UnsafeClassPathError", "TRUSTED_PREFIXES"]
+__all__ = ["Configurable", "to_config", "instantiate", "resolve_class", "allowed_prefixes", "UnsafeClassPathError",
+           "TRUSTED_PREFIXES", "ALLOW_MODULES_ENV"]
 
 # Classes a checkpoint may name without an explicit opt-in (a class path is code that will run).
 TRUSTED_PREFIXES = ("lit_fewstep.",)
@@ -98,24 +100,39 @@ def _refuse(class_path: Any, why: str) -> UnsafeClassPathError:
     return UnsafeClassPathError(f"config names class_path {class_path!r}, which was refused: {why}")
 
 
-def resolve_class(class_path: Any, base: type = object, trust: bool = False) -> type:
+ALLOW_MODULES_ENV = "LIT_FEWSTEP_ALLOW_MODULES"
+
+
+def allowed_prefixes(allow_modules: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """lit_fewstep, the packages given, and those in $LIT_FEWSTEP_ALLOW_MODULES (comma-separated): the modules
+    whose classes a config may name without `trust` (your own method package, e.g. "mylab.methods")."""
+    extra = [m.strip() for m in os.environ.get(ALLOW_MODULES_ENV, "").split(",") if m.strip()]
+    return TRUSTED_PREFIXES + tuple(f"{m.rstrip('.')}." for m in (*allow_modules, *extra))
+
+
+def resolve_class(class_path: Any, base: type = object, trust: bool = False,
+                  allow_modules: tuple[str, ...] | list[str] = ()) -> type:
     """The class that `class_path` names, if it is safe to build.
 
     A class path is code that will run, so it resolves only to a *class* (never a function such as
-    `os.system`) that is a subclass of `base`. Without `trust` the module part must be
-    a `lit_fewstep` module and the class must be defined in one; the name is looked up only through classes
-    (nested classes), never through attributes of a module that merely imports another one
-    (`lit_fewstep.utils.checkpoint.os.system`).
+    `os.system`) that is a subclass of `base`. Without `trust` the module part must be a `lit_fewstep`
+    module (or one of `allow_modules` / $LIT_FEWSTEP_ALLOW_MODULES) and the class must be defined in one;
+    the name is looked up only through classes (nested classes), never through attributes of a module that
+    merely imports another one (`lit_fewstep.utils.checkpoint.os.system`). Allowing a module lets its
+    classes be built; it does not allow pickle (that is `trust`).
     """
     if not isinstance(class_path, str) or not all(part.isidentifier() for part in class_path.split(".")):
         raise _refuse(class_path, "it is not a dotted Python name")
     parts = class_path.split(".")
-    if not trust and not class_path.startswith(TRUSTED_PREFIXES):
-        raise _refuse(class_path, "it is outside lit_fewstep")
+    trusted = allowed_prefixes(allow_modules)
+    if not trust and not class_path.startswith(trusted):
+        package = parts[0] if len(parts) > 1 else class_path
+        raise _refuse(class_path, f"it is outside lit_fewstep; if you trust the package that defines it, allow it "
+                                  f"with --allow_module {package} (or {ALLOW_MODULES_ENV}={package}); pickle stays off")
     module = None
     for cut in range(len(parts) - 1, 0, -1):  # the longest prefix that is a real module
         module_name = ".".join(parts[:cut])
-        if not trust and not (module_name + ".").startswith(TRUSTED_PREFIXES):
+        if not trust and not (module_name + ".").startswith(trusted):
             break
         try:
             module = importlib.import_module(module_name)
@@ -131,29 +148,31 @@ def resolve_class(class_path: Any, base: type = object, trust: bool = False) -> 
         if not inspect.isclass(obj):
             what = "does not exist" if obj is None else f"is a {type(obj).__name__}, not a class"
             raise _refuse(class_path, f"{name!r} {what}")
-    if not trust and not obj.__module__.startswith(TRUSTED_PREFIXES):
-        raise _refuse(class_path, f"it is {obj.__module__}.{obj.__qualname__}, which is not defined in lit_fewstep")
+    if not trust and not (obj.__module__ + ".").startswith(trusted):
+        raise _refuse(class_path, f"it is {obj.__module__}.{obj.__qualname__}, which is not defined in lit_fewstep "
+                                  "or an allowed module")
     if not issubclass(obj, base):
         expected = "a configurable lit_fewstep module" if base is Configurable else f"a {base.__name__}"
         raise _refuse(class_path, f"{obj.__qualname__} is not {expected}")
     return obj
 
 
-def instantiate(config: Any, trust: bool = False, base: type = object, nested_base: type = Configurable) -> Any:
+def instantiate(config: Any, trust: bool = False, base: type = object, nested_base: type = Configurable,
+                allow_modules: tuple[str, ...] | list[str] = ()) -> Any:
     """Inverse of `to_config`: build nested `{"class_path", "init_args"}` dicts.
 
     The outermost class must be a subclass of `base`, every nested one (a network inside a method) of
     `nested_base`; each class path passes `resolve_class` before its class is built.
     """
     if isinstance(config, dict) and "class_path" in config:
-        cls = resolve_class(config["class_path"], base, trust)
+        cls = resolve_class(config["class_path"], base, trust, allow_modules)
         init_args = config.get("init_args") or {}
         if not isinstance(init_args, dict) or not all(isinstance(k, str) for k in init_args):
             raise _refuse(config["class_path"], "its init_args are not a mapping of argument names")
-        kwargs = {k: instantiate(v, trust, nested_base, nested_base) for k, v in init_args.items()}
+        kwargs = {k: instantiate(v, trust, nested_base, nested_base, allow_modules) for k, v in init_args.items()}
         return cls(**kwargs)
     if isinstance(config, list):
-        return [instantiate(v, trust, base, nested_base) for v in config]
+        return [instantiate(v, trust, base, nested_base, allow_modules) for v in config]
     if isinstance(config, dict):
-        return {k: instantiate(v, trust, base, nested_base) for k, v in config.items()}
+        return {k: instantiate(v, trust, base, nested_base, allow_modules) for k, v in config.items()}
     return config
