@@ -1,11 +1,17 @@
-"""Contract tests for lit_fewstep.nets: shapes, conditioning, input errors, forward-mode AD, gradient flow."""
+"""Contract tests for lit_fewstep.nets: shapes, conditioning, input errors, forward-mode AD, gradient flow,
+multi-resolution inputs, and that nets built with the defaults are unchanged (parameters and computation)."""
 
+import hashlib
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
 
 from lit_fewstep.nets import DiT, DiscriminatorHead, MLP, UNet
+from lit_fewstep.utils.config import instantiate
+
+ASSETS = Path(__file__).resolve().parents[1] / "lit_fewstep" / "assets"
 
 NUM_CLASSES = 3
 
@@ -21,7 +27,16 @@ FACTORIES = {
         attn_resolutions=(8,), **kw,
     ),
     "dit16": lambda **kw: DiT(img_resolution=16, in_channels=1, patch_size=4, hidden_size=32, depth=2, num_heads=2, **kw),
+    # Multi-resolution nets, run by the shared tests at their reference size (img_resolution).
+    "unet_multi": lambda **kw: UNet(
+        img_resolution=16, in_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_blocks=1,
+        attn_resolutions=(8,), num_heads=2, resolutions=(4, 8, 16), **kw,
+    ),
+    "dit_multi": lambda **kw: DiT(
+        img_resolution=16, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, resolutions=(4, 8, 16), **kw,
+    ),
 }
+MULTI = ["unet_multi", "dit_multi"]
 FULL = dict(num_classes=NUM_CLASSES, second_time=True, guidance_embed=True, extra_channels=2)
 
 
@@ -39,12 +54,12 @@ def perturb(net, std=0.2):
     return net
 
 
-def inputs(net, batch=3, dtype=torch.float32):
+def inputs(net, batch=3, dtype=torch.float32, res=None):
     g = torch.Generator().manual_seed(2)
     if net.img_resolution is None:
         shape, extra_shape = (batch, net.in_channels), (batch, net.extra_channels)
     else:
-        r = net.img_resolution
+        r = net.img_resolution if res is None else res
         shape, extra_shape = (batch, net.in_channels, r, r), (batch, net.extra_channels, r, r)
     x = torch.randn(shape, generator=g, dtype=dtype)
     kw = {}
@@ -256,3 +271,234 @@ def test_bf16_inputs_keep_float32_time_embedding():
     net = perturb(make("mlp")).to(torch.bfloat16)
     out = net(torch.randn(2, 2, dtype=torch.bfloat16), torch.tensor([0.1, 0.2], dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+# --------------------------------------------------------------------------- defaults unchanged
+# Recorded with the code before the multi-resolution option existed: for each factory built with the defaults
+# ("plain") and with every conditioning on ("full"): sha256 of the state dict's "key:shape:dtype" lines, the
+# parameter count, and sum / sum |.| of the perturbed net's output on `inputs(net)` (float64 of a float32 run).
+RECORDED = {
+    ("mlp", "plain"): ("e7e4275bb075f567", 10274, 4.191931515932083, 4.191931515932083),
+    ("mlp", "full"): ("e6dfbe72b6bdb4bb", 13666, -1.7442719675600529, 2.1579163186252117),
+    ("unet8", "plain"): ("d29f43f6f27962c6", 190369, -281.3451429568231, 318.0558301769197),
+    ("unet8", "full"): ("0f1710a8cd8615fe", 201409, 148.30049835890532, 239.18354120105505),
+    ("unet16", "plain"): ("36a8611d8f1145f1", 300226, 66.91728026559576, 1807.515245623421),
+    ("unet16", "full"): ("f2264f1088972980", 311266, -632.0571945942938, 1348.7743285633624),
+    ("dit16", "plain"): ("b28dde80fe7a5e9e", 50288, -147.6835053563118, 1117.6422399505973),
+    ("dit16", "full"): ("fe87e3bfd2d867f8", 70000, 588.9893032051623, 3235.1645283810794),
+}
+
+
+def state_fingerprint(net):
+    lines = "\n".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in net.state_dict().items())
+    return hashlib.sha256(lines.encode()).hexdigest()[:16], sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name,config", list(RECORDED))
+def test_defaults_keep_parameters_and_computation(name, config):
+    digest, count, total, total_abs = RECORDED[name, config]
+    net = make(name, **(FULL if config == "full" else {}))
+    assert state_fingerprint(net) == (digest, count)
+    assert getattr(net, "resolutions", None) is None
+    assert not any("resolution" in k for k in net.state_dict())
+    net = perturb(net).eval()
+    x, t, kw = inputs(net)
+    with torch.no_grad():
+        out = net(x, t, **kw).double()
+    assert out.sum().item() == pytest.approx(total, rel=1e-6, abs=1e-6)
+    assert out.abs().sum().item() == pytest.approx(total_abs, rel=1e-6)
+
+
+@pytest.mark.parametrize("asset,prefix", [
+    ("edm_digits.pt", "model.net."), ("fm_digits.pt", "model.net."), ("dmd2_digits.pt", "G.net."),
+    ("edm_tree.pt", "model.net."), ("fm_tree.pt", "model.net."),
+])
+def test_shipped_network_weights_load_strictly(asset, prefix):
+    """The shipped checkpoints' recorded net configs still build nets with exactly their keys and shapes."""
+    ckpt = torch.load(ASSETS / asset, map_location="cpu", weights_only=True)
+    net = instantiate(ckpt["lit_fewstep"]["config"]["init_args"]["net"])
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    net.load_state_dict(state, strict=True)  # raises on any missing / unexpected key or shape mismatch
+    assert getattr(net, "resolutions", None) is None
+
+
+def test_multi_resolution_adds_only_the_resolution_table():
+    """Same architecture with and without ``resolutions``: one extra key, the [3, cond_dim] table."""
+    unet = UNet(img_resolution=16, model_channels=16, channel_mult=(1, 2, 2), num_blocks=1, num_heads=2)
+    unet_multi = make("unet_multi")
+    keys = {k: v.shape for k, v in unet_multi.state_dict().items()}
+    assert keys.pop("cond.resolution.weight") == (3, 64)
+    assert keys == {k: v.shape for k, v in unet.state_dict().items()}
+    dit = DiT(img_resolution=16, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2)
+    keys = {k: v.shape for k, v in make("dit_multi").state_dict().items()}
+    assert keys.pop("cond.resolution.weight") == (3, 32)
+    assert keys == {k: v.shape for k, v in dit.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- several resolutions
+@pytest.mark.parametrize("name", MULTI)
+def test_multi_resolution_runs_at_every_listed_size(name):
+    net = perturb(make(name, **FULL)).eval()
+    p = getattr(net, "patch_size", None)
+    for r in (4, 8, 16):
+        x, t, kw = inputs(net, res=r)
+        out, feats = net(x, t, **kw, return_features=True)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        if p is None:  # the UNet halves twice (rounding up)
+            assert feats.shape == (3, net.feature_channels, -(-r // 4), -(-r // 4))
+        else:
+            assert feats.shape == (3, net.feature_channels, r // p, r // p)
+        assert torch.equal(net(x, t, **kw, resolution=r), out)  # the optional cross-check agrees
+        with pytest.raises(ValueError, match=rf"resolution=5 was given but x is {r}x{r}"):
+            net(x, t, **kw, resolution=5)
+    x, t, kw = inputs(net)  # the reference size: feature_shape describes it
+    assert tuple(net(x, t, **kw, return_features=True)[1].shape[1:]) == net.feature_shape
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_multi_resolution_refuses_unlisted_sizes(name):
+    net = make(name)
+    for r in (6, 12, 32):
+        with pytest.raises(ValueError, match=r"^x is \d+x\d+, which is not one of the network's resolutions=\[4, 8, 16\]") as err:
+            net(torch.randn(2, 1, r, r), torch.rand(2))
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 1, r, r\] with r one of resolutions=\[4, 8, 16\]"):
+        net(torch.randn(2, 1, 8, 16), torch.rand(2))
+    with pytest.raises(ValueError, match="x must have shape"):
+        net(torch.randn(2, 2, 8, 8), torch.rand(2))
+    extra = make(name, extra_channels=2)
+    with pytest.raises(ValueError, match=r"extra must have shape \[2, 2, 8, 8\]"):
+        extra(torch.randn(2, 1, 8, 8), torch.rand(2), extra=torch.randn(2, 2, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["unet16", "dit16"])
+def test_fixed_size_nets_refuse_other_sizes(name):
+    net = make(name)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, \d, 16, 16\], got \[2, \d, 8, 8\]"):
+        net(torch.randn(2, net.in_channels, 8, 8), torch.rand(2))
+    x, t, kw = inputs(net)
+    assert torch.equal(net(x, t, resolution=16), net(x, t))
+    with pytest.raises(ValueError, match="resolution=8 was given but x is 16x16"):
+        net(x, t, resolution=8)
+
+
+def test_resolutions_option_is_validated():
+    unet = dict(in_channels=1, model_channels=8, channel_mult=(1, 2, 2), num_blocks=1)
+    with pytest.raises(ValueError, match=r"img_resolution=16 must be one of resolutions=\[4, 8\]"):
+        UNet(img_resolution=16, resolutions=(4, 8), **unet)
+    with pytest.raises(ValueError, match="resolutions must not repeat"):
+        UNet(img_resolution=8, resolutions=(8, 8), **unet)
+    with pytest.raises(ValueError, match="resolutions must hold positive ints"):
+        UNet(img_resolution=8, resolutions=(0, 8), **unet)
+    with pytest.raises(ValueError, match="resolutions must be a non-empty list"):
+        UNet(img_resolution=8, resolutions=(), **unet)
+    # Three levels downsample twice: 2 -> 1 -> (1) would downsample a 1x1 map.
+    with pytest.raises(ValueError, match=r"resolutions: 2 is too small for 3 levels of channel_mult.*>= 3"):
+        UNet(img_resolution=8, resolutions=(2, 8), **unet)
+    UNet(img_resolution=8, resolutions=(3, 8), **unet)
+    with pytest.raises(ValueError, match=r"resolutions: 6 is not divisible by patch_size \(4\)"):
+        DiT(img_resolution=16, patch_size=4, hidden_size=32, num_heads=2, resolutions=(6, 16))
+    # Unsorted lists are accepted; the embedding index follows the sorted order.
+    assert UNet(img_resolution=8, resolutions=(8, 4), **unet).resolutions == (4, 8)
+
+
+@pytest.mark.parametrize("res", [7, 14, 28])
+def test_unet_odd_cascade(res):
+    """A 7 -> 14 -> 28 cascade (28x28 images): odd maps come back to their size through the skips."""
+    net = UNet(img_resolution=28, model_channels=8, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(7,),
+               resolutions=(7, 14, 28), extra_channels=1)
+    x = torch.randn(2, 1, res, res)
+    assert net(x, torch.rand(2), extra=torch.randn(2, 1, res, res)).shape == x.shape
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_resolution_embedding_matters(name):
+    """Each size has its own (different) learned row; it changes the output and receives gradients."""
+    net = perturb(make(name, **FULL)).eval()
+    table = net.cond.resolution.weight
+    assert table.shape[0] == 3
+    assert not torch.allclose(table[0], table[1]) and not torch.allclose(table[1], table[2])
+    x, t, kw = inputs(net, res=8)
+    base = net(x, t, **kw)
+    with torch.no_grad():
+        saved = table[1].clone()
+        table[1] = table[2]  # pretend the 8x8 input is the 16x16 one
+    assert not torch.allclose(net(x, t, **kw), base, atol=1e-6)
+    with torch.no_grad():
+        table[1] = saved
+    assert torch.equal(net(x, t, **kw), base)
+    net.zero_grad()
+    net(x, t, **kw).square().mean().backward()
+    grad = table.grad
+    assert grad is not None and torch.any(grad[1] != 0)  # the row of size 8 (index 1 of (4, 8, 16))
+    assert torch.all(grad[0] == 0) and torch.all(grad[2] == 0)
+
+
+def test_dit_position_embedding_is_resampled():
+    net = make("dit_multi")
+    stored = net.pos_embed
+    assert net.position_embedding(net.grid) is stored  # the trained grid: exactly the stored buffer
+    for grid in (2, 4):
+        pe = net.position_embedding(grid)
+        assert pe.shape == (1, grid * grid, 32) and torch.isfinite(pe).all()
+        # Bicubic on the 2-D grid (channels as maps), as for pretrained ViTs.
+        as_maps = stored.reshape(1, net.grid, net.grid, 32).permute(0, 3, 1, 2)
+        expected = torch.nn.functional.interpolate(as_maps, size=(grid, grid), mode="bicubic", antialias=True)
+        assert torch.allclose(pe, expected.permute(0, 2, 3, 1).reshape(1, grid * grid, 32))
+    # A token grid's embedding depends on the relative position: the corners stay distinct.
+    pe = net.position_embedding(2)[0]
+    assert torch.cdist(pe, pe).fill_diagonal_(1).min() > 0.1
+    # The forward pass adds the resampled embedding to the patch tokens of a smaller input.
+    seen = []
+    net.blocks[0].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        net(x, torch.rand(2))
+        tokens = net.patch(x).flatten(2).transpose(1, 2)
+    assert torch.equal(seen[0], tokens + net.position_embedding(4))
+    # The fixed-size DiT uses the stored buffer as before.
+    fixed = make("dit16")
+    assert fixed.position_embedding(fixed.grid) is fixed.pos_embed
+
+
+@pytest.mark.parametrize("name", MULTI)
+@pytest.mark.parametrize("res", [4, 8])
+def test_jvp_through_multi_resolution_net(name, res):
+    """torch.func.jvp at a non-reference size (resampled DiT position embedding, resolution row) equals FD."""
+    net = perturb(make(name, **FULL), std=0.05).double().eval()
+    x, t, kw = inputs(net, batch=2, dtype=torch.float64, res=res)
+    kw["class_labels"] = kw["class_labels"][:2]
+    g = torch.Generator().manual_seed(3)
+    dx, dt = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64)
+    ds = torch.randn(2, generator=g, dtype=torch.float64)
+
+    def f(x_, t_, s_):
+        return net(x_, t_, **{**kw, "s_labels": s_})
+
+    eps = 1e-5
+    s = kw["s_labels"]
+    out, tangent = torch.func.jvp(f, (x, t, s), (dx, dt, ds))
+    with torch.no_grad():
+        fd = (f(x + eps * dx, t + eps * dt, s + eps * ds) - f(x - eps * dx, t - eps * dt, s - eps * ds)) / (2 * eps)
+        assert torch.allclose(out, f(x, t, s))
+    assert tangent.abs().max() > 1e-3
+    rel = (tangent - fd).norm() / fd.norm()
+    assert rel < 1e-6, f"{name}@{res}: relative JVP error {rel:.2e}"
+
+
+@pytest.mark.parametrize("name", ["mlp", "unet8", "dit16", "unet_multi", "dit_multi"])
+def test_optional_inputs_only_when_built_for_them(name):
+    """s, guidance and extra change the output of a net built for them and are refused by one built without."""
+    for option, key, value in (
+        ({"second_time": True}, "s_labels", lambda x, t: t + 0.5),
+        ({"guidance_embed": True}, "guidance", lambda x, t: torch.full_like(t, 3.0)),
+        ({"extra_channels": 1}, "extra", lambda x, t: torch.randn_like(x[:, :1])),
+    ):
+        plain = make(name)
+        x, t, _ = inputs(plain)
+        with pytest.raises(ValueError, match=f"{key} was given but the network was built with"):
+            plain(x, t, **{key: value(x, t)})
+        built = perturb(make(name, **option)).eval()
+        assert state_fingerprint(built) != state_fingerprint(plain)
+        default = {"s_labels": t, "guidance": torch.ones_like(t), "extra": None}[key]
+        assert not torch.allclose(built(x, t, **{key: value(x, t)}), built(x, t, **{key: default}), atol=1e-6)

@@ -1,5 +1,19 @@
 """Method-agnostic networks: ``net(x, noise_labels, class_labels=None, s_labels=None, guidance=None,
-extra=None, return_features=False)``. Preconditioning lives in ``lit_fewstep.diffusion``."""
+extra=None, return_features=False)``; the image nets also take ``resolution=None`` (a cross-check of
+the input's size). Preconditioning lives in ``lit_fewstep.diffusion``.
+
+Optional conditioning exists only when the net is built for it, so a net built with the defaults has
+the same parameters as one built before the option existed:
+
+- ``second_time=True``: a second time ``s_labels`` [B] (two-time maps such as g(x_t, t, s) or
+  f(x_t, t, s)), embedded like the noise label and added to the conditioning vector.
+- ``guidance_embed=True``: a per-sample guidance scale ``guidance`` [B] (a guidance-conditioned
+  student), embedded the same way.
+- ``extra_channels=k``: ``extra`` [B, k, ...] concatenated to x (low-resolution condition image,
+  self-conditioning estimate).
+- ``resolutions=(r0, r1, ...)`` (UNet, DiT): inputs of any listed size, with a learned embedding of
+  the size's index; the DiT resamples its position embedding to the input's token grid.
+"""
 
 from .dit import DiT
 from .heads import DiscriminatorHead

@@ -1,16 +1,21 @@
-"""DiT (Peebles & Xie, 2023) with adaLN-Zero blocks, built from timm's ``Mlp``."""
+"""DiT (Peebles & Xie, 2023) with adaLN-Zero blocks, built from timm's ``Mlp``.
+
+With ``resolutions`` one DiT serves several input sizes: the token grid follows the input, and the
+position embedding defined on the reference grid is resampled to it (bicubic on the 2-D grid, the way
+pretrained vision transformers are fine-tuned at a new size).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import Mlp
+from timm.layers import Mlp, resample_abs_pos_embed
 from torch import nn
 
-from .embeddings import ConditionEmbedding, attention, concat_extra
+from .embeddings import ConditionEmbedding, attention, check_resolutions, concat_extra, image_resolution
 from ..utils.config import Configurable
 
 __all__ = ["DiT", "sincos_pos_embed_2d"]
@@ -74,7 +79,9 @@ class DiT(Configurable, nn.Module):
     """Diffusion transformer: x [B, in_channels, R, R] -> [B, out_channels, R, R].
 
     Args:
-        img_resolution: R; must be divisible by ``patch_size``.
+        img_resolution: R; must be divisible by ``patch_size``. With ``resolutions`` it is the
+            reference size whose token grid the position embedding is defined on (and the default
+            sample size); it must be listed.
         in_channels / out_channels: image channels (out_channels defaults to in_channels).
         patch_size: p; the sequence has N = (R/p)^2 tokens.
         hidden_size: token width D (``feature_channels``); divisible by 4 and by num_heads.
@@ -82,6 +89,17 @@ class DiT(Configurable, nn.Module):
         num_classes: real classes (0 = unconditional); label ``num_classes`` is the null label.
         second_time: accept ``s_labels``. guidance_embed: accept ``guidance``.
         extra_channels: channels of the optional ``extra`` input concatenated to x before patching.
+        resolutions: None (default) accepts only ``img_resolution`` and adds no parameters. A list,
+            e.g. ``(8, 16, 32)`` (each divisible by ``patch_size``), makes the net accept any listed
+            size: the input of size r is cut into (r/p)^2 tokens, the position embedding is resampled
+            from the reference grid to the r/p grid (:meth:`position_embedding`), and a learned
+            embedding of the size's index (in sorted order) is added to the conditioning vector.
+
+    Forward keywords: ``class_labels`` [B] int64; ``s_labels`` [B] (second time, with
+    ``second_time``); ``guidance`` [B] (guidance scale, with ``guidance_embed``); ``extra``
+    [B, extra_channels, R, R] (e.g. an upsampled low-resolution image and/or a self-conditioning
+    estimate; None reads as zeros); ``resolution`` (optional cross-check: the input's size);
+    ``return_features``. An input the net was not built for raises ValueError.
     """
 
     def __init__(
@@ -98,10 +116,12 @@ class DiT(Configurable, nn.Module):
         second_time: bool = False,
         guidance_embed: bool = False,
         extra_channels: int = 0,
+        resolutions: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if img_resolution % patch_size != 0:
             raise ValueError(f"img_resolution={img_resolution} must be divisible by patch_size={patch_size}")
+        self.resolutions = check_resolutions(resolutions, img_resolution, patch_size, "patch_size")
         if hidden_size % num_heads != 0:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
         self.img_resolution = img_resolution
@@ -115,7 +135,8 @@ class DiT(Configurable, nn.Module):
         self.grid = img_resolution // patch_size
         self.feature_channels = hidden_size
 
-        self.cond = ConditionEmbedding(256, hidden_size, num_classes, second_time, guidance_embed)
+        num_resolutions = 0 if self.resolutions is None else len(self.resolutions)
+        self.cond = ConditionEmbedding(256, hidden_size, num_classes, second_time, guidance_embed, num_resolutions)
         self.patch = nn.Conv2d(in_channels + extra_channels, hidden_size, patch_size, stride=patch_size)
         # Fixed, so not a parameter; non-persistent so checkpoints do not carry it.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
@@ -131,6 +152,18 @@ class DiT(Configurable, nn.Module):
     def feature_shape(self) -> tuple:
         return (self.feature_channels, self.grid, self.grid)
 
+    def position_embedding(self, grid: int) -> torch.Tensor:
+        """Position embedding [1, grid*grid, hidden_size] for a ``grid`` x ``grid`` token map.
+
+        At the reference grid (``img_resolution / patch_size``) this is the stored buffer itself;
+        at any other grid it is that buffer resampled bicubically as a 2-D map (timm's
+        ``resample_abs_pos_embed``, computed in float32), so a token keeps the embedding of the same
+        relative position in the image whatever the input size.
+        """
+        if grid == self.grid:
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, [grid, grid], old_size=[self.grid, self.grid], num_prefix_tokens=0)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -140,21 +173,21 @@ class DiT(Configurable, nn.Module):
         guidance: Optional[torch.Tensor] = None,
         extra: Optional[torch.Tensor] = None,
         return_features: bool = False,
+        resolution: Optional[int] = None,
     ):
         """x [B, in_channels, R, R], noise_labels [B] -> [B, out_channels, R, R]
         (and token features [B, hidden_size, R/p, R/p] if ``return_features``)."""
-        expected = (self.in_channels, self.img_resolution, self.img_resolution)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
-        e = F.silu(self.cond(noise_labels, x.shape[0], class_labels, s_labels, guidance))
+        r, res_index = image_resolution(x, self.in_channels, self.img_resolution, self.resolutions, resolution)
+        grid = r // self.patch_size
+        e = F.silu(self.cond(noise_labels, x.shape[0], class_labels, s_labels, guidance, res_index))
 
         h = self.patch(concat_extra(x, extra, self.extra_channels)).flatten(2).transpose(1, 2)  # [B, N, D]
-        h = h + self.pos_embed.to(h.dtype)
+        h = h + self.position_embedding(grid).to(h.dtype)
         for block in self.blocks:
             h = block(h, e)
-        features = rearrange(h, "b (gh gw) d -> b d gh gw", gh=self.grid)
+        features = rearrange(h, "b (gh gw) d -> b d gh gw", gh=grid)
 
         shift, scale = self.ada_out(e)[:, None, :].chunk(2, dim=-1)
         out = self.out(_modulate(self.norm_out(h), shift, scale))
-        out = rearrange(out, "b (gh gw) (p1 p2 c) -> b c (gh p1) (gw p2)", gh=self.grid, p1=self.patch_size, p2=self.patch_size)
+        out = rearrange(out, "b (gh gw) (p1 p2 c) -> b c (gh p1) (gw p2)", gh=grid, p1=self.patch_size, p2=self.patch_size)
         return (out, features) if return_features else out

@@ -3,9 +3,11 @@
 - :func:`positional_embedding` / :class:`TimeEmbedding`: sinusoidal embedding of a scalar per sample
   (noise level, second time, guidance scale) followed by a 2-layer MLP.
 - :class:`ConditionEmbedding`: builds the single conditioning vector ``c`` [B, cond_dim] that all nets
-  feed to their blocks, as the sum of noise / second-time / guidance / class embeddings. It also
-  validates those inputs, so every net raises the same errors.
+  feed to their blocks, as the sum of noise / second-time / guidance / class / resolution embeddings.
+  It also validates those inputs, so every net raises the same errors.
 - :func:`concat_extra`: the ``extra`` input channels (self-conditioning, low-res condition).
+- :func:`check_resolutions` / :func:`image_resolution`: the set of input sizes an image net accepts,
+  and the validation of an input against it (shared by the UNet and the DiT).
 - :func:`attention`: plain ``softmax(q k^T / sqrt(d)) v``, shared by the UNet and the DiT.
 
 Everything here is safe under ``torch.func.jvp`` (no in-place ops on traced tensors, no fused
@@ -16,6 +18,8 @@ forward mode.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -27,6 +31,8 @@ __all__ = [
     "TimeEmbedding",
     "ConditionEmbedding",
     "check_class_labels",
+    "check_resolutions",
+    "image_resolution",
     "concat_extra",
     "attention",
 ]
@@ -114,11 +120,20 @@ def check_class_labels(
 
 
 class ConditionEmbedding(nn.Module):
-    """Conditioning vector ``c = E_t(noise) [+ E_s(s)] [+ E_w(guidance)] [+ E_y(class)]``, [B, cond_dim].
+    """Conditioning vector ``c = E_t(noise) [+ E_s(s)] [+ E_w(guidance)] [+ E_y(class)] [+ E_r(res)]``, [B, cond_dim].
 
-    Each scalar input gets its own :class:`TimeEmbedding`; the class table has ``num_classes + 1``
-    rows, the last one being the null label used for classifier-free guidance. The caller applies
-    its own non-linearity (nets feed ``silu(c)`` to their modulation layers).
+    Each scalar input gets its own :class:`TimeEmbedding`: the noise label, the second time ``s`` of
+    two-time maps (a consistency trajectory model's g(x_t, t, s), a flow map's f(x_t, t, s)), and the
+    guidance scale ``w`` of a guidance-conditioned student (a Fourier-feature embedding of w followed
+    by an MLP, as in guided distillation). The class table has ``num_classes + 1`` rows, the last one
+    being the null label used for classifier-free guidance. With ``num_resolutions > 0`` a learned
+    table of that many rows embeds the index of the input's resolution (a multi-resolution net tells
+    the blocks which scale it is working at; at the lowest one of a cascade it also marks that the
+    low-resolution condition is absent). The caller applies its own non-linearity (nets feed
+    ``silu(c)`` to their modulation layers).
+
+    Optional embeddings exist only when switched on, so a net built without them has exactly the
+    parameters (and state-dict keys) it had before they were added.
     """
 
     def __init__(
@@ -128,10 +143,13 @@ class ConditionEmbedding(nn.Module):
         num_classes: int = 0,
         second_time: bool = False,
         guidance_embed: bool = False,
+        num_resolutions: int = 0,
     ):
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if num_resolutions < 0:
+            raise ValueError(f"num_resolutions must be >= 0, got {num_resolutions}")
         self.num_classes = num_classes
         self.second_time = second_time
         self.guidance_embed = guidance_embed
@@ -139,6 +157,9 @@ class ConditionEmbedding(nn.Module):
         self.s = TimeEmbedding(freq_dim, cond_dim) if second_time else None
         self.guidance = TimeEmbedding(freq_dim, cond_dim) if guidance_embed else None
         self.label = nn.Embedding(num_classes + 1, cond_dim) if num_classes > 0 else None
+        # Built last, and only when asked: nets without it keep their parameters and random init.
+        self.num_resolutions = num_resolutions
+        self.resolution = nn.Embedding(num_resolutions, cond_dim) if num_resolutions > 0 else None
 
     def forward(
         self,
@@ -147,8 +168,13 @@ class ConditionEmbedding(nn.Module):
         class_labels: Optional[torch.Tensor] = None,
         s_labels: Optional[torch.Tensor] = None,
         guidance: Optional[torch.Tensor] = None,
+        resolution_index: Optional[int] = None,
     ) -> torch.Tensor:
-        """Returns c [B, cond_dim]; raises ValueError naming the offending argument."""
+        """Returns c [B, cond_dim]; raises ValueError naming the offending argument.
+
+        ``resolution_index`` (a Python int, the same for the whole batch) selects a row of the
+        resolution table; it is required exactly when the module was built with ``num_resolutions > 0``.
+        """
         noise_labels = _check_scalar_per_sample("noise_labels", noise_labels, batch_size)
         c = self.noise(noise_labels)
         if self.second_time:
@@ -166,7 +192,77 @@ class ConditionEmbedding(nn.Module):
         labels = check_class_labels(class_labels, self.num_classes, batch_size, c.device)
         if labels is not None:
             c = c + self.label(labels)
+        if self.resolution is not None:
+            if resolution_index is None:
+                raise ValueError("resolution_index is required: the network was built with a list of resolutions")
+            if not 0 <= resolution_index < self.num_resolutions:
+                raise ValueError(f"resolution_index must be in [0, {self.num_resolutions}), got {resolution_index}")
+            index = torch.full((batch_size,), int(resolution_index), dtype=torch.long, device=c.device)
+            c = c + self.resolution(index)
+        elif resolution_index is not None:
+            raise ValueError("resolution_index was given but the network was built without resolutions")
         return c
+
+
+def check_resolutions(
+    resolutions: Optional[Sequence[int]], img_resolution: int, multiple_of: int = 1, what: str = ""
+) -> Optional[tuple]:
+    """Validate a net's ``resolutions`` option; returns the sorted tuple (or None for a fixed-size net).
+
+    Every entry must be a positive int (a multiple of ``multiple_of``, e.g. the DiT's patch size),
+    without repeats, and ``img_resolution`` (the reference size the net's layout is defined at) must
+    be one of them. ``what`` explains ``multiple_of`` in the error message.
+    """
+    if resolutions is None:
+        return None
+    if isinstance(resolutions, (str, bytes)) or not isinstance(resolutions, Sequence) or len(resolutions) == 0:
+        raise ValueError(f"resolutions must be a non-empty list of image sizes (or None), got {resolutions!r}")
+    if any(isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in resolutions):
+        raise ValueError(f"resolutions must hold positive ints, got {list(resolutions)!r}")
+    resolutions = [int(r) for r in resolutions]
+    for r in resolutions:
+        if r % multiple_of != 0:
+            raise ValueError(f"resolutions: {r} is not divisible by {what or multiple_of} ({multiple_of})")
+    if len(set(resolutions)) != len(resolutions):
+        raise ValueError(f"resolutions must not repeat a size, got {list(resolutions)!r}")
+    if img_resolution not in resolutions:
+        raise ValueError(
+            f"img_resolution={img_resolution} must be one of resolutions={list(resolutions)!r} "
+            "(it is the reference size the network's layout is defined at)"
+        )
+    return tuple(sorted(resolutions))
+
+
+def image_resolution(
+    x: torch.Tensor,
+    in_channels: int,
+    img_resolution: int,
+    resolutions: Optional[tuple],
+    resolution: Optional[int] = None,
+) -> tuple:
+    """Check an image batch against what the net accepts; returns ``(r, index)``.
+
+    ``x`` must be [B, in_channels, r, r] with ``r == img_resolution`` for a fixed-size net
+    (``resolutions=None``; ``index`` is then None), or ``r`` one of ``resolutions`` (``index`` is its
+    position in the sorted tuple). ``resolution``, when given, is a cross-check: it must equal ``r``.
+    """
+    if resolutions is None:
+        expected = (in_channels, img_resolution, img_resolution)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+    elif x.dim() != 4 or x.shape[1] != in_channels or x.shape[2] != x.shape[3]:
+        raise ValueError(
+            f"x must have shape [B, {in_channels}, r, r] with r one of resolutions={list(resolutions)}, got {list(x.shape)}"
+        )
+    r = int(x.shape[-1])
+    if resolutions is not None and r not in resolutions:
+        raise ValueError(
+            f"x is {r}x{r}, which is not one of the network's resolutions={list(resolutions)}; "
+            "resize the input or rebuild the network with that size listed"
+        )
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution != r):
+        raise ValueError(f"resolution={resolution!r} was given but x is {r}x{r}; pass the input's size or None")
+    return r, (None if resolutions is None else resolutions.index(r))
 
 
 def concat_extra(x: torch.Tensor, extra: Optional[torch.Tensor], extra_channels: int) -> torch.Tensor:

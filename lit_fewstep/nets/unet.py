@@ -1,4 +1,9 @@
-"""EDM/ADM-style UNet: AdaGN residual blocks, self-attention at chosen resolutions, skip connections."""
+"""EDM/ADM-style UNet: AdaGN residual blocks, self-attention at chosen resolutions, skip connections.
+
+The net is fully convolutional, so with ``resolutions`` one set of weights serves several input
+sizes (a cascade that generates at low resolution first, then refines at higher ones conditioned on
+the upsampled result; a teacher used at another size than it was built for).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embeddings import ConditionEmbedding, attention, concat_extra
+from .embeddings import ConditionEmbedding, attention, check_resolutions, concat_extra, image_resolution
 from ..utils.config import Configurable
 
 __all__ = ["UNet"]
@@ -110,10 +115,13 @@ class Upsample(nn.Module):
 
 
 class UNet(Configurable, nn.Module):
-    """Conditional UNet: x [B, in_channels, R, R] -> [B, out_channels, R, R] with R = img_resolution.
+    """Conditional UNet: x [B, in_channels, R, R] -> [B, out_channels, R, R] with R = img_resolution
+    (or any R listed in ``resolutions``).
 
     Args:
-        img_resolution: input height = width (any size; each level halves it, rounding up).
+        img_resolution: input height = width (any size; each level halves it, rounding up). With
+            ``resolutions`` it is the reference size: the one ``attn_resolutions`` and
+            ``feature_shape`` refer to, and the default sample size; it must be listed.
         in_channels / out_channels: image channels (out_channels defaults to in_channels).
         model_channels: width of the first level; level i has ``model_channels * channel_mult[i]``.
         channel_mult: one entry per resolution level.
@@ -126,6 +134,18 @@ class UNet(Configurable, nn.Module):
         second_time: accept ``s_labels``. guidance_embed: accept ``guidance``.
         extra_channels: channels of the optional ``extra`` input concatenated to x.
         num_heads: attention heads (must divide the channel count at attention levels).
+        resolutions: None (default) accepts only ``img_resolution`` and adds no parameters. A list,
+            e.g. ``(8, 16, 32)``, makes the net accept any listed size and adds a learned embedding of
+            the size's index (in sorted order) to the conditioning vector, so the blocks know which scale
+            they work at. The layout does not change with the size: attention sits at the levels where
+            it sits at ``img_resolution`` (so at another size it runs on a proportionally smaller or
+            larger map), and every listed size must still be at least 2x2 before the last downsampling.
+
+    Forward keywords: ``class_labels`` [B] int64; ``s_labels`` [B] (second time, with
+    ``second_time``); ``guidance`` [B] (guidance scale, with ``guidance_embed``); ``extra``
+    [B, extra_channels, R, R] (e.g. an upsampled low-resolution image and/or a self-conditioning
+    estimate, concatenated to x; None reads as zeros); ``resolution`` (optional cross-check: the
+    input's size); ``return_features``. An input the net was not built for raises ValueError.
 
     ``feature_channels`` = ``model_channels * channel_mult[-1]``: the bottleneck after the middle block.
     """
@@ -145,10 +165,20 @@ class UNet(Configurable, nn.Module):
         guidance_embed: bool = False,
         extra_channels: int = 0,
         num_heads: int = 1,
+        resolutions: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if len(channel_mult) == 0:
             raise ValueError("channel_mult must have at least one level")
+        self.resolutions = check_resolutions(resolutions, img_resolution)
+        if self.resolutions is not None and len(channel_mult) > 1:
+            # Each downsampling halves (rounding up): a 1x1 map before the last level cannot shrink further.
+            smallest = 2 ** (len(channel_mult) - 2) + 1
+            if self.resolutions[0] < smallest:
+                raise ValueError(
+                    f"resolutions: {self.resolutions[0]} is too small for {len(channel_mult)} levels of channel_mult "
+                    f"(it reaches 1x1 before the last level); list sizes >= {smallest} or use fewer levels"
+                )
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
@@ -158,7 +188,8 @@ class UNet(Configurable, nn.Module):
         self.extra_channels = extra_channels
 
         cond_dim = 4 * model_channels
-        self.cond = ConditionEmbedding(model_channels, cond_dim, num_classes, second_time, guidance_embed)
+        num_resolutions = 0 if self.resolutions is None else len(self.resolutions)
+        self.cond = ConditionEmbedding(model_channels, cond_dim, num_classes, second_time, guidance_embed, num_resolutions)
         self.conv_in = nn.Conv2d(in_channels + extra_channels, model_channels, 3, padding=1)
 
         # Encoder: every module's output is kept as a skip for the decoder.
@@ -217,13 +248,12 @@ class UNet(Configurable, nn.Module):
         guidance: Optional[torch.Tensor] = None,
         extra: Optional[torch.Tensor] = None,
         return_features: bool = False,
+        resolution: Optional[int] = None,
     ):
         """x [B, in_channels, R, R], noise_labels [B] -> [B, out_channels, R, R]
         (and the bottleneck [B, feature_channels, r, r] if ``return_features``)."""
-        expected = (self.in_channels, self.img_resolution, self.img_resolution)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
-        e = F.silu(self.cond(noise_labels, x.shape[0], class_labels, s_labels, guidance))
+        _, res_index = image_resolution(x, self.in_channels, self.img_resolution, self.resolutions, resolution)
+        e = F.silu(self.cond(noise_labels, x.shape[0], class_labels, s_labels, guidance, res_index))
 
         h = self.conv_in(concat_extra(x, extra, self.extra_channels))
         skips = [h]
