@@ -1,6 +1,6 @@
 """Methods: every one a FewStepModule (LightningModule with an explicit update schedule)."""
 
-from .base import FewStepModule, Phase, Samples, load_teacher
+from .base import FewStepModule, Phase, Samples, Stage, load_teacher
 from .diffusion import EDMDiffusion, FlowMatching
 from .dmd import DMD, DMD2
 from .msd import MSD

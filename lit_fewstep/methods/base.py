@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 import torch
 from torch import Tensor, nn
 
+from ..conditioning import Conditioning, split_batch
 from ..utils.checkpoint import FORMAT_KEY, atomic_save, load_module
 from ..utils.config import Configurable
 from ..utils.preemption import AtomicCheckpointIO, PreemptionCheckpoint
@@ -568,17 +569,21 @@ class FewStepModule(Configurable, L.LightningModule):
                 raise ValueError(f"{unknown[0]}: {type(self).__name__} takes no {unknown[0]!r} option at sampling "
                                  f"(it takes {takes or 'none'}); drop it.")
         scale = options.get("guidance_scale")
-        if scale is not None and not math.isfinite(float(scale)):
+        if scale is not None and not bool(torch.isfinite(torch.as_tensor(scale, dtype=torch.float64)).all()):
             raise ValueError(f"guidance_scale: must be a finite number, got {scale}.")
 
     @torch.no_grad()
     def sample(self, n: int, nfe: int, class_labels: Tensor | None = None, generator: torch.Generator | None = None,
-               use_ema: bool | str = True, **options) -> Samples:
+               use_ema: bool | str = True, cond: Conditioning | None = None, **options) -> Samples:
         """Draw n samples with `nfe` network evaluations each (guidance counts double).
 
-        Class labels default to uniform draws from `generator` for class-conditional models.
+        Class labels default to uniform draws from `generator` for class-conditional models. `cond` carries the
+        rest of the conditioning (`lit_fewstep.conditioning`): a per-sample ``guidance_scale`` becomes the
+        ``guidance_scale`` option; the other fields go to a method whose `_sample` takes ``cond``.
         """
         self.check_nfe(nfe)
+        if cond is not None:
+            class_labels, options = self._merge_conditioning(cond, class_labels, n, options)
         self.check_sample_options(options)
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device)
@@ -596,6 +601,27 @@ class FewStepModule(Configurable, L.LightningModule):
 
     def _sample(self, noise: Tensor, class_labels: Tensor | None, nfe: int, net: nn.Module, **options) -> tuple[Tensor, int]:
         raise NotImplementedError
+
+    def _merge_conditioning(self, cond: Conditioning, class_labels, n: int, options: dict) -> tuple:
+        if cond.batch_size not in (None, n):
+            raise ValueError(f"cond: conditioning for {cond.batch_size} samples, but n = {n}.")
+        if cond.class_labels is not None:
+            if class_labels is not None:
+                raise ValueError("class_labels: given both as an argument and in cond; give them once.")
+            class_labels = cond.class_labels
+        options = dict(options)
+        if cond.guidance_scale is not None:
+            if "guidance_scale" in options:
+                raise ValueError("guidance_scale: given both as an option and in cond; give it once.")
+            options["guidance_scale"] = cond.guidance_scale.to(self.device)
+        rest = cond.replace(class_labels=None, guidance_scale=None)
+        if rest.items():
+            options["cond"] = rest.to(self.device)  # refused by check_sample_options unless _sample takes it
+        return class_labels, options
+
+    def split_batch(self, batch) -> tuple[Tensor, Conditioning]:
+        """A training batch as (x, Conditioning): (x,), (x, class_labels) or (x, {field: tensor})."""
+        return split_batch(batch)
 
     # ----------------------------------------------------------------------------- setup checks
     def configure_callbacks(self):

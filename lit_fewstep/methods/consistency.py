@@ -331,7 +331,8 @@ class ConsistencyModel(ConsistencyFamily):
     def consistency_loss(self, batch) -> Tensor:
         """Eq. (7) (CD) / Eq. (10) (CT) of Song et al. 2023:
         E[lambda(sigma_n) d(f_theta(x + sigma_{n+1} z, sigma_{n+1}), f_theta-(x̂_n, sigma_n))]."""
-        x, y = batch
+        x, cond = self.split_batch(batch)
+        y = cond.class_labels
         k = int(self.iteration)
         sigmas = self.grid(self.scales(k)).to(device=x.device)
         # noise from FewStepModule.rand/randn: seeded per iteration and sliced per DDP rank (exact resume)

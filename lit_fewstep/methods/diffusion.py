@@ -120,7 +120,8 @@ class EDMDiffusion(DiffusionTeacher):
 
     def denoising_loss(self, batch, generator=None):
         """Eq. 2 + Table 1 of Karras et al. 2022: lambda(sigma) ||D(x + sigma n, sigma) - x||^2, mean over elements."""
-        x, y = batch
+        x, cond = self.split_batch(batch)
+        y = cond.class_labels
         y = self.maybe_drop_labels(y, x, generator)
         sigma = lognormal_sigmas(self.randn((x.shape[0],), x, generator), self.P_mean, self.P_std)
         n = self.randn(x.shape, x, generator)
@@ -159,7 +160,8 @@ class FlowMatching(DiffusionTeacher):
 
     def denoising_loss(self, batch, generator=None):
         """Conditional flow matching: ||F(x_t, t) - (z - x)||^2 on x_t = (1 - t) x + t z, mean over elements."""
-        x, y = batch
+        x, cond = self.split_batch(batch)
+        y = cond.class_labels
         y = self.maybe_drop_labels(y, x, generator)
         t = self.sample_times(self.randn((x.shape[0],), x, generator), self.rand((x.shape[0],), x, generator))
         z = self.randn(x.shape, x, generator)

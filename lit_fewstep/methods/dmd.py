@@ -271,10 +271,9 @@ class DMD(FewStepModule):
         hi = round(fraction_range[1] * (GRID_SIZE - 1))
         return self.sigma_grid[self.randint(lo, hi + 1, (n,), self.sigma_grid)]
 
-    @staticmethod
-    def _unpack(batch) -> tuple[Tensor, Tensor | None]:
-        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        return x, y
+    def _unpack(self, batch) -> tuple[Tensor, Tensor | None]:
+        x, cond = self.split_batch(batch)
+        return x, cond.class_labels
 
     def _labels(self, y: Tensor | None) -> Tensor | None:
         return y if self.num_classes > 0 else None

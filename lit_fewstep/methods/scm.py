@@ -176,7 +176,8 @@ class SCM(ConsistencyFamily):
         return torch.exp(w) / D * sq - w
 
     def scm_loss(self, batch) -> Tensor:
-        x, y = batch
+        x, cond = self.split_batch(batch)
+        y = cond.class_labels
         # noise from FewStepModule.randn: seeded per iteration and sliced per DDP rank (exact resume)
         t = self.sample_times(self.randn((x.shape[0],), x))
         z = self.randn(x.shape, x)
