@@ -2,7 +2,6 @@
 
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -12,34 +11,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_fewstep.cli import FewStepTrainer
 from lit_fewstep.data import Toy2DDataModule
-from lit_fewstep.methods import DMD2, ICT, SCT, EDMDiffusion, FlowMatching
+from conformance_methods import build
+from lit_fewstep.methods import EDMDiffusion
 from lit_fewstep.methods.base import NonFiniteError
 from lit_fewstep.nets import MLP
 from lit_fewstep.utils.checkpoint import atomic_save, load_checkpoint
 
-def _toy_teacher_path() -> str:
-    """A tiny 8-Gaussians EDM teacher for distillation methods, written once per test session."""
-    path = Path(tempfile.gettempdir()) / f"lit_fewstep_test_teacher_{os.getpid()}.pt"
-    if not path.exists():
-        with torch.random.fork_rng():  # leave the global RNG as the calling run seeded it
-            torch.manual_seed(0)
-            EDMDiffusion(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422).export(str(path))
-    return str(path)
-
-
-# Methods whose resume is checked bit for bit; each entry builds a tiny module. Methods add themselves here.
-METHOD_FACTORIES = {
-    # two-time-scale schedule (critic every iteration, generator every 3rd): iteration 5 is mid-cycle
-    "dmd2": lambda: DMD2(_toy_teacher_path(), generator_sigmas=(80.0, 1.0), generator_every=3, lr=1e-3, ema_decay=0.9),
-    "edm": lambda: EDMDiffusion(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422, ema_decay=0.9),
-    "flow_matching": lambda: FlowMatching(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422),
-    # curriculum N(k) and target network on the EDM path
-    "ict": lambda: ICT(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), s0=2, s1=16, total_steps=12,
-                       sigma_data=1.422, ema_decay=0.9),
-    # JVP objective, tangent warm-up r(k), adaptive weighting network
-    "sct": lambda: SCT(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.422, warmup_steps=8,
-                       ema_decay=0.9),
-}
+def _edm():
+    """The conformance suite's tiny EDM teacher (tests/conformance_methods.py)."""
+    return build("edm")
 
 
 def _data():
@@ -72,13 +52,6 @@ def _fit(factory, root, iterations, ckpt_path=None, callbacks=()):
     return module
 
 
-def _checkpoint_at(directory, iteration):
-    for path in sorted(directory.glob("step=*.ckpt")):
-        if int(load_checkpoint(path)["state_dict"]["iteration"]) == iteration:
-            return path
-    raise AssertionError(f"no checkpoint at iteration {iteration} in {directory}")
-
-
 def _assert_same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -86,23 +59,8 @@ def _assert_same_state(a, b):
     assert not different, different[:5]
 
 
-# 10 batches per epoch: 5 is inside epoch 0, 10 exactly at the first epoch boundary, 15 inside epoch 1.
-RESUME_POINTS = (5, 10, 15)
-
-
-@pytest.mark.parametrize("name", sorted(METHOD_FACTORIES))
-def test_resume_is_bit_exact_inside_and_across_epochs(name, tmp_path):
-    factory = METHOD_FACTORIES[name]
-    full = _fit(factory, tmp_path / "full", 18)
-    _fit(factory, tmp_path / "cut", max(RESUME_POINTS))
-    for cut in RESUME_POINTS:
-        # A different global seed at resume must not matter: the run's own seed and RNG streams come back.
-        L.seed_everything(123)
-        module = factory()
-        _trainer(tmp_path / f"resumed_{cut}", -1, [_StopAtIteration(18)]).fit(
-            module, _data(), ckpt_path=_checkpoint_at(tmp_path / "cut" / "ckpts", cut))
-        assert int(module.iteration) == 18, cut
-        _assert_same_state(full, module)
+# Bit-exact resume of every method, cut inside epoch 0, at the epoch boundary and inside epoch 1:
+# tests/test_conformance.py.
 
 
 class _SigtermAt(Callback):
@@ -115,7 +73,7 @@ class _SigtermAt(Callback):
 
 
 def test_sigterm_saves_and_resume_is_exact(tmp_path):
-    factory = METHOD_FACTORIES["edm"]
+    factory = _edm
     full = _fit(factory, tmp_path / "full", 9)
     with pytest.raises(SystemExit):
         _fit(factory, tmp_path / "cut", 9, callbacks=[_SigtermAt(4)])
@@ -146,16 +104,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("name", sorted(METHOD_FACTORIES))
-def test_injected_nan_stops_with_phase_named(name, tmp_path):
-    for phase in METHOD_FACTORIES[name]().phases:
-        module = METHOD_FACTORIES[name]()
-        setattr(module, phase.loss, lambda batch, generator=None: torch.tensor(float("nan"), requires_grad=True))
-        trainer = _trainer(tmp_path, 3)
-        with pytest.raises(NonFiniteError, match=rf"non-finite loss in phase '{phase.name}' at iteration 0"):
-            trainer.fit(module, _data())
-
-
+# A NaN loss in each phase of every method stops naming the phase: tests/test_conformance.py.
 
 
 def test_nonfinite_skip_still_ends_at_max_steps(tmp_path):
@@ -179,7 +128,7 @@ def test_nonfinite_skip_stops_after_consecutive_skips_and_says_what_is_saved(tmp
 
 
 def test_nonfinite_stop_names_the_checkpoint_that_exists(tmp_path):
-    module = METHOD_FACTORIES["edm"]()
+    module = _edm()
     loss = module.denoising_loss
     module.denoising_loss = lambda batch, generator=None: (
         loss(batch) if int(module.iteration) < 3 else torch.tensor(float("nan"), requires_grad=True))
@@ -200,7 +149,7 @@ def test_stale_temporaries_are_removed_and_checkpoints_follow_the_umask(tmp_path
     ckpts = ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_last=True)
     old = os.umask(0o027)
     try:
-        _trainer(tmp_path, 2, [ckpts]).fit(METHOD_FACTORIES["edm"](), _data())
+        _trainer(tmp_path, 2, [ckpts]).fit(_edm(), _data())
     finally:
         os.umask(old)
     assert not stale.exists() and all(p.exists() for p in keep)

@@ -56,13 +56,12 @@ def test_teacher_learns_the_denoiser(tmp_path):
     assert val_loss() < 0.6 * untrained
 
 
+# Unguided sampling spends exactly the requested NFE: tests/test_conformance.py.
 @pytest.mark.parametrize("nfe", [1, 2, 5])
-def test_sample_spends_requested_nfe_and_guidance_doubles(nfe):
+def test_guidance_doubles_the_nfe(nfe):
     model = tiny_teacher()
-    out = model.sample(16, nfe, generator=torch.Generator().manual_seed(0))
-    assert out.x.shape == (16, 2) and out.labels.shape == (16,) and out.nfe == nfe
     guided = model.sample(16, nfe, generator=torch.Generator().manual_seed(0), guidance_scale=2.0)
-    assert guided.nfe == 2 * nfe
+    assert guided.x.shape == (16, 2) and guided.nfe == 2 * nfe
 
 
 def test_sample_is_seeded_and_labels_respected():
@@ -72,28 +71,20 @@ def test_sample_is_seeded_and_labels_respected():
     assert torch.equal(a.x, b.x) and torch.equal(a.labels, torch.arange(8))
 
 
-def test_sample_rejects_bad_input():
+def test_sample_rejects_bad_class_labels():  # bad NFE: tests/test_conformance.py
     model = tiny_teacher()
-    with pytest.raises(ValueError, match=r"nfe: must be an integer >= 1, got 0"):
-        model.sample(4, 0)
     with pytest.raises(ValueError, match=r"class_labels: labels must be in \[0, 7\]"):
         model.sample(2, 1, class_labels=torch.tensor([0, 8]))
     with pytest.raises(ValueError, match="class_labels: this model is unconditional"):
         tiny_teacher(num_classes=0).sample(2, 1, class_labels=torch.tensor([0, 1]))
 
 
-def test_export_round_trip_gives_identical_samples(tmp_path):
+def test_export_holds_config_and_weights_only(tmp_path):  # identical samples after reload: tests/test_conformance.py
     model = tiny_teacher(FlowMatching)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    model.update_ema()
     path = tmp_path / "teacher.pt"
     model.export(str(path))
     loaded = load_module(path)
     assert type(loaded) is FlowMatching and loaded.sigma_data == model.sigma_data
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert torch.equal(model.sample(32, 4, generator=g()).x, loaded.sample(32, 4, generator=g()).x)
     ckpt = load_checkpoint(path)  # weights_only=True
     assert set(ckpt) == {"lit_fewstep", "state_dict"}
 
