@@ -628,7 +628,9 @@ class FewStepModule(Configurable, L.LightningModule):
         return [PreemptionCheckpoint()]
 
     def setup(self, stage: str) -> None:
-        self.init_config  # fail now, not at the first checkpoint, if an argument cannot be recorded
+        # Fails now, not at the first checkpoint, if an argument cannot be recorded; logged as the run's
+        # hyper-parameters (hparams.yaml, TensorBoard), under "model" so no key clashes with the data module's.
+        self.save_hyperparameters({"model": self.init_config}, logger=True)
         if self._trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -83,6 +83,12 @@ class PreemptionCheckpoint(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._requeue_signal is not None and callable(self._lightning_handler):
             signal.signal(self._requeue_signal, self._lightning_handler)
+        # Periodic saves every N steps miss the end of a run whose length N does not divide: write last.ckpt at the
+        # end too, so it always holds the finished run (not on an interrupted one: that wrote preempted.ckpt).
+        callback = trainer.checkpoint_callback
+        if (callback is not None and getattr(callback, "save_last", False) and not trainer.interrupted
+                and getattr(callback, "_last_global_step_saved", -1) != trainer.global_step and callback.dirpath):
+            trainer.save_checkpoint(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         if self._pending is not None:  # the requeue signal came during this batch: let Lightning save and requeue now
