@@ -28,7 +28,7 @@ sampling           1 step at sigma_max                fixed sigmas, trained with
 =================  =================================  ==================================================
 
 Equation numbers follow the arXiv versions (DMD: 2311.18828; DMD2: 2405.14867) as recalled in
-``shared/methods/notes/distillation.md`` sections 5-6; the code matches the official DMD2 EDM code there.
+``docs/distribution_matching.md`` (sections DMD, DMD2); it lists where the code matches the official DMD2 code.
 """
 
 from __future__ import annotations
