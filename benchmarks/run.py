@@ -130,7 +130,7 @@ def datamodule_of(module, entry: dict):
 
 # ------------------------------------------------------------------------------------------------ evaluate
 def score(module, evaluator, nfe: int, num: int, seed: int, options: dict) -> dict:
-    from lit_fewstep.cli import draw
+    from lit_fewstep.methods.sampling import draw
 
     x, _, spent, seconds = draw(module, num, nfe, seed, None, True, 1000, **options)
     return {"nfe": nfe, "nfe_spent": spent, **evaluator.score(x), "samples_per_s": num / seconds}

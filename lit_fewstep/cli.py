@@ -1,7 +1,11 @@
-"""`python -m lit_fewstep`: LightningCLI (fit / validate / test) plus our `sample` and `evaluate`.
+"""`python -m lit_fewstep`: LightningCLI (fit / validate / test) plus our `sample`, `evaluate` and `pairs`.
 
 `fit --config configs/<method>/<data>.yaml` trains any method chosen by `model.class_path`.
-`sample` and `evaluate` read a self-describing checkpoint and need no config.
+`sample` and `evaluate` read a self-describing checkpoint and need no config; `pairs` writes a teacher's ODE
+pairs (DMD's regression set; also `python -m lit_fewstep.data.pairs`).
+
+This is the top floor of the package: it may import every layer and no module imports it (the rule is in
+`lit_fewstep/__init__.py`).
 """
 
 from __future__ import annotations
@@ -16,67 +20,20 @@ import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from .methods.base import FewStepModule
-from .utils.args import check_writable, finite_float, parse_bool, positive_int
-from .utils.checkpoint import load_module
+from .data.pairs import make_pairs, save_pairs
+from .methods.base import FewStepModule, load_teacher
+from .methods.sampling import add_checkpoint_arguments, draw, load_for_sampling, sampling_options
+from .utils.args import check_writable, parse_bool, positive_int
+from .utils.checkpoint import TRUST_FLAG
 from .utils.images import save_samples_png
 
-__all__ = ["main", "FewStepCLI", "FewStepTrainer", "sample_main", "evaluate_main"]
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-SOLVERS = ("heun", "euler")
-
-
-def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="checkpoint (.ckpt from fit, or .pt from export)")
-    parser.add_argument("--ema", type=parse_bool, default=True, help="sample from EMA weights (true|false)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    parser.add_argument("--batch_size", type=positive_int, default=1000)
-    parser.add_argument("--guidance_scale", type=finite_float, default=None, help="CFG scale (1 = none; default: the model's)")
-    parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun)")
-    parser.add_argument("--trust_checkpoint", type=parse_bool, default=False,
-                        help="allow pickle loading and classes outside lit_fewstep (runs code from the file: only for "
-                             "files you trust)")
-
-
-def _load(args, path: str | None = None, field: str = "ckpt") -> FewStepModule:
-    """The module of `path` (default --ckpt) on --device, in eval mode, loaded as --trust_checkpoint allows."""
-    module = load_module(args.ckpt if path is None else path, trust=args.trust_checkpoint, field=field)
-    return module.to(_device(args.device)).eval()
-
-
-def draw(module: FewStepModule, num: int, nfe: int, seed: int, class_labels=None, use_ema: bool = True,
-         batch_size: int = 1000, **options):
-    """Sample in batches from one seeded generator: the same seed gives the same samples at any batch size
-    only for equal batch sizes; report (samples, labels, nfe, seconds)."""
-    generator = torch.Generator().manual_seed(seed)
-    xs, ys, nfe_spent = [], [], None
-    start = time.perf_counter()
-    for begin in range(0, num, batch_size):
-        size = min(batch_size, num - begin)
-        labels = None if class_labels is None else class_labels[begin:begin + size]
-        out = module.sample(size, nfe, class_labels=labels, generator=generator, use_ema=use_ema, **options)
-        xs.append(out.x.float().cpu())
-        if out.labels is not None:
-            ys.append(out.labels.cpu())
-        nfe_spent = out.nfe
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return torch.cat(xs), (torch.cat(ys) if ys else None), nfe_spent, seconds
+__all__ = ["main", "FewStepCLI", "FewStepTrainer", "sample_main", "evaluate_main", "pairs_main"]
 
 
 def sample_main(argv: list[str]) -> Path:
     """Draw samples from a checkpoint and write them as .npz (or a .png picture)."""
     parser = argparse.ArgumentParser(prog="python -m lit_fewstep sample", description=sample_main.__doc__)
-    _checkpoint_arguments(parser)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--nfe", type=positive_int, required=True, help="network evaluations per sample")
     parser.add_argument("--num", type=positive_int, default=64)
     parser.add_argument("--out", required=True, help="FILE.npz, or FILE.png for a grid / scatter plot")
@@ -87,15 +44,13 @@ def sample_main(argv: list[str]) -> Path:
     if out.suffix not in (".png", ".npz"):
         out = out.with_suffix(".npz")
     check_writable(out, "--out")  # before any sampling
-    module = _load(args)
+    module = load_for_sampling(args.ckpt, args.device, args.trust_checkpoint)
     labels = None
     if args.class_labels is not None:
         if len(args.class_labels) not in (1, args.num):
             parser.error(f"--class_labels takes one label or --num={args.num} labels, got {len(args.class_labels)}")
         labels = torch.tensor(args.class_labels * (args.num if len(args.class_labels) == 1 else 1), dtype=torch.long)
-    options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
-    if args.solver:
-        options["solver"] = args.solver
+    options = sampling_options(args)
     x, y, nfe, seconds = draw(module, args.num, args.nfe, args.seed, labels, args.ema, args.batch_size, **options)
     if out.suffix == ".png":
         save_samples_png(x.numpy(), out, None if y is None else y.numpy(), title=f"{Path(args.ckpt).name}, NFE {nfe}")
@@ -115,12 +70,35 @@ def evaluate_main(argv: list[str]) -> dict:
     return run(argv)
 
 
-TOOLS = {"sample": sample_main, "evaluate": evaluate_main}
+def pairs_main(argv: list[str] | None = None, prog: str = "python -m lit_fewstep pairs") -> Path:
+    """Teacher ODE noise -> sample pairs, made once and reused (DMD's regression set; reflow couplings)."""
+    parser = argparse.ArgumentParser(prog=prog, description=pairs_main.__doc__)
+    parser.add_argument("--teacher", required=True, help="lit_fewstep teacher checkpoint (.pt/.ckpt)")
+    parser.add_argument("--num", type=int, required=True, help="number of pairs")
+    parser.add_argument("--nfe", type=int, default=35, help="teacher evaluations per sample (EDM Heun)")
+    parser.add_argument("--out", required=True, help="output FILE.pt")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="teacher CFG scale (1 = none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=positive_int, default=512)
+    parser.add_argument("--trust_checkpoint", type=parse_bool, default=False,
+                        help="allow pickle and classes outside lit_fewstep in --teacher (runs code from the file)")
+    args = parser.parse_args(argv)
+    teacher = load_teacher(args.teacher, trust=args.trust_checkpoint, field_name="--teacher", opt_in=TRUST_FLAG)
+    start = time.perf_counter()
+    pairs = make_pairs(teacher, args.num, args.nfe, guidance_scale=args.guidance_scale, seed=args.seed,
+                       batch_size=args.batch_size)
+    out = Path(args.out)
+    save_pairs(pairs, out, args.teacher)
+    print(f"wrote {args.num} pairs ({pairs['nfe']} NFE each, {time.perf_counter() - start:.1f} s) to {out}")
+    return out
+
+
+TOOLS = {"sample": sample_main, "evaluate": evaluate_main, "pairs": pairs_main}
 
 
 class FewStepTrainer(Trainer):
     """Lightning's Trainer, loading resume checkpoints with weights_only=True unless told otherwise;
-    `sample`/`evaluate` are listed here so `--help` shows them."""
+    `sample`/`evaluate`/`pairs` are listed here so `--help` shows them."""
 
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path: str | None = None,
             weights_only: bool = True):
@@ -146,13 +124,17 @@ class FewStepTrainer(Trainer):
         """Metrics of a checkpoint at several NFE: evaluate --ckpt PATH --nfe 1 2 4 --num N."""
         raise RuntimeError("run `python -m lit_fewstep evaluate --help`")
 
+    def pairs(self):
+        """A teacher's ODE pairs for DMD's regression loss: pairs --teacher PATH --num N --nfe 35 --out FILE.pt."""
+        raise RuntimeError("run `python -m lit_fewstep pairs --help`")
+
 
 class FewStepCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
         commands.pop("predict", None)
-        commands.update({"sample": set(), "evaluate": set()})
+        commands.update({tool: set() for tool in TOOLS})
         return commands
 
     def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):

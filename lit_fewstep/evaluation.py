@@ -18,6 +18,7 @@ import torch
 import yaml
 from lightning.pytorch import LightningDataModule
 
+from .methods.sampling import add_checkpoint_arguments, draw, load_for_sampling, sampling_options
 from .metrics import MMD, ExactNLL, PrecisionRecall, SlicedWasserstein2, load_digits_features, make_fid
 from .utils.args import check_writable, positive_int
 from .utils.checkpoint import TRUST_FLAG
@@ -130,10 +131,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     """Sample a checkpoint at several NFE and print one metrics row per NFE (also written as JSON)."""
-    from .cli import _checkpoint_arguments, _load, draw
-
     parser = argparse.ArgumentParser(prog="python -m lit_fewstep evaluate", description=evaluate_main.__doc__)
-    _checkpoint_arguments(parser)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--nfe", type=positive_int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--num", type=positive_int, default=5000, help="generated samples per NFE")
     parser.add_argument("--data", default=None, help="config with a data: section (default: the one recorded at fit)")
@@ -146,7 +145,7 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--out", default=None, help="JSON file (default: next to the checkpoint)")
     args = parser.parse_args(argv)
     out = check_writable(Path(args.out) if args.out else Path(args.ckpt).with_suffix(".eval.json"), "--out")
-    module = _load(args)
+    module = load_for_sampling(args.ckpt, args.device, args.trust_checkpoint)
     teacher_path = args.teacher or getattr(module, "teacher_ckpt", None)
     if args.teacher_nfe and not teacher_path:
         parser.error(f"--teacher_nfe: {args.ckpt} records no teacher_ckpt; pass --teacher PATH.")
@@ -166,13 +165,11 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
 
         feature_net = InceptionFeatures(args.inception_weights)
     evaluator = Evaluator(datamodule, args.num_reference, args.seed, feature_net)
-    options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
-    if args.solver:
-        options["solver"] = args.solver
+    options = sampling_options(args)
     runs = [("student" if args.teacher_nfe else type(module).__name__, module, args.nfe, options)]
     if args.teacher_nfe:
         # The teacher samples with its own defaults (Heun, its guidance); only --solver is shared.
-        teacher = _load(args, teacher_path, field="teacher")
+        teacher = load_for_sampling(teacher_path, args.device, args.trust_checkpoint, field="teacher")
         runs.append(("teacher", teacher, args.teacher_nfe, {"solver": args.solver} if args.solver else {}))
     for name, model, nfes, _ in runs:  # every requested NFE is checked before any work
         for nfe in nfes:

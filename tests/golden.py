@@ -93,7 +93,7 @@ def _overrides(config: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
     pairs_path = init_args.get("pairs_path")
     if pairs_path:
         # made afresh every time (never a user's runs/ file, which may be stale or missing)
-        from lit_fewstep.data.pairs import main as make_pairs_main
+        from lit_fewstep.cli import pairs_main as make_pairs_main
 
         out = workdir / "pairs.pt"
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):

@@ -8,10 +8,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_fewstep.cli import draw
 from lit_fewstep.data import DigitsDataModule, Toy2DDataModule
 from lit_fewstep.evaluation import Evaluator
 from lit_fewstep.methods import EDMDiffusion
+from lit_fewstep.methods.sampling import draw
 from lit_fewstep.metrics import NFESweepCallback, SampleGridCallback, ThroughputCallback
 from lit_fewstep.nets import MLP, UNet
 

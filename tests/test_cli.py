@@ -15,7 +15,7 @@ CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.y
 def test_help_lists_subcommands():
     result = run_cli(["--help"])
     assert result.returncode == 0, result.stderr
-    for sub in ("fit", "validate", "test", "sample", "evaluate"):
+    for sub in ("fit", "validate", "test", "sample", "evaluate", "pairs"):
         assert sub in result.stdout
 
 

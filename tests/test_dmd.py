@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import ROOT
+from lit_fewstep.cli import pairs_main
 from lit_fewstep.data import Toy2DDataModule
-from lit_fewstep.data.pairs import load_pairs, main as pairs_main, make_pairs
+from lit_fewstep.data.pairs import load_pairs, make_pairs
 from lit_fewstep.diffusion.paths import EDMPath
 from lit_fewstep.diffusion.predictions import convert_prediction
 from lit_fewstep.methods import DMD, DMD2, EDMDiffusion

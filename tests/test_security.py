@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from lit_fewstep.cli import main
-from lit_fewstep.data.pairs import main as pairs_main
+from lit_fewstep.cli import main, pairs_main
 from lit_fewstep.methods import DMD2, EDMDiffusion, FewStepModule
 from lit_fewstep.methods.base import load_teacher
 from lit_fewstep.nets import MLP

@@ -1,6 +1,9 @@
 """Teacher ODE noise -> sample pairs, made once and reused (DMD's regression set; reflow couplings).
 
-    python -m lit_fewstep.data.pairs --teacher lit_fewstep/assets/edm_digits.pt --num 2048 --nfe 35 --out pairs.pt
+    python -m lit_fewstep pairs --teacher lit_fewstep/assets/edm_digits.pt --num 2048 --nfe 35 --out pairs.pt
+
+(``python -m lit_fewstep.data.pairs ...`` is the same command.) This module makes and reads pairs from a teacher
+object; loading the teacher from a checkpoint is the command's work (`lit_fewstep.cli.pairs_main`).
 
 The file holds plain tensors only (it loads with ``torch.load(weights_only=True)``):
 
@@ -19,8 +22,6 @@ key                value
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -28,8 +29,7 @@ import torch
 from ..diffusion.guidance import guide
 from ..diffusion.paths import EDMPath
 from ..diffusion.solvers import NFECounter, sample_edm_heun
-from ..utils.args import parse_bool, positive_int
-from ..utils.checkpoint import TRUST_FLAG, atomic_save, load_checkpoint
+from ..utils.checkpoint import atomic_save, load_checkpoint
 
 __all__ = ["make_pairs", "save_pairs", "load_pairs"]
 
@@ -103,29 +103,7 @@ def load_pairs(path: str | Path, field: str = "pairs_path") -> dict:
     return pairs
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from ..methods.base import load_teacher
+if __name__ == "__main__":  # the command lives in the CLI (data sits under the methods that load a teacher)
+    from lit_fewstep.cli import pairs_main
 
-    parser = argparse.ArgumentParser(prog="python -m lit_fewstep.data.pairs", description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", required=True, help="lit_fewstep teacher checkpoint (.pt/.ckpt)")
-    parser.add_argument("--num", type=int, required=True, help="number of pairs")
-    parser.add_argument("--nfe", type=int, default=35, help="teacher evaluations per sample (EDM Heun)")
-    parser.add_argument("--out", required=True, help="output FILE.pt")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="teacher CFG scale (1 = none)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=positive_int, default=512)
-    parser.add_argument("--trust_checkpoint", type=parse_bool, default=False,
-                        help="allow pickle and classes outside lit_fewstep in --teacher (runs code from the file)")
-    args = parser.parse_args(argv)
-    teacher = load_teacher(args.teacher, trust=args.trust_checkpoint, field_name="--teacher", opt_in=TRUST_FLAG)
-    start = time.perf_counter()
-    pairs = make_pairs(teacher, args.num, args.nfe, guidance_scale=args.guidance_scale, seed=args.seed,
-                       batch_size=args.batch_size)
-    out = Path(args.out)
-    save_pairs(pairs, out, args.teacher)
-    print(f"wrote {args.num} pairs ({pairs['nfe']} NFE each, {time.perf_counter() - start:.1f} s) to {out}")
-    return out
-
-
-if __name__ == "__main__":
-    main()
+    pairs_main(prog="python -m lit_fewstep.data.pairs")

@@ -1,7 +1,9 @@
 """Training callbacks that watch a FewStepModule: sample pictures, metric sweeps over NFE, throughput.
 
 All three are plain Lightning callbacks with plain-value constructor arguments, so a YAML config lists them
-under ``trainer.callbacks`` with ``class_path: lit_fewstep.metrics.SampleGridCallback`` etc.
+under ``trainer.callbacks`` with ``class_path: lit_fewstep.metrics.SampleGridCallback`` etc. (``lit_fewstep.metrics``
+names them lazily; they live here, above the methods they sample and next to `evaluation`, whose `Evaluator` scores
+them: see the layer rule in `lit_fewstep/__init__.py`).
 
 Schedules use the module's own counter ``pl_module.iteration`` (one per training batch), not
 ``trainer.global_step``, which under manual optimization counts optimizer steps (a 5:1 critic/generator schedule
@@ -23,7 +25,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..utils.images import image_grid
+from .evaluation import Evaluator
+from .methods.sampling import draw
+from .utils.images import image_grid
 
 __all__ = ["SampleGridCallback", "NFESweepCallback", "ThroughputCallback"]
 
@@ -164,8 +168,6 @@ class NFESweepCallback(Callback):
 
     def evaluator(self, trainer):
         if self._evaluator is None:
-            from ..evaluation import Evaluator
-
             datamodule = trainer.datamodule
             if datamodule is None or not hasattr(datamodule, "reference_samples"):
                 raise ValueError("NFESweepCallback: needs a lit_fewstep datamodule (trainer.fit(model, datamodule=...)) "
@@ -176,8 +178,6 @@ class NFESweepCallback(Callback):
     @torch.no_grad()
     def compute(self, trainer, pl_module) -> dict[str, float]:
         """``{"val/<metric>@<nfe>": value}`` for every NFE of the sweep (runs in this process only)."""
-        from ..cli import draw
-
         evaluator = self.evaluator(trainer)
         out: dict[str, float] = {}
         for nfe in self.nfe:

@@ -1,0 +1,84 @@
+"""Sampling from a checkpoint: load a trained module for sampling, draw seeded samples in batches.
+
+The one place that `sample`, `evaluate`, the training callbacks and the benchmarks share: it sits with the
+methods (it works on any `FewStepModule`) and under everything that uses it (`evaluation`, `callbacks`, `cli`;
+see the layer rule in `lit_fewstep/__init__.py`). The command-line options of the commands that read a
+checkpoint live here too, so `sample` (cli) and `evaluate` (evaluation) spell them the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from ..utils.args import finite_float, parse_bool, positive_int
+from ..utils.checkpoint import TRUST_FLAG, load_module
+from .base import FewStepModule
+
+__all__ = ["load_for_sampling", "draw", "resolve_device", "add_checkpoint_arguments", "sampling_options", "SOLVERS"]
+
+SOLVERS = ("heun", "euler")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`auto` (CUDA when available, else the CPU), or any name `torch.device` takes."""
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu", trust: bool = False,
+                      field: str = "ckpt", opt_in: str | None = TRUST_FLAG) -> FewStepModule:
+    """The module of checkpoint `path` on `device` (or "auto"), in eval mode.
+
+    Loaded by `utils.checkpoint.load_module`: weights-only and lit_fewstep classes only unless `trust`; errors
+    name `field` and say how to opt in (`opt_in`, None where the caller offers no opt-in).
+    """
+    module = load_module(path, trust=trust, field=field, opt_in=opt_in)
+    return module.to(resolve_device(device)).eval()
+
+
+def draw(module: FewStepModule, num: int, nfe: int, seed: int, class_labels=None, use_ema: bool = True,
+         batch_size: int = 1000, **options):
+    """Sample in batches from one seeded generator: the same seed gives the same samples at any batch size
+    only for equal batch sizes; report (samples, labels, nfe, seconds)."""
+    generator = torch.Generator().manual_seed(seed)
+    xs, ys, nfe_spent = [], [], None
+    start = time.perf_counter()
+    for begin in range(0, num, batch_size):
+        size = min(batch_size, num - begin)
+        labels = None if class_labels is None else class_labels[begin:begin + size]
+        out = module.sample(size, nfe, class_labels=labels, generator=generator, use_ema=use_ema, **options)
+        xs.append(out.x.float().cpu())
+        if out.labels is not None:
+            ys.append(out.labels.cpu())
+        nfe_spent = out.nfe
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return torch.cat(xs), (torch.cat(ys) if ys else None), nfe_spent, seconds
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that samples a checkpoint (`sample`, `evaluate`)."""
+    parser.add_argument("--ckpt", required=True, help="checkpoint (.ckpt from fit, or .pt from export)")
+    parser.add_argument("--ema", type=parse_bool, default=True, help="sample from EMA weights (true|false)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    parser.add_argument("--batch_size", type=positive_int, default=1000)
+    parser.add_argument("--guidance_scale", type=finite_float, default=None, help="CFG scale (1 = none; default: the model's)")
+    parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun)")
+    parser.add_argument("--trust_checkpoint", type=parse_bool, default=False,
+                        help="allow pickle loading and classes outside lit_fewstep (runs code from the file: only for "
+                             "files you trust)")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The `sample()` options that `add_checkpoint_arguments` set (only those given: the model's defaults stay)."""
+    options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    if args.solver:
+        options["solver"] = args.solver
+    return options
