@@ -44,7 +44,7 @@ def sample_main(argv: list[str]) -> Path:
     if out.suffix not in (".png", ".npz"):
         out = out.with_suffix(".npz")
     check_writable(out, "--out")  # before any sampling
-    module = load_for_sampling(args.ckpt, args.device, args.trust_checkpoint)
+    module = load_for_sampling(args.ckpt, args.device, args.trust_checkpoint, allow_modules=args.allow_module)
     labels = None
     if args.class_labels is not None:
         if len(args.class_labels) not in (1, args.num):

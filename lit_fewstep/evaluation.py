@@ -145,7 +145,7 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--out", default=None, help="JSON file (default: next to the checkpoint)")
     args = parser.parse_args(argv)
     out = check_writable(Path(args.out) if args.out else Path(args.ckpt).with_suffix(".eval.json"), "--out")
-    module = load_for_sampling(args.ckpt, args.device, args.trust_checkpoint)
+    module = load_for_sampling(args.ckpt, args.device, args.trust_checkpoint, allow_modules=args.allow_module)
     teacher_path = args.teacher or getattr(module, "teacher_ckpt", None)
     if args.teacher_nfe and not teacher_path:
         parser.error(f"--teacher_nfe: {args.ckpt} records no teacher_ckpt; pass --teacher PATH.")
@@ -153,7 +153,8 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
         datamodule = data_from_config(args.data, trust=args.trust_checkpoint)
     elif module.data_config is not None:
         try:
-            datamodule = instantiate(module.data_config, trust=args.trust_checkpoint, base=LightningDataModule)
+            datamodule = instantiate(module.data_config, trust=args.trust_checkpoint, base=LightningDataModule,
+                                     allow_modules=args.allow_module)
         except UnsafeClassPathError as err:
             raise UnsafeClassPathError(f"ckpt: {args.ckpt!r} (its data config): {err}; only if you trust the "
                                        f"file's source, pass {TRUST_FLAG}.") from None
@@ -169,7 +170,8 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     runs = [("student" if args.teacher_nfe else type(module).__name__, module, args.nfe, options)]
     if args.teacher_nfe:
         # The teacher samples with its own defaults (Heun, its guidance); only --solver is shared.
-        teacher = load_for_sampling(teacher_path, args.device, args.trust_checkpoint, field="teacher")
+        teacher = load_for_sampling(teacher_path, args.device, args.trust_checkpoint, field="teacher",
+                                    allow_modules=args.allow_module)
         runs.append(("teacher", teacher, args.teacher_nfe, {"solver": args.solver} if args.solver else {}))
     for name, model, nfes, _ in runs:  # every requested NFE is checked before any work
         for nfe in nfes:

@@ -198,6 +198,9 @@ def test_allowing_a_users_module_builds_its_classes_without_pickle(tmp_path, mon
                                                    r"if you trust the package .* --allow_module mylab_methods .*pickle stays off"):
         load_module(path)
     assert type(load_module(path, allow_modules=["mylab_methods"])).__name__ == "MyEDM"
+    out = main(["sample", "--ckpt", str(path), "--nfe", "2", "--num", "4", "--out", str(tmp_path / "s.npz"),
+                "--allow_module", "mylab_methods"])  # the command-line opt-in
+    assert out.exists()
     monkeypatch.setenv("LIT_FEWSTEP_ALLOW_MODULES", "mylab_methods")
     assert type(load_module(path)).__name__ == "MyEDM"
     ckpt = torch.load(path, weights_only=True)

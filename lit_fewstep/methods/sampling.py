@@ -31,13 +31,15 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu", trust: bool = False,
-                      field: str = "ckpt", opt_in: str | None = TRUST_FLAG) -> FewStepModule:
+                      field: str = "ckpt", opt_in: str | None = TRUST_FLAG,
+                      allow_modules: tuple[str, ...] | list[str] = ()) -> FewStepModule:
     """The module of checkpoint `path` on `device` (or "auto"), in eval mode.
 
     Loaded by `utils.checkpoint.load_module`: weights-only and lit_fewstep classes only unless `trust`; errors
-    name `field` and say how to opt in (`opt_in`, None where the caller offers no opt-in).
+    name `field` and say how to opt in (`opt_in`, None where the caller offers no opt-in). `allow_modules`: packages
+    whose classes may be built too (a user's own methods), without allowing pickle.
     """
-    module = load_module(path, trust=trust, field=field, opt_in=opt_in)
+    module = load_module(path, trust=trust, field=field, opt_in=opt_in, allow_modules=allow_modules)
     return module.to(resolve_device(device)).eval()
 
 
@@ -71,6 +73,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=1000)
     parser.add_argument("--guidance_scale", type=finite_float, default=None, help="CFG scale (1 = none; default: the model's)")
     parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun)")
+    parser.add_argument("--allow_module", action="append", default=[], metavar="PACKAGE",
+                        help="also build classes defined in this package (your own methods; repeatable; pickle stays "
+                             "off). Same as LIT_FEWSTEP_ALLOW_MODULES=PACKAGE,...")
     parser.add_argument("--trust_checkpoint", type=parse_bool, default=False,
                         help="allow pickle loading and classes outside lit_fewstep (runs code from the file: only for "
                              "files you trust)")
