@@ -21,8 +21,13 @@ TRUSTED_PREFIXES = ("lit_fewstep.",)
 
 
 class Configurable:
-    """Mixin: after the outermost `__init__` returns, `self._init_config` holds the class path and
-    the bound constructor arguments (defaults applied)."""
+    """Mixin: after the outermost `__init__` returns, `self._init_args` holds the bound constructor arguments
+    (defaults applied) and `init_config` the class path of the object's own class with them.
+
+    The outermost `__init__` is the first one entered, whichever class defines it: a subclass that adds no
+    `__init__` of its own (``class HingeDMD2(DMD2)`` overriding two losses) records its parent's arguments under
+    its own class path, so it exports, reloads and samples like any method.
+    """
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -33,10 +38,16 @@ class Configurable:
 
         @functools.wraps(init)
         def recording_init(self, *args, **kw):
-            if type(self) is cls:
-                _check_plain_types(cls, signature, signature.bind(self, *args, **kw).arguments)
-            init(self, *args, **kw)
-            if type(self) is cls:
+            outermost = not self.__dict__.get("_recording_init", False)
+            if outermost:
+                _check_plain_types(type(self), signature, signature.bind(self, *args, **kw).arguments)
+                object.__setattr__(self, "_recording_init", True)
+            try:
+                init(self, *args, **kw)
+            finally:
+                if outermost:
+                    object.__setattr__(self, "_recording_init", False)
+            if outermost:
                 bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
                 init_args = {}
