@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion.guidance import guide
+from ..diffusion.guidance import guided_x0
 from ..diffusion.paths import EDMPath
 from ..diffusion.solvers import NFECounter, sample_edm_heun
 from ..utils.checkpoint import atomic_save, load_checkpoint
@@ -44,7 +44,8 @@ def make_pairs(teacher, num: int, nfe: int = 35, num_classes: int | None = None,
     Args:
         teacher: a `PreconditionedNet` (e.g. from `methods.base.load_teacher`), any path/parameterization.
         num_classes: label count for class-conditional teachers (default: the teacher's; labels are uniform).
-        guidance_scale: CFG scale for the teacher (1 = none).
+        guidance_scale: CFG scale for the teacher (1 = none; `diffusion.guidance.guided_x0`, null label = the
+            teacher's num_classes).
         seed: seeds one `torch.Generator` that draws labels and noise, batch after batch.
     Returns a dict of plain tensors (see the module docstring).
     """
@@ -66,14 +67,8 @@ def make_pairs(teacher, num: int, nfe: int = 35, num_classes: int | None = None,
         z = torch.randn((n, *shape), generator=g).to(device)
         counter.count = 0
 
-        def x0_fn(x, sigma, y=y):
-            if guidance_scale == 1.0:
-                counter.add(1)
-                return teacher.x0_from(x, sigma, edm, class_labels=y)
-            counter.add(2)
-            null = torch.full_like(y, num_classes)
-            return guide(teacher.x0_from(x, sigma, edm, class_labels=y),
-                         teacher.x0_from(x, sigma, edm, class_labels=null), guidance_scale)
+        def x0_fn(x, sigma, y=y):  # two passes (conditional, then null label): the pairs of earlier versions exactly
+            return guided_x0(teacher, x, sigma, y, guidance_scale, path=edm, counter=counter, batched=False)
 
         xs.append(sample_edm_heun(x0_fn, z, nfe, sigma_max=sigma_max))
         noises.append(z)

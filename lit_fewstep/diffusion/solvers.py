@@ -1,18 +1,52 @@
-"""Time grids and probability-flow ODE solvers on any Gaussian path.
+"""Time grids, probability-flow ODE solvers and few-step samplers on any Gaussian path.
 
 The PF-ODE of x_t = a x + b z is dx/dt = a' x0 + b' eps with eps = (x - a x0) / b, which for the
 EDM path is Karras et al.'s dx/dsigma = (x - D(x, sigma)) / sigma. Solvers take a data predictor
 `x0_fn(x_t, t) -> x0` in the path's own coordinates, so one solver serves every teacher.
+
+One sampler protocol
+--------------------
+Every sampler in the package is a loop of *steps* over a decreasing time grid (`run_steps`). A step
+moves a `SamplerState` (the state x at per-sample times t, plus a dict `extra` of whatever the sampler
+carries between steps) from t to the next time:
+
+    step(model_fn, state, t_next) -> state
+
+`model_fn` is the network as the step needs it (a data predictor x0(x, t) for the ODE and DDIM steps,
+a consistency function f(x, t) for `DenoiseRenoise`, a two-time map G(x, t, s) for `TwoTimeJump`, ...);
+guidance is applied by handing a guided function (`diffusion.guidance.guided_x0`). Steps that draw
+noise get it from a `noise_fn(like) -> unit Gaussian shaped like like`, so the caller decides where the
+randomness comes from (a seeded `torch.Generator` when sampling, a training module's own resumable draw
+when a sampler runs inside a loss).
+
+==========================  ===========  ==================================================================
+step                        evaluations  update from (x, t) to t'
+==========================  ===========  ==================================================================
+`EulerStep`                 1            PF-ODE Euler step
+`HeunStep`                  2            Karras et al. 2022, Algorithm 1 (Euler + trapezoidal corrector)
+`DDIMStep`                  1            x' = a(t') x0 + b(t') eps, both from the model's x0 (Song et al. 2021)
+`StochasticDDIMStep`        1            DDIM jump to 2t' - t, re-noised forward to t' (Meng et al. 2023)
+`DenoiseRenoise`            1            x0 = f(x, t), x' = fresh noisy version of x0 at t' (CM, DMD2)
+`TwoTimeJump`               1            jump G(x, t, s') to s' <= t', re-noised to t' (CTM gamma-sampling)
+`ConstantAccelerationStep`  1 (+1 once)  CAF: x' = x + h v0 + h (tau + h/2) a(x, t, v0), v0 kept in `extra`
+`SelfConditioned(step)`     as `step`    feeds the previous x0 estimate to the model (Analog Bits)
+==========================  ===========  ==================================================================
+
+Each step that computes a data estimate records it as ``state.extra["x0"]`` (the "denoised" output; the
+last one is the sample of consistency-type samplers).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .paths import EDMPath, GaussianPath, _bcast
+from .predictions import to_x0_eps
 
 __all__ = [
     "NFECounter",
@@ -28,9 +62,23 @@ __all__ = [
     "discrete_lognormal_probs",
     "consistency_sigmas",
     "multistep_consistency_sample",
+    "gaussian_noise",
+    "SamplerState",
+    "Step",
+    "EulerStep",
+    "HeunStep",
+    "DDIMStep",
+    "StochasticDDIMStep",
+    "DenoiseRenoise",
+    "TwoTimeJump",
+    "SelfConditioned",
+    "ConstantAccelerationStep",
+    "run_steps",
+    "denoise_renoise",
 ]
 
 X0Fn = Callable[[Tensor, Tensor], Tensor]
+NoiseFn = Callable[[Tensor], Tensor]
 
 
 class NFECounter:
@@ -42,10 +90,11 @@ class NFECounter:
     def add(self, k: int = 1) -> None:
         self.count += k
 
-    def counted(self, x0_fn: X0Fn, per_call: int = 1) -> X0Fn:
-        def wrapped(x, t):
+    def counted(self, fn: Callable[..., Tensor], per_call: int = 1) -> Callable[..., Tensor]:
+        """`fn` (any signature: x0(x, t), f(x, t), G(x, t, s), ...) adding `per_call` to the count per call."""
+        def wrapped(*args, **kwargs):
             self.add(per_call)
-            return x0_fn(x, t)
+            return fn(*args, **kwargs)
 
         return wrapped
 
@@ -109,13 +158,10 @@ def solve_ode(x0_fn: X0Fn, x_T: Tensor, times: Tensor, path: GaussianPath, metho
     `euler_last` ones (a Heun step into b(t) = 0 would divide by zero), Euler there."""
     if method not in ("heun", "euler"):
         raise ValueError(f"solver: unknown method {method!r}; choose 'heun' or 'euler'.")
-    x = x_T
     num_steps = len(times) - 1
-    for i in range(num_steps):
-        t, t_next = times[i].item(), times[i + 1].item()
-        use_heun = method == "heun" and i < num_steps - euler_last
-        x = (heun_step if use_heun else euler_step)(x0_fn, x, t, t_next, path)
-    return x
+    heun, euler = HeunStep(path), EulerStep(path)
+    steps = [heun if method == "heun" and i < num_steps - euler_last else euler for i in range(num_steps)]
+    return run_steps(x0_fn, x_T, times, steps).x
 
 
 def heun_schedule_for_nfe(nfe: int) -> tuple[int, int]:
@@ -195,7 +241,320 @@ def multistep_consistency_sample(f_fn: X0Fn, noise: Tensor, times: Tensor, path:
     if times.ndim != 1 or times.numel() < 1:
         raise ValueError("times: need a 1-D tensor of at least one time.")
     T = _vec_t(times[0].item(), noise)
-    x = f_fn(_bcast(path.b(T), noise) * noise, T)
-    for tau in times[1:].tolist():
-        x = f_fn(path.transition(x, t_min, tau, noise_fn()), _vec_t(tau, noise))
-    return x
+    return denoise_renoise(f_fn, _bcast(path.b(T), noise) * noise, times, path, lambda like: noise_fn(), t_min=t_min)
+
+
+# ===================================================================================================== protocol
+def gaussian_noise(generator: torch.Generator | None = None) -> NoiseFn:
+    """A `noise_fn` for the stochastic steps: unit Gaussians shaped like its argument, drawn from `generator`
+    on the generator's device (the CPU when None, with the global RNG) and moved to the argument's device, so
+    a CPU generator gives the same draws whatever device samples."""
+
+    def draw(like: Tensor) -> Tensor:
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+
+    return draw
+
+
+@dataclass
+class SamplerState:
+    """What a sampler carries from one step to the next.
+
+    x: the state [B, ...] at time t; t: per-sample times [B] (in x's dtype); extra: anything else a step
+    needs again later, e.g. ``"x0"`` (the last data estimate), ``"self_cond"`` (`SelfConditioned`),
+    ``"v0"`` (CAF's initial velocity). A step returns a new state and never changes the one it got.
+    """
+
+    x: Tensor
+    t: Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, x: Tensor, t: Tensor | float, extra: dict[str, Any] | None = None) -> "SamplerState":
+        return cls(x, _vec_t(t, x), dict(extra or {}))
+
+    def advance(self, x: Tensor, t_next: Tensor | float, x0: Tensor | None = None, **updates) -> "SamplerState":
+        """The state x at t_next; `x0` is this step's data estimate (None: the step made none)."""
+        return SamplerState(x, _vec_t(t_next, x), {**self.extra, "x0": x0, **updates})
+
+
+class Step:
+    """One move of a sampler from `state.t` to `t_next`: ``step(model_fn, state, t_next) -> state``.
+
+    `t_next` is a float, a 0-dim tensor or per-sample times [B]. What `model_fn` is depends on the step
+    (see each class). Steps hold their fixed settings (path, noise source, ...) and no per-run state:
+    everything that changes between steps travels in `SamplerState.extra`.
+    """
+
+    def __call__(self, model_fn: Callable[..., Tensor], state: SamplerState, t_next: Tensor | float) -> SamplerState:
+        raise NotImplementedError
+
+
+def _last_call(fn: Callable[..., Tensor], store: list) -> Callable[..., Tensor]:
+    """`fn`, remembering its last output in `store[0]` (to record a step's data estimate without touching its math)."""
+
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        store[:] = [out]
+        return out
+
+    return wrapped
+
+
+def _at_or_below(t: Tensor | float, t_min: float) -> bool:
+    """Whether every time in `t` is <= t_min (the end of a sampler: no re-noising after it)."""
+    if isinstance(t, Tensor):
+        return bool((t <= t_min).all())
+    return float(t) <= t_min
+
+
+class EulerStep(Step):
+    """PF-ODE Euler step (`euler_step`, 1 evaluation). model_fn: data predictor x0(x, t) on `path`."""
+
+    def __init__(self, path: GaussianPath):
+        self.path = path
+
+    def __call__(self, model_fn, state, t_next):
+        store: list = []
+        x = euler_step(_last_call(model_fn, store), state.x, state.t, t_next, self.path)
+        return state.advance(x, t_next, x0=store[0])
+
+
+class HeunStep(Step):
+    """Karras et al. 2022's Heun step (`heun_step`, 2 evaluations; t_next must have b(t_next) > 0).
+    model_fn: data predictor x0(x, t). The recorded estimate is the second (corrector) evaluation's."""
+
+    def __init__(self, path: GaussianPath):
+        self.path = path
+
+    def __call__(self, model_fn, state, t_next):
+        store: list = []
+        x = heun_step(_last_call(model_fn, store), state.x, state.t, t_next, self.path)
+        return state.advance(x, t_next, x0=store[0])
+
+
+def _ddim(x: Tensor, t: Tensor, t_next: Tensor, x0: Tensor, path: GaussianPath) -> Tensor:
+    """x' = a(t') x0 + b(t') eps with eps = (x - a(t) x0) / b(t): keep the model's noise, move to t'."""
+    _, eps = to_x0_eps(x0, "x0", x, t, path)
+    return path.noise(x0, eps, t_next)
+
+
+class DDIMStep(Step):
+    """Deterministic DDIM step (Song, Meng & Ermon 2021, eta = 0) on any Gaussian path, 1 evaluation.
+
+    With x0 = model_fn(x, t) and the noise it implies, eps = (x - a(t) x0) / b(t):
+        x' = a(t') x0 + b(t') eps.
+    This is the PF-ODE's Euler step in the path-free coordinates (x / a, sigma = b / a), so the result does not
+    depend on which path the times are written on, and it is exact when the model's x0 stays constant along
+    the trajectory (e.g. data that is a single point); for spread-out data it is a first-order solver.
+    At t' = 0 on a path with a(0) = 1, b(0) = 0 it returns x0.
+
+    clip_x0: clamp x0 to [-clip_x0, clip_x0] before eps is computed (Analog Bits clips its bit estimates).
+    """
+
+    def __init__(self, path: GaussianPath, clip_x0: float | None = None):
+        self.path, self.clip_x0 = path, clip_x0
+
+    def estimate(self, model_fn, x: Tensor, t: Tensor) -> Tensor:
+        x0 = model_fn(x, t)
+        return x0 if self.clip_x0 is None else x0.clamp(-self.clip_x0, self.clip_x0)
+
+    def __call__(self, model_fn, state, t_next):
+        x0 = self.estimate(model_fn, state.x, state.t)
+        return state.advance(_ddim(state.x, state.t, _vec_t(t_next, state.x), x0, self.path), t_next, x0=x0)
+
+
+class StochasticDDIMStep(DDIMStep):
+    """The stochastic N-step sampler of Meng et al. 2023 ("On Distillation of Guided Diffusion Models"), written
+    for any Gaussian path (the paper's is the VP path), 1 evaluation per step like plain DDIM. It suits a student
+    distilled to make accurate jumps of twice the step (an N/2-step student).
+
+    From x at t to t' < t: a deterministic DDIM jump of twice the step, to u = max(2 t' - t, t_min), then
+    forward re-noising from u back up to t' with the path's transition kernel q(x_t' | x_u):
+        x_u = a(u) x0 + b(u) eps,          x0 = model_fn(x, t), eps = (x - a(t) x0) / b(t)
+        x'  = (a(t') / a(u)) x_u + sqrt(b(t')^2 - (a(t') b(u) / a(u))^2) z,    z ~ N(0, I) fresh.
+    The step ending at t' <= t_min is plain DDIM (no noise after the last step). On the VP path
+    (a^2 + b^2 = 1) the noise std is sqrt(1 - a(t')^2 / a(u)^2).
+
+    noise_fn(like) draws z (e.g. `gaussian_noise(generator)`).
+    """
+
+    def __init__(self, path: GaussianPath, noise_fn: NoiseFn, t_min: float = 0.0, clip_x0: float | None = None):
+        super().__init__(path, clip_x0)
+        self.noise_fn, self.t_min = noise_fn, float(t_min)
+
+    def __call__(self, model_fn, state, t_next):
+        if _at_or_below(t_next, self.t_min):
+            return super().__call__(model_fn, state, t_next)
+        x, t = state.x, state.t
+        t_next_v = _vec_t(t_next, x)
+        u = (2.0 * t_next_v - t).clamp_min(self.t_min)
+        x0 = self.estimate(model_fn, x, t)
+        x_u = _ddim(x, t, u, x0, self.path)
+        return state.advance(self.path.transition(x_u, u, t_next_v, self.noise_fn(x_u)), t_next, x0=x0)
+
+
+class DenoiseRenoise(Step):
+    """Denoise, then re-noise with fresh noise (1 evaluation): the step of multistep consistency sampling
+    (Song et al. 2023, Algorithm 1) and of DMD2's multi-step generator (Yin et al. 2024, Sec. 4.5).
+
+    model_fn: f(x, t) -> x̂0 (a consistency function, or a one-step generator's output). Then
+        t_min None:   x' = a(t') x̂0 + b(t') z          (x̂0 is clean data: a fresh sample of q(x_t' | x̂0); DMD2)
+        t_min float:  x' ~ q(x_t' | x_t_min = x̂0)      (x̂0 is the state at the boundary time t_min of a consistency
+                                                       model, f(x, t_min) = x; on EDM x' = x̂0 + sqrt(t'^2 - t_min^2) z)
+    with z = noise_fn(x̂0). Both agree mathematically at t_min = 0 (up to rounding); they are kept apart so
+    that each caller computes exactly what it always did. A step to t' <= t_min (or <= 0 when t_min is None)
+    returns x̂0 itself and draws no noise: that is the last step of a sampler.
+    """
+
+    def __init__(self, path: GaussianPath, noise_fn: NoiseFn, t_min: float | None = None):
+        self.path, self.noise_fn = path, noise_fn
+        self.t_min = None if t_min is None else float(t_min)
+
+    def __call__(self, model_fn, state, t_next):
+        x0 = model_fn(state.x, state.t)
+        if _at_or_below(t_next, 0.0 if self.t_min is None else self.t_min):
+            return state.advance(x0, t_next, x0=x0)
+        z = self.noise_fn(x0)
+        if self.t_min is None:
+            x = self.path.noise(x0, z, t_next)
+        else:
+            x = self.path.transition(x0, self.t_min, t_next, z)
+        return state.advance(x, t_next, x0=x0)
+
+
+class TwoTimeJump(Step):
+    """Jump with a two-time map and optionally re-noise: CTM's gamma-sampling (Kim et al. 2024).
+
+    model_fn: G(x, t, s) -> the state at time s <= t (CTM's trajectory map G, a flow map f; e.g.
+    ``lambda x, t, s: net.jump(x, t, s)``), 1 evaluation per step. From t to t':
+        s' = sqrt(1 - gamma^2) (t' - t_min) + t_min,      x_s' = G(x, t, s'),
+        x' ~ q(x_t' | x_s')   (on EDM: x_s' + sqrt(t'^2 - s'^2) z).
+    gamma = 0: the deterministic long jump x' = G(x, t, t') (no noise); gamma = 1: s' = t_min, i.e. jump to the
+    end and re-noise, which is `DenoiseRenoise(path, noise_fn, t_min)` with f(x, t) = G(x, t, t_min). The
+    interpolation is in the path's own time (CTM's sigma on EDM, where t_min = sigma_min as in its code).
+    No noise after the last step (t' <= t_min): there it jumps to t'.
+    """
+
+    def __init__(self, path: GaussianPath, gamma: float = 0.0, noise_fn: NoiseFn | None = None, t_min: float = 0.0):
+        if not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"gamma: CTM's re-noising strength must be in [0, 1], got {gamma!r}.")
+        if gamma > 0 and noise_fn is None:
+            raise ValueError("noise_fn: gamma > 0 re-noises; give a noise source (e.g. gaussian_noise(generator)).")
+        self.path, self.gamma, self.noise_fn, self.t_min = path, float(gamma), noise_fn, float(t_min)
+
+    def intermediate(self, t_next: Tensor | float) -> Tensor | float:
+        """s' = sqrt(1 - gamma^2) (t' - t_min) + t_min (t' itself at gamma = 0, t_min at gamma = 1)."""
+        if self.gamma == 0.0:
+            return t_next
+        if self.gamma == 1.0:
+            return self.t_min
+        return math.sqrt(1.0 - self.gamma**2) * (t_next - self.t_min) + self.t_min
+
+    def __call__(self, model_fn, state, t_next):
+        x, t = state.x, state.t
+        if self.gamma == 0.0 or _at_or_below(t_next, self.t_min):
+            return state.advance(model_fn(x, t, _vec_t(t_next, x)), t_next)
+        s = self.intermediate(t_next)
+        x_s = model_fn(x, t, _vec_t(s, x))
+        return state.advance(self.path.transition(x_s, s, t_next, self.noise_fn(x_s)), t_next)
+
+
+class SelfConditioned(Step):
+    """Self-conditioning (Chen, Zhang & Hinton 2022, Analog Bits): the model also sees its previous data estimate.
+
+    model_fn: the inner step's model function with the previous estimate as one more, last argument, e.g.
+    x0(x, t, x0_prev) -> x0. Wraps any step that records a data estimate (DDIM, Euler, Heun, DenoiseRenoise,
+    ...): at the first step x0_prev is zeros, afterwards the estimate the previous step recorded, kept as
+    ``extra["self_cond"]`` (no extra evaluations). Every evaluation inside one step (Heun's two) sees the same
+    previous estimate.
+    """
+
+    def __init__(self, step: Step, key: str = "self_cond"):
+        self.step, self.key = step, key
+
+    def __call__(self, model_fn, state, t_next):
+        previous = state.extra.get(self.key)
+        if previous is None:
+            previous = torch.zeros_like(state.x)
+        new = self.step(lambda *args: model_fn(*args, previous), state, t_next)
+        if new.extra.get("x0") is None:
+            raise ValueError(f"SelfConditioned: {type(self.step).__name__} records no data estimate to feed back.")
+        new.extra[self.key] = new.extra["x0"]
+        return new
+
+
+class ConstantAccelerationStep(Step):
+    """Constant Acceleration Flow's N-step sampler (Park et al. 2024), 1 evaluation per step plus one for v0.
+
+    CAF runs its own clock tau from noise (tau = 0) to data (tau = 1); with the package's time t (noise at
+    t = 1 on the linear path) tau = 1 - t, and a step from t to t' has length h = t - t' > 0:
+        x' = x + h v0 + h (tau + h / 2) a(x, t, v0),      tau = 1 - t,
+    exact when the acceleration is constant along the path. v0 and a are CAF's derivatives dx/dtau and
+    d^2x/dtau^2 (their signs follow tau); model functions get the package's t and convert to tau themselves.
+
+    model_fn: the acceleration network a(x, t, v0). v0 is the initial velocity, computed once by
+    `velocity_fn(x, t)` at the first step (CAF: v0 = v(x_noise, tau = 0)) and kept as ``extra["v0"]``; or put
+    it in `extra` before the loop (CAF's inversion starts from v0 = v(x_data, tau = 1)). Count `velocity_fn`
+    with the loop's counter yourself (``counter.counted(velocity_fn)``): it is not `model_fn`.
+    """
+
+    def __init__(self, velocity_fn: Callable[[Tensor, Tensor], Tensor] | None = None, key: str = "v0"):
+        self.velocity_fn, self.key = velocity_fn, key
+
+    def __call__(self, model_fn, state, t_next):
+        x, t = state.x, state.t
+        v0 = state.extra.get(self.key)
+        if v0 is None:
+            if self.velocity_fn is None:
+                raise ValueError(f"ConstantAccelerationStep: no initial velocity; give velocity_fn or extra[{self.key!r}].")
+            v0 = self.velocity_fn(x, t)
+        h = _bcast(t - _vec_t(t_next, x), x)
+        tau = _bcast(1.0 - t, x)
+        x_next = x + h * v0 + h * (tau + 0.5 * h) * model_fn(x, t, v0)
+        return state.advance(x_next, t_next, **{self.key: v0})
+
+
+def run_steps(model_fn: Callable[..., Tensor], x: Tensor | SamplerState, times: Tensor | Sequence[float],
+              step: Step | Sequence[Step], counter: NFECounter | None = None, per_call: int = 1,
+              extra: dict[str, Any] | None = None) -> SamplerState:
+    """Run a sampler: from `x` at times[0], apply the step for each interval (times[i] -> times[i + 1]).
+
+    times: a decreasing 1-D grid (tensor or floats), len = number of steps + 1. step: one `Step` for every
+        interval, or a list with one per interval (e.g. Heun everywhere but a final Euler step).
+    x: the start state at times[0], or a `SamplerState` to continue from (then `extra` is ignored).
+    counter: when given, every call of `model_fn` adds `per_call` evaluations per sample to it. Leave it None
+        when `model_fn` counts itself (the guidance functions add 1 or 2 per call to their own counter).
+    extra: initial `SamplerState.extra` (e.g. a known CAF v0).
+    Returns the final state (its x at times[-1]; ``extra["x0"]``: the last step's data estimate).
+    """
+    grid = times.tolist() if isinstance(times, Tensor) else [float(t) for t in times]
+    if isinstance(times, Tensor) and times.ndim != 1:
+        raise ValueError("times: need a 1-D grid of times, one per step boundary.")
+    steps = [step] * (len(grid) - 1) if isinstance(step, Step) else list(step)
+    if len(steps) != len(grid) - 1:
+        raise ValueError(f"step: {len(grid)} times make {len(grid) - 1} steps, got {len(steps)} steps.")
+    if counter is not None:
+        model_fn = counter.counted(model_fn, per_call)
+    state = x if isinstance(x, SamplerState) else SamplerState.start(x, grid[0], extra)
+    for one, t_next in zip(steps, grid[1:]):
+        state = one(model_fn, state, t_next)
+    return state
+
+
+def denoise_renoise(f_fn: X0Fn, x: Tensor, times: Tensor | Sequence[float], path: GaussianPath, noise_fn: NoiseFn,
+                    t_min: float | None = None) -> Tensor:
+    """The denoise-and-renoise sampler: x̂0 = f(x, t_i), then x = a fresh noisy version of x̂0 at t_(i+1), ...;
+    returns the last x̂0. len(times) evaluations of `f_fn`.
+
+    x: the state at times[0] (e.g. b(T) z). times: the evaluation times, decreasing. t_min: see `DenoiseRenoise`
+    (None: DMD2's x = x̂0 + sigma z on EDM; a float: consistency models' boundary time). noise_fn(like) draws the
+    re-noising noise, len(times) - 1 draws in order (`gaussian_noise(generator)` when sampling; a training
+    module passes its own resumable draw).
+    """
+    grid = times.tolist() if isinstance(times, Tensor) else [float(t) for t in times]
+    if not grid:
+        raise ValueError("times: need at least one time.")
+    end = 0.0 if t_min is None else float(t_min)
+    return run_steps(f_fn, x, [*grid, end], DenoiseRenoise(path, noise_fn, t_min)).x
