@@ -221,44 +221,26 @@ def test_renoising_uses_the_scheduled_sigma(toy_teacher):
     assert abs(float(residual.std()) - SIGMAS[1]) < 0.05 * SIGMAS[1]
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_sample_spends_exactly_k_evaluations(toy_teacher, k):
+# NFE accounting (every NFE up to len(generator_sigmas)) and the refusal of more: tests/test_conformance.py.
+def test_sampling_starts_at_sigma_max_times_noise(toy_teacher):
     model = DMD2(toy_teacher, generator_sigmas=SIGMAS, ema_decay=0.0)
     calls = record_generator_calls(model)
-    out = model.sample(10, k, generator=torch.Generator().manual_seed(0))
-    assert out.nfe == k and len(calls) == k and out.x.shape == (10, 2)
-    assert calls[0][0].abs().mean() > 20  # starts at sigma_max * z
-
-
-def test_sample_rejects_more_steps_than_the_generator_has(toy_teacher):
-    model = DMD2(toy_teacher, generator_sigmas=SIGMAS)
-    with pytest.raises(ValueError, match="nfe: DMD2 samples with at most 3 evaluations, got 4"):
-        model.sample(4, 4)
+    model.sample(10, 3, generator=torch.Generator().manual_seed(0))
+    assert calls[0][0].abs().mean() > 20
 
 
 # ------------------------------------------------------------------------------------------------ round trip
-def test_dmd2_trains_exports_and_reloads_without_the_teacher(toy_teacher, tmp_path):
-    import shutil
-
-    teacher_copy = tmp_path / "teacher.pt"
-    shutil.copy(toy_teacher, teacher_copy)
-    L.seed_everything(0)
-    model = DMD2(str(teacher_copy), generator_sigmas=SIGMAS, generator_every=1, lr=1e-3, ema_decay=0.5)
-    before = [p.clone() for p in model.G.parameters()]
-    tiny_trainer(tmp_path, 6).fit(model, Toy2DDataModule(name="tree", batch_size=32, num_train=640))
-    assert int(model.iteration) == 3
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.G.parameters()))
+# Training, export without the teacher, reload without the teacher file and identical samples at every NFE:
+# tests/test_conformance.py. Here: what the export leaves out.
+def test_export_keeps_the_generator_only(toy_teacher, tmp_path):
+    model = DMD2(toy_teacher, generator_sigmas=SIGMAS, gan_generator_weight=0.1)
+    assert model.head is not None
     path = tmp_path / "student.pt"
     model.export(str(path))
     keys = load_checkpoint(path)["state_dict"].keys()  # weights_only=True
     assert not any(k.startswith(("teacher.", "fake_score.", "head.")) for k in keys)
-    teacher_copy.unlink()  # a trained student is self-describing
     loaded = load_module(path)
-    assert type(loaded) is DMD2 and loaded.teacher is None and loaded.generator_sigmas == SIGMAS
-    for nfe in (1, 3):
-        a = model.sample(16, nfe, generator=torch.Generator().manual_seed(1))
-        b = loaded.sample(16, nfe, generator=torch.Generator().manual_seed(1))
-        assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels)
+    assert type(loaded) is DMD2 and loaded.generator_sigmas == SIGMAS
 
 
 def test_generator_starts_as_the_teacher_at_sigma_max(toy_teacher):
