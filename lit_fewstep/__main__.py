@@ -1,4 +1,6 @@
-from lit_fewstep.cli import main
+import sys
+
+from lit_fewstep.cli import console
 
 if __name__ == "__main__":
-    main()
+    sys.exit(console())

@@ -11,6 +11,7 @@ This is the top floor of the package: it may import every layer and no module im
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from .data.pairs import make_pairs, save_pairs
-from .methods.base import FewStepModule, load_teacher
+from .methods.base import FewStepModule, NonFiniteError, load_teacher
 from .methods.sampling import add_checkpoint_arguments, draw, load_for_sampling, sampling_options
 from .utils.args import check_writable, parse_bool, positive_int
 from .utils.checkpoint import TRUST_FLAG
@@ -173,5 +174,41 @@ def main(args: list[str] | None = None):
     )
 
 
+DEBUG_ENV = "LIT_FEWSTEP_DEBUG"
+
+
+def _one_line(err: BaseException) -> str:
+    """The clearest single line of an error chain: the deepest cause whose message is one line (jsonargparse and
+    Lightning wrap our one-line messages in longer ones), else the first line of the outermost message."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for candidate in reversed(chain):
+        text = str(candidate).strip()
+        if text and "\n" not in text:
+            return text
+    text = str(chain[0]).strip()
+    return text.splitlines()[0] if text else type(chain[0]).__name__
+
+
+def console(args: list[str] | None = None) -> int:
+    """Entry point of `lit_fewstep` and `python -m lit_fewstep`: exit status 0 on success; a user error (bad value,
+    missing file, refused checkpoint, non-finite training) prints one line and exits with status 2. `--debug` (or
+    LIT_FEWSTEP_DEBUG=1) shows the traceback instead."""
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+    except (ValueError, TypeError, OSError, NonFiniteError) as err:
+        if debug:
+            raise
+        print(f"error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(console())
