@@ -61,3 +61,17 @@ def test_network_inputs_use_the_networks_keywords():
     assert torch.equal(inputs["extra"], torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]))
     out = net(torch.zeros(2, 2), torch.zeros(2), **inputs)
     assert out.shape == (2, 2)
+
+
+def test_per_sample_guidance_scales_equal_each_sample_alone():
+    """One batch with guidance scales [1, 2, 3] per sample gives what three runs at each scalar scale give."""
+    teacher = load_module(TEACHER)
+    labels, scales = torch.tensor([0, 1, 1]), torch.tensor([1.0, 2.0, 3.0])
+    noise_seed = 0
+    batch = teacher.sample(3, 6, generator=torch.Generator().manual_seed(noise_seed),
+                           cond=Conditioning(class_labels=labels, guidance_scale=scales))
+    assert batch.nfe == 12  # guided samples cost two evaluations per step
+    for i, scale in enumerate(scales.tolist()):
+        alone = teacher.sample(3, 6, class_labels=labels, generator=torch.Generator().manual_seed(noise_seed),
+                               guidance_scale=scale)
+        torch.testing.assert_close(batch.x[i], alone.x[i], rtol=1e-5, atol=1e-5)

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.precond import PreconditionedNet
-from ..diffusion.solvers import (NFECounter, consistency_sigmas, discrete_lognormal_probs, euler_step, heun_step,
-                                 karras_sigmas, multistep_consistency_sample)
+from ..diffusion.solvers import (NFECounter, consistency_sigmas, discrete_lognormal_probs, euler_step, gaussian_noise,
+                                 heun_step, karras_sigmas, multistep_consistency_sample)
 from ..metrics.lpips import LPIPS
 from .base import FewStepModule, Phase
 
@@ -242,10 +242,8 @@ class ConsistencyFamily(FewStepModule):
         f = counter.counted(lambda x_t, t: net.x0(x_t, t, class_labels=labels))
         times = self.path.t_from_sigma(consistency_sigmas(nfe, self.sigma_min, self.sigma_max, sigmas=sigmas))
 
-        def fresh_noise():
-            return torch.randn(noise.shape, generator=_generator, dtype=noise.dtype).to(noise.device)
-
-        x = multistep_consistency_sample(f, noise, times, self.path, fresh_noise, t_min=self.t_min)
+        draw = gaussian_noise(_generator)
+        x = multistep_consistency_sample(f, noise, times, self.path, lambda: draw(noise), t_min=self.t_min)
         return x, counter.count
 
 

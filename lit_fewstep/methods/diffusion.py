@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..diffusion.guidance import ClassifierFreeGuidance
+from ..diffusion.guidance import guided_x0
 from ..diffusion.paths import EDMPath
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.solvers import NFECounter, lognormal_sigmas, sample_edm_heun
@@ -71,32 +71,16 @@ class DiffusionTeacher(FewStepModule):
         loss = self.denoising_loss(batch, generator=generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
-    def _sample(self, noise, class_labels, nfe, net, guidance_scale: float | None = None, solver: str = "heun"):
+    def _sample(self, noise, class_labels, nfe, net, guidance_scale: float | Tensor | None = None,
+                solver: str = "heun"):
+        """Heun (or Euler) on the PF-ODE in EDM coordinates; `guidance_scale` a float or one scale per sample."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        counter = NFECounter()
-        edm = EDMPath()
-        if class_labels is not None and scale != 1.0:
-            cfg = ClassifierFreeGuidance(_OnPath(net, edm), class_labels, scale, counter)
-            x0_fn = cfg
-        else:
-            x0_fn = counter.counted(lambda x, t: net.x0_from(x, t, edm, class_labels=class_labels))
-        x = sample_edm_heun(x0_fn, noise, nfe, method=solver)
+        if class_labels is None:
+            scale = 1.0  # an unconditional draw is not guided
+        counter, edm = NFECounter(), EDMPath()
+        x = sample_edm_heun(lambda x_t, t: guided_x0(net, x_t, t, class_labels, scale, path=edm, counter=counter),
+                            noise, nfe, method=solver)
         return x, counter.count
-
-
-class _OnPath(nn.Module):
-    """View of a PreconditionedNet whose `x0` takes states on another path (for guidance wrappers)."""
-
-    def __init__(self, net: PreconditionedNet, path):
-        super().__init__()
-        self.inner, self.path = net, path
-
-    @property
-    def num_classes(self) -> int:
-        return self.inner.num_classes
-
-    def x0(self, x_t, t, class_labels=None, **cond):
-        return self.inner.x0_from(x_t, t, self.path, class_labels=class_labels, **cond)
 
 
 class EDMDiffusion(DiffusionTeacher):

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.pairs import load_pairs
-from ..diffusion.guidance import guide
+from ..diffusion.guidance import guided_x0
 from ..diffusion.paths import EDMPath, _bcast, convert
 from ..diffusion.precond import PreconditionedNet
-from ..diffusion.solvers import karras_sigmas
+from ..diffusion.solvers import denoise_renoise, karras_sigmas
 from ..metrics.lpips import LPIPS
 from ..nets.heads import DiscriminatorHead
 from ..utils.config import to_config
@@ -279,12 +279,9 @@ class DMD(FewStepModule):
         return y if self.num_classes > 0 else None
 
     def real_score(self, x_t: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
-        """mu_real(x_t, sigma): the frozen teacher's denoiser, CFG-guided when real_guidance_scale != 1."""
-        cond = self.teacher.x0_from(x_t, sigma, self.edm, class_labels=y)
-        if self.real_guidance_scale == 1.0:
-            return cond
-        null = torch.full_like(y, self.teacher.num_classes)
-        return guide(cond, self.teacher.x0_from(x_t, sigma, self.edm, class_labels=null), self.real_guidance_scale)
+        """mu_real(x_t, sigma): the frozen teacher's denoiser, CFG-guided when real_guidance_scale != 1
+        (`diffusion.guidance.guided_x0`; conditional and null-label passes one after the other)."""
+        return guided_x0(self.teacher, x_t, sigma, y, self.real_guidance_scale, path=self.edm, batched=False)
 
     def generate(self, batch, grad: bool) -> tuple[Tensor, Tensor | None]:
         """x̂0 = G(sigma_0 z, sigma_0) with the batch's class labels (one step). Returns (x̂0, labels)."""
@@ -377,13 +374,10 @@ class DMD(FewStepModule):
     def chain(self, net: nn.Module, x: Tensor, sigmas: Sequence[float], y: Tensor | None,
               noise_generator: torch.Generator | None = None) -> Tensor:
         """DMD2 Sec. 4.5 multi-step sampling: x̂0 = G(x, sigma_i), then x = x̂0 + sigma_(i+1) eps with fresh eps;
-        the input x is already at sigma_0. One network evaluation per sigma; returns the last x̂0."""
-        for i, sigma in enumerate(sigmas):
-            x0 = net.x0_from(x, torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype), self.edm,
-                             class_labels=y)
-            if i + 1 < len(sigmas):
-                x = x0 + sigmas[i + 1] * self._noise_like(x0, noise_generator)
-        return x0
+        the input x is already at sigma_0 (`diffusion.solvers.denoise_renoise`, the step consistency models'
+        multistep sampling shares). One network evaluation per sigma; returns the last x̂0."""
+        return denoise_renoise(lambda x_t, t: net.x0_from(x_t, t, self.edm, class_labels=y), x, sigmas, self.edm,
+                               lambda like: self._noise_like(like, noise_generator))
 
     def _noise_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Fresh re-noising noise: from `generator` when sampling, else the base's resume/DDP-exact training draw."""
