@@ -468,3 +468,15 @@ def test_evaluate_teacher_nfe_needs_a_teacher(tmp_path):
                       "--teacher_nfe", "35"])
     assert result.returncode == 2 and "--teacher_nfe" in result.stderr and "--teacher PATH" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_distribution_matching_draws_the_official_grid_indices(toy_teacher):
+    """DMD2's code draws index 20..980 inclusive on the 1000-point Karras grid counted from sigma_min
+    (int(0.02 * 1000), int(0.98 * 1000)); the full range stays every level."""
+    from lit_fewstep.diffusion.solvers import karras_sigmas
+
+    model = DMD2(toy_teacher)
+    from_min = karras_sigmas(1000, append_zero=False).float().flip(0)
+    drawn = set(model.grid_sigmas(100_000, (0.02, 0.98)).unique().tolist())
+    assert drawn == set(from_min[20:981].tolist())
+    assert set(model.grid_sigmas(100_000).unique().tolist()) == set(from_min.tolist())

@@ -154,3 +154,25 @@ def test_stale_temporaries_are_removed_and_checkpoints_follow_the_umask(tmp_path
         os.umask(old)
     assert not stale.exists() and all(p.exists() for p in keep)
     assert (folder / "last.ckpt").stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not mkstemp's 0600
+
+
+def test_resume_is_bit_exact_with_dropout(tmp_path):
+    """Dropout draws from torch's global RNG, which a checkpoint does not hold: each iteration runs on a global
+    RNG keyed by (seed, iteration, rank). A DMD2 whose generator and fake score inherit the teacher's dropout."""
+    from conformance_methods import teacher_path
+
+    from lit_fewstep.methods import DMD2
+
+    def factory():
+        return DMD2(teacher_path(dropout=0.3), generator_sigmas=(80.0, 1.0), generator_every=3, lr=1e-3,
+                    ema_decay=0.9)
+
+    full = _fit(factory, tmp_path / "full", 9)
+    _fit(factory, tmp_path / "cut", 5)
+    L.seed_everything(123)
+    module = factory()
+    path = next(p for p in sorted((tmp_path / "cut" / "ckpts").glob("step=*.ckpt"))
+                if int(load_checkpoint(p)["state_dict"]["iteration"]) == 5)
+    _trainer(tmp_path / "cut", -1, [_StopAtIteration(9)]).fit(module, _data(), ckpt_path=path)
+    _assert_same_state(full, module)
+    assert module.G.net.blocks[0].drop.p == 0.3  # the trained networks do use dropout

@@ -36,7 +36,7 @@ from ..utils.preemption import AtomicCheckpointIO, PreemptionCheckpoint
 
 # Lightning warns that under manual optimization a periodic checkpoint holds the weights after the optimizer step.
 # Here that is the intended state: checkpoints fall between iterations, with `iteration` already advanced, which is
-# what exact resume needs (tests/test_reliability.py).
+# what exact resume needs (tests/test_conformance.py).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 # Frozen networks (teachers, guides) are in eval mode on purpose (see FewStepModule.register_frozen).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -411,6 +411,17 @@ class FewStepModule(Configurable, L.LightningModule):
             opt.step()
 
     def training_step(self, batch, batch_idx):
+        # Dropout draws from torch's global RNG, which checkpoints do not hold: run the iteration on a global RNG
+        # seeded from (seed, iteration, rank), so dropout masks come back exactly on resume (and differ per rank).
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        key = f"{int(self.rng_seed)}/{int(self.iteration)}/global/{rank}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self._train_iteration(batch)
+
+    def _train_iteration(self, batch) -> None:
         self._draws = 0
         iteration = int(self.iteration)
         self._enter_stages(iteration)

@@ -95,8 +95,8 @@ class DMD(FewStepModule):
         conditioning_sigma: the generator maps conditioning_sigma * z at that noise level to x̂0 (80 = sigma_max,
             as in the DMD2 code; the teacher's ODE starts there too).
         real_guidance_scale: CFG scale of the real score (1 = none, EDM2 convention); the fake score never uses CFG.
-        dm_step_range: (lo, hi) fractions of the 1000-point Karras grid from which L_DM draws sigma
-            (0.02, 0.98: t ~ U[0.02 T, 0.98 T] in the paper).
+        dm_step_range: (lo, hi) fractions of the 1000-point Karras grid, counted from sigma_min, from which L_DM
+            draws sigma (0.02, 0.98: t ~ U[0.02 T, 0.98 T] in the paper, grid indices 20..980 in DMD2's code).
         dm_reduction: "mean" over all B*D elements (official; dL/dx = grad / (B D)) or "per_sample"
             (sum over each sample's elements, mean over the batch; dL/dx = grad / B).
         pairs_path: regression pairs from ``python -m lit_fewstep.data.pairs`` (None: no regression loss).
@@ -165,7 +165,7 @@ class DMD(FewStepModule):
         self.generator_sigmas = tuple(sigmas)
         self.max_nfe = len(sigmas)
         self.edm = EDMPath()
-        # Index 0 = sigma_max = 80, index 999 = sigma_min = 0.002 (DMD2's code flips it; the draw is symmetric).
+        # Index 0 = sigma_max = 80, index 999 = sigma_min = 0.002 (DMD2's code flips it; `grid_sigmas` converts).
         self.register_buffer("sigma_grid", karras_sigmas(GRID_SIZE, append_zero=False).float(), persistent=False)
 
         self.register_frozen("teacher", path=teacher_ckpt)  # the real score: frozen, never saved
@@ -266,9 +266,15 @@ class DMD(FewStepModule):
 
     # ======================================================================================= pieces
     def grid_sigmas(self, n: int, fraction_range: Sequence[float] = (0.0, 1.0)) -> Tensor:
-        """n noise levels drawn uniformly from the indices of the 1000-point Karras grid within `fraction_range`."""
-        lo = round(fraction_range[0] * (GRID_SIZE - 1))
-        hi = round(fraction_range[1] * (GRID_SIZE - 1))
+        """n noise levels drawn uniformly from the 1000-point Karras grid within `fraction_range`.
+
+        Fractions count from sigma_min (t = 0), for every range of DMD, DMD2 and MSD: as the paper's
+        t ~ U[0.02 T, 0.98 T] and as DMD2's code, whose grid index i runs from sigma_min and is drawn from
+        int(lo * 1000) to int(hi * 1000) inclusive (20..980 for (0.02, 0.98); capped at 999). Our grid runs from
+        sigma_max, so that set is indices 999 - i."""
+        from_min_lo = int(fraction_range[0] * GRID_SIZE)
+        from_min_hi = min(int(fraction_range[1] * GRID_SIZE), GRID_SIZE - 1)
+        lo, hi = GRID_SIZE - 1 - from_min_hi, GRID_SIZE - 1 - from_min_lo
         return self.sigma_grid[self.randint(lo, hi + 1, (n,), self.sigma_grid)]
 
     def _unpack(self, batch) -> tuple[Tensor, Tensor | None]:

@@ -25,6 +25,11 @@ class DiscriminatorHead(Configurable, nn.Module):
 
     With ``num_classes > 0`` it is a projection discriminator: ``logit += <embed(y), pooled>``;
     label ``num_classes`` (or ``class_labels=None``) is the null label, as in the generators.
+
+    Simpler than DMD2's official head (conv 4x4 / 2 -> GroupNorm -> SiLU -> conv 4x4 / 4 -> GroupNorm -> SiLU ->
+    conv 1x1 on the encoder's 8x8 bottleneck): one strided conv and a mean pool instead of the second conv stage
+    and the 1x1 conv, so it takes features of any size (our toys' vectors and 2x2 maps). See
+    docs/distribution_matching.md for the comparison.
     """
 
     def __init__(self, in_channels: int, hidden: Optional[int] = None, num_classes: int = 0):
