@@ -51,7 +51,7 @@ def sample_main(argv: list[str]) -> Path:
         if len(args.class_labels) not in (1, args.num):
             parser.error(f"--class_labels takes one label or --num={args.num} labels, got {len(args.class_labels)}")
         labels = torch.tensor(args.class_labels * (args.num if len(args.class_labels) == 1 else 1), dtype=torch.long)
-    options = sampling_options(args)
+    options = sampling_options(args, args.num)
     x, y, nfe, seconds = draw(module, args.num, args.nfe, args.seed, labels, args.ema, args.batch_size, **options)
     if out.suffix == ".png":
         save_samples_png(x.numpy(), out, None if y is None else y.numpy(), title=f"{Path(args.ckpt).name}, NFE {nfe}")

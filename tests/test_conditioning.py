@@ -75,3 +75,19 @@ def test_per_sample_guidance_scales_equal_each_sample_alone():
         alone = teacher.sample(3, 6, class_labels=labels, generator=torch.Generator().manual_seed(noise_seed),
                                guidance_scale=scale)
         torch.testing.assert_close(batch.x[i], alone.x[i], rtol=1e-5, atol=1e-5)
+
+
+def test_sample_command_takes_one_guidance_scale_per_sample(tmp_path):
+    import numpy as np
+
+    from lit_fewstep.cli import main
+
+    common = ["sample", "--ckpt", str(TEACHER), "--nfe", "4", "--num", "3", "--class_labels", "0", "1", "1"]
+    main([*common, "--guidance_scale", "1", "2", "3", "--out", str(tmp_path / "per.npz")])
+    per = np.load(tmp_path / "per.npz")
+    assert int(per["nfe"]) == 8
+    for i, scale in enumerate(["1", "2", "3"]):
+        main([*common, "--guidance_scale", scale, "--out", str(tmp_path / f"s{i}.npz")])
+        np.testing.assert_allclose(per["samples"][i], np.load(tmp_path / f"s{i}.npz")["samples"][i], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^--guidance_scale: one value or --num=3 values, got 2"):
+        main([*common, "--guidance_scale", "1", "2", "--out", str(tmp_path / "bad.npz")])

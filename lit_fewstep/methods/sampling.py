@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from ..conditioning import Conditioning
+
 from ..utils.args import finite_float, parse_bool, positive_int
 from ..utils.checkpoint import TRUST_FLAG, load_module
 from .base import FewStepModule
@@ -44,15 +46,20 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu
 
 
 def draw(module: FewStepModule, num: int, nfe: int, seed: int, class_labels=None, use_ema: bool = True,
-         batch_size: int = 1000, **options):
+         batch_size: int = 1000, cond: Conditioning | None = None, **options):
     """Sample in batches from one seeded generator: the same seed gives the same samples at any batch size
-    only for equal batch sizes; report (samples, labels, nfe, seconds)."""
+    only for equal batch sizes; report (samples, labels, nfe, seconds). `cond` holds per-sample conditioning for
+    all `num` samples (e.g. one guidance scale each), sliced with the batches."""
+    if cond is not None and cond.batch_size not in (None, num):
+        raise ValueError(f"cond: conditioning for {cond.batch_size} samples, but {num} are drawn.")
     generator = torch.Generator().manual_seed(seed)
     xs, ys, nfe_spent = [], [], None
     start = time.perf_counter()
     for begin in range(0, num, batch_size):
         size = min(batch_size, num - begin)
         labels = None if class_labels is None else class_labels[begin:begin + size]
+        if cond is not None:
+            options["cond"] = cond.select(slice(begin, begin + size))
         out = module.sample(size, nfe, class_labels=labels, generator=generator, use_ema=use_ema, **options)
         xs.append(out.x.float().cpu())
         if out.labels is not None:
@@ -71,7 +78,8 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     parser.add_argument("--batch_size", type=positive_int, default=1000)
-    parser.add_argument("--guidance_scale", type=finite_float, default=None, help="CFG scale (1 = none; default: the model's)")
+    parser.add_argument("--guidance_scale", type=finite_float, nargs="+", default=None,
+                        help="CFG scale (1 = none; default: the model's): one for all samples, or one per sample")
     parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun)")
     parser.add_argument("--allow_module", action="append", default=[], metavar="PACKAGE",
                         help="also build classes defined in this package (your own methods; repeatable; pickle stays "
@@ -81,9 +89,19 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                              "files you trust)")
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    """The `sample()` options that `add_checkpoint_arguments` set (only those given: the model's defaults stay)."""
-    options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+def sampling_options(args: argparse.Namespace, num: int | None = None) -> dict:
+    """The `sample()` options that `add_checkpoint_arguments` set (only those given: the model's defaults stay).
+    Several --guidance_scale values (one per sample; `num` of them) become per-sample conditioning for `draw`."""
+    scales = args.guidance_scale
+    if scales is None:
+        options = {}
+    elif len(scales) == 1:
+        options = {"guidance_scale": scales[0]}
+    elif num is not None and len(scales) == num:
+        options = {"cond": Conditioning(guidance_scale=torch.tensor(scales, dtype=torch.float32))}
+    else:
+        expected = "one value" if num is None else f"one value or --num={num} values"
+        raise ValueError(f"--guidance_scale: {expected}, got {len(scales)}.")
     if args.solver:
         options["solver"] = args.solver
     return options
