@@ -149,6 +149,21 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
     teacher_path = args.teacher or getattr(module, "teacher_ckpt", None)
     if args.teacher_nfe and not teacher_path:
         parser.error(f"--teacher_nfe: {args.ckpt} records no teacher_ckpt; pass --teacher PATH.")
+    options = sampling_options(args)
+    runs = [("student" if args.teacher_nfe else type(module).__name__, module, args.nfe, options)]
+    if args.teacher_nfe:
+        # The teacher samples with its own defaults (Heun, its guidance); only --solver is shared.
+        teacher = load_for_sampling(teacher_path, args.device, args.trust_checkpoint, field="teacher",
+                                    allow_modules=args.allow_module)
+        runs.append(("teacher", teacher, args.teacher_nfe, {"solver": args.solver} if args.solver else {}))
+    # Every requested NFE is checked before any work (reference features, sampling, scoring): a bad one must not
+    # cost the minutes spent on the good ones first and then write nothing.
+    for name, model, nfes, _ in runs:
+        for nfe in nfes:
+            try:
+                model.check_nfe(nfe)
+            except ValueError as err:
+                parser.error(f"--{'teacher_' if name == 'teacher' else ''}nfe: {err}")
     if args.data is not None:
         datamodule = data_from_config(args.data, trust=args.trust_checkpoint)
     elif module.data_config is not None:
@@ -166,19 +181,6 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
 
         feature_net = InceptionFeatures(args.inception_weights)
     evaluator = Evaluator(datamodule, args.num_reference, args.seed, feature_net)
-    options = sampling_options(args)
-    runs = [("student" if args.teacher_nfe else type(module).__name__, module, args.nfe, options)]
-    if args.teacher_nfe:
-        # The teacher samples with its own defaults (Heun, its guidance); only --solver is shared.
-        teacher = load_for_sampling(teacher_path, args.device, args.trust_checkpoint, field="teacher",
-                                    allow_modules=args.allow_module)
-        runs.append(("teacher", teacher, args.teacher_nfe, {"solver": args.solver} if args.solver else {}))
-    for name, model, nfes, _ in runs:  # every requested NFE is checked before any work
-        for nfe in nfes:
-            try:
-                model.check_nfe(nfe)
-            except ValueError as err:
-                parser.error(f"--{'teacher_' if name == 'teacher' else ''}nfe: {err}")
     rows = []
     for name, model, nfes, opts in runs:
         for nfe in nfes:
