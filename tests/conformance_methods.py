@@ -16,8 +16,8 @@ from typing import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
+from conftest import StopAtIteration
 from lit_fewstep.cli import FewStepTrainer
 from lit_fewstep.data import Toy2DDataModule
 from lit_fewstep.data.pairs import make_pairs, save_pairs
@@ -106,17 +106,6 @@ def supported_nfes(module: FewStepModule) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------------------------- training
-class StopAtIteration(Callback):
-    """Stop on the module's own iteration counter: `max_steps` counts optimizer steps (several per TTUR batch)."""
-
-    def __init__(self, iterations: int):
-        self.iterations = iterations
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if int(pl_module.iteration) >= self.iterations:
-            trainer.should_stop = True
-
-
 def trainer(root, iterations: int, callbacks=(), **kw) -> FewStepTrainer:
     """A quiet CPU trainer that stops after `iterations` iterations (validation once per epoch, one batch)."""
     kw = {"logger": False, "enable_checkpointing": False, **kw}

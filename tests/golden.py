@@ -25,7 +25,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import Callback
+
+from conftest import StopAtIteration
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -70,17 +71,6 @@ def _chdir(path: Path):
         yield
     finally:
         os.chdir(before)
-
-
-class _StopAtIteration(Callback):
-    """Stop on the module's own iteration counter: `max_steps` counts optimizer steps."""
-
-    def __init__(self, iterations: int):
-        self.iterations = iterations
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if int(pl_module.iteration) >= self.iterations:
-            trainer.should_stop = True
 
 
 def _overrides(config: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
@@ -136,7 +126,7 @@ def record(method_config: str, iterations: int = ITERATIONS, seed: int = SEED) -
         trainer = FewStepTrainer(accelerator="cpu", devices=1, max_epochs=-1, max_steps=-1, logger=False,
                                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                  limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(workdir),
-                                 callbacks=[_StopAtIteration(iterations)])
+                                 callbacks=[StopAtIteration(iterations)])
         L.seed_everything(seed, verbose=False)
         trainer.fit(module, datamodule=datamodule)
         del module.log

@@ -37,21 +37,13 @@ from lit_fewstep.utils.checkpoint import load_checkpoint, load_module
 pytestmark = [
     pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`"),
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint"),
+    pytest.mark.usefixtures("float32_default_dtype"),
 ]
 
 # 10 batches per epoch: 5 is inside epoch 0, 10 exactly at the first epoch boundary, 15 inside epoch 1.
 RESUME_POINTS = (5, 10, 15)
 RESUME_END = 18
 FIT_ITERATIONS = 3
-
-
-@pytest.fixture(autouse=True)
-def _float32_default_dtype():
-    """tests/test_diffusion.py sets torch's default dtype to float64 at collection; training runs build float32."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
 
 
 def test_every_method_is_in_the_registry():

@@ -23,14 +23,7 @@ from lit_fewstep.utils.checkpoint import load_module
 SIGMA_D = 0.8
 
 
-@pytest.fixture(autouse=True)
-def _float32_default_dtype():
-    """tests/test_diffusion.py sets torch's default dtype to float64 at import (collection) time; these tests build
-    float32 modules like a training run does, so pin the default while they run."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float32_default_dtype")
 
 
 def mlp(num_classes=2, hidden=32, seed=0):

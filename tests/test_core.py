@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import StopAtIteration
 from lit_fewstep.data import Toy2DDataModule
 from lit_fewstep.methods import MSD, EDMDiffusion, FewStepModule, Phase
 from lit_fewstep.methods.base import Stage
@@ -129,19 +130,10 @@ def test_phase_stop_and_stage_ranges():
         module.set_stages([Stage("a", 0, None, [], on_enter="nope")])
 
 
-class _StopAt(L.Callback):
-    def __init__(self, iterations):
-        self.iterations = iterations
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        if int(pl_module.iteration) >= self.iterations:
-            trainer.should_stop = True
-
-
 def _fit_stages(root, iterations, ckpt_path=None, every_step=False):
     L.seed_everything(0)
     module = Regress(phases="stages")
-    callbacks = [_StopAt(iterations)]
+    callbacks = [StopAtIteration(iterations)]
     if every_step:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "c", every_n_train_steps=1, save_top_k=-1,
                                                              filename="{step}"))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from conftest import StopAtIteration
 from lit_fewstep.cli import FewStepTrainer
 from lit_fewstep.data import Toy2DDataModule
 from conformance_methods import build
@@ -33,22 +34,11 @@ def _trainer(root, steps, callbacks=(), **kw):
                           check_val_every_n_epoch=1, limit_val_batches=1, callbacks=list(callbacks), **kw)
 
 
-class _StopAtIteration(Callback):
-    """Stop on the module's own iteration counter: `max_steps` counts optimizer steps (two per TTUR batch)."""
-
-    def __init__(self, iterations):
-        self.iterations = iterations
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if int(pl_module.iteration) >= self.iterations:
-            trainer.should_stop = True
-
-
 def _fit(factory, root, iterations, ckpt_path=None, callbacks=()):
     L.seed_everything(0)
     module = factory()
     ckpts = ModelCheckpoint(dirpath=root / "ckpts", every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    _trainer(root, -1, [ckpts, _StopAtIteration(iterations), *callbacks]).fit(module, _data(), ckpt_path=ckpt_path)
+    _trainer(root, -1, [ckpts, StopAtIteration(iterations), *callbacks]).fit(module, _data(), ckpt_path=ckpt_path)
     return module
 
 
@@ -81,7 +71,7 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path):
     assert preempted.is_file()
     assert load_checkpoint(preempted)["state_dict"]["iteration"] == 5  # saved after the interrupted batch
     module = factory()
-    _trainer(tmp_path / "cut", -1, [_StopAtIteration(9)]).fit(module, _data(), ckpt_path=preempted)
+    _trainer(tmp_path / "cut", -1, [StopAtIteration(9)]).fit(module, _data(), ckpt_path=preempted)
     _assert_same_state(full, module)
 
 
@@ -173,6 +163,6 @@ def test_resume_is_bit_exact_with_dropout(tmp_path):
     module = factory()
     path = next(p for p in sorted((tmp_path / "cut" / "ckpts").glob("step=*.ckpt"))
                 if int(load_checkpoint(p)["state_dict"]["iteration"]) == 5)
-    _trainer(tmp_path / "cut", -1, [_StopAtIteration(9)]).fit(module, _data(), ckpt_path=path)
+    _trainer(tmp_path / "cut", -1, [StopAtIteration(9)]).fit(module, _data(), ckpt_path=path)
     _assert_same_state(full, module)
     assert module.G.net.blocks[0].drop.p == 0.3  # the trained networks do use dropout

@@ -43,13 +43,7 @@ F64 = torch.float64
 MU, S = 0.7, 0.5  # 1-D Gaussian data N(MU, S^2)
 
 
-@pytest.fixture(autouse=True)
-def _float32_default_dtype():
-    """Another test file may leave float64 as the default; these tests choose their dtypes explicitly."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float32_default_dtype")
 
 
 def _t(v, dtype=F64):

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, StopAtIteration
 from lit_fewstep.data import Toy2DDataModule
 from lit_fewstep.nets import MLP
 from lit_fewstep.utils.checkpoint import load_checkpoint, load_module
@@ -39,19 +39,10 @@ def _data():
     return Toy2DDataModule(name="tree", batch_size=64, num_train=640, num_val=64)  # 10 batches per epoch
 
 
-class _StopAt(L.Callback):
-    def __init__(self, iterations):
-        self.iterations = iterations
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        if int(pl_module.iteration) >= self.iterations:
-            trainer.should_stop = True
-
-
 def _fit(example, root, iterations, ckpt_path=None, every_step=False):
     L.seed_everything(0)
     module = _method(example)
-    callbacks = [_StopAt(iterations)]
+    callbacks = [StopAtIteration(iterations)]
     if every_step:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "c", every_n_train_steps=1,
                                                              save_top_k=-1, filename="{step}"))
