@@ -6,3 +6,4 @@ from .dmd import DMD, DMD2
 from .msd import MSD
 from .consistency import CD, CT, ICT
 from .scm import SCD, SCT
+from .ctm import CTM

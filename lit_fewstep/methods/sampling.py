@@ -81,6 +81,8 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance_scale", type=finite_float, nargs="+", default=None,
                         help="CFG scale (1 = none; default: the model's): one for all samples, or one per sample")
     parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun)")
+    parser.add_argument("--gamma", type=finite_float, default=None,
+                        help="CTM gamma-sampling: 0 deterministic long jumps (default) ... 1 consistency multistep")
     parser.add_argument("--allow_module", action="append", default=[], metavar="PACKAGE",
                         help="also build classes defined in this package (your own methods; repeatable; pickle stays "
                              "off). Same as LIT_FEWSTEP_ALLOW_MODULES=PACKAGE,...")
@@ -104,4 +106,6 @@ def sampling_options(args: argparse.Namespace, num: int | None = None) -> dict:
         raise ValueError(f"--guidance_scale: {expected}, got {len(scales)}.")
     if args.solver:
         options["solver"] = args.solver
+    if getattr(args, "gamma", None) is not None:
+        options["gamma"] = args.gamma
     return options
