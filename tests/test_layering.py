@@ -3,7 +3,7 @@
 Floors (the rule as written in `lit_fewstep/__init__.py`):
 
     0  lit_fewstep (the package's __init__), utils, conditioning
-    1  diffusion, nets, data, metrics
+    1  diffusion, nets, data, metrics, teachers (external teacher networks: diffusers; they build nets, not methods)
     2  methods (incl. methods.sampling: load a checkpoint for sampling, draw)
     3  evaluation, callbacks
     4  cli, __main__
@@ -31,7 +31,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "lit_fewstep"
 FLOORS = {
     "lit_fewstep": 0, "utils": 0, "conditioning": 0,
-    "diffusion": 1, "nets": 1, "data": 1, "metrics": 1,
+    "diffusion": 1, "nets": 1, "data": 1, "metrics": 1, "teachers": 1,
     "methods": 2,
     "evaluation": 3, "callbacks": 3,
     "cli": 4, "__main__": 4,
