@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..diffusion.guidance import guided_x0
+from ..diffusion.guidance import autoguided_x0, guided_x0
 from ..diffusion.paths import EDMPath
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.solvers import NFECounter, lognormal_sigmas, sample_edm_heun
@@ -72,15 +72,29 @@ class DiffusionTeacher(FewStepModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def _sample(self, noise, class_labels, nfe, net, guidance_scale: float | Tensor | None = None,
-                solver: str = "heun"):
-        """Heun (or Euler) on the PF-ODE in EDM coordinates; `guidance_scale` a float or one scale per sample."""
+                solver: str = "heun", guide: nn.Module | None = None):
+        """Heun (or Euler) on the PF-ODE in EDM coordinates; `guidance_scale` a float or one scale per sample.
+
+        Without `guide`: classifier-free guidance with the null label (unconditional draws are not guided).
+        With `guide` (a trained lit_fewstep module or network of the same task, e.g. a smaller, shorter-trained
+        one): autoguidance, D = D_guide + scale (D - D_guide) (Karras et al. 2024, Eq. 2), unconditional models too.
+        Either way a guided step costs two network evaluations per sample, counted in the returned NFE.
+        """
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        if class_labels is None:
-            scale = 1.0  # an unconditional draw is not guided
         counter, edm = NFECounter(), EDMPath()
-        x = sample_edm_heun(lambda x_t, t: guided_x0(net, x_t, t, class_labels, scale, path=edm, counter=counter),
-                            noise, nfe, method=solver)
-        return x, counter.count
+        if guide is not None:
+            weak = guide.sampling_network(True) if isinstance(guide, FewStepModule) else guide
+            if int(getattr(weak, "num_classes", 0)) != net.num_classes:
+                raise ValueError(f"guide: the guide has num_classes={getattr(weak, 'num_classes', 0)} but the model "
+                                 f"{net.num_classes}; a guide must be trained on the same task and conditioning.")
+            weak = weak.to(noise.device).eval()
+            x0_fn = lambda x_t, t: autoguided_x0(net, weak, x_t, t, scale, class_labels, path=edm,  # noqa: E731
+                                                 counter=counter)
+        else:
+            if class_labels is None:
+                scale = 1.0  # an unconditional draw is not guided by CFG
+            x0_fn = lambda x_t, t: guided_x0(net, x_t, t, class_labels, scale, path=edm, counter=counter)  # noqa: E731
+        return sample_edm_heun(x0_fn, noise, nfe, method=solver), counter.count
 
 
 class EDMDiffusion(DiffusionTeacher):

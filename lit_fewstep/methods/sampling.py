@@ -81,6 +81,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance_scale", type=finite_float, nargs="+", default=None,
                         help="CFG scale (1 = none; default: the model's): one for all samples, or one per sample")
     parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun)")
+    parser.add_argument("--guide", default=None, metavar="PATH",
+                        help="autoguidance: a worse model of the same task (smaller / shorter-trained) guides this one "
+                             "at --guidance_scale (Karras et al. 2024); counts two evaluations per guided step")
     parser.add_argument("--gamma", type=finite_float, default=None,
                         help="CTM gamma-sampling: 0 deterministic long jumps (default) ... 1 consistency multistep")
     parser.add_argument("--allow_module", action="append", default=[], metavar="PACKAGE",
@@ -108,4 +111,7 @@ def sampling_options(args: argparse.Namespace, num: int | None = None) -> dict:
         options["solver"] = args.solver
     if getattr(args, "gamma", None) is not None:
         options["gamma"] = args.gamma
+    if getattr(args, "guide", None):
+        options["guide"] = load_for_sampling(args.guide, args.device, args.trust_checkpoint, field="--guide",
+                                             allow_modules=args.allow_module)
     return options
