@@ -109,7 +109,11 @@ def train(entry: dict, suite: str, seed: int) -> tuple[Path, float, str]:
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"fit failed ({entry['config']}):\n{result.stderr[-4000:]}")
-    model = save_dir / logger.get("name", "lightning_logs") / str(logger.get("version", "")) / "model.pt"
+    # each fit writes a new version_N folder and points <name>/latest at it when it finishes
+    from lit_fewstep.utils.runs import resolve_run_pointer
+
+    model = save_dir / logger.get("name", "lightning_logs") / str(logger.get("version", "latest")) / "model.pt"
+    model = Path(os.path.realpath(resolve_run_pointer(model)))
     if not model.exists():
         raise FileNotFoundError(f"fit did not export {model}; does the config log with a TensorBoardLogger?")
     return model, seconds, shown

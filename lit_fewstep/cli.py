@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .data.pairs import make_pairs, save_pairs
 from .methods.base import FewStepModule, NonFiniteError, load_teacher
@@ -27,6 +28,7 @@ from .methods.sampling import add_checkpoint_arguments, draw, load_for_sampling,
 from .utils.args import check_writable, parse_bool, positive_int
 from .utils.checkpoint import TRUST_FLAG
 from .utils.images import save_samples_png
+from .utils.runs import point_latest
 
 __all__ = ["main", "FewStepCLI", "FewStepTrainer", "sample_main", "evaluate_main", "pairs_main"]
 
@@ -155,7 +157,25 @@ class FewStepCLI(LightningCLI):
             return
         out = Path(log_dir or self.trainer.default_root_dir) / "model.pt"
         self.model.export(str(out))
-        print(f"exported {type(self.model).__name__} to {out}")
+        # every run has its own version_N folder (never overwritten); <name>/latest points to the newest finished one
+        versioned = isinstance(self.trainer.logger, (TensorBoardLogger, CSVLogger))  # <save_dir>/<name>/<version>
+        pointer = point_latest(out.parent) if versioned and log_dir else None
+        also = f" ({pointer / out.name} points to it)" if pointer else ""
+        print(f"exported {type(self.model).__name__} to {out}{also}", flush=True)
+
+
+class _SaveConfig(SaveConfigCallback):
+    """Lightning's config saving, with its refusal to overwrite a run as one line (a pinned logger version)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        try:
+            super().setup(trainer, pl_module, stage)
+        except RuntimeError as err:
+            if "to NOT exist" not in str(err):
+                raise
+            raise FileExistsError(
+                f"trainer.logger: {trainer.log_dir} already holds a run (its config.yaml); leave "
+                "trainer.logger.init_args.version unset for a new version_N folder, or pick a new version.") from None
 
 
 def main(args: list[str] | None = None):
@@ -169,7 +189,7 @@ def main(args: list[str] | None = None):
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=_SaveConfig,  # a run folder is never reused: configs no longer pin a version
         args=argv,
     )
 

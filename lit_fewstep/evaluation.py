@@ -24,6 +24,7 @@ from .utils.args import check_writable, positive_int
 from .utils.checkpoint import TRUST_FLAG
 from .utils.config import UnsafeClassPathError, instantiate
 from .utils.machine import describe_machine
+from .utils.runs import resolve_run_pointer
 
 __all__ = ["Evaluator", "evaluate_main", "data_from_config", "format_table"]
 
@@ -144,7 +145,8 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
                         "recorded in --ckpt as teacher_ckpt)")
     parser.add_argument("--out", default=None, help="JSON file (default: next to the checkpoint)")
     args = parser.parse_args(argv)
-    out = check_writable(Path(args.out) if args.out else Path(args.ckpt).with_suffix(".eval.json"), "--out")
+    out = check_writable(Path(args.out) if args.out else resolve_run_pointer(args.ckpt).with_suffix(".eval.json"),
+                         "--out")
     module = load_for_sampling(args.ckpt, args.device, args.trust_checkpoint, allow_modules=args.allow_module)
     teacher_path = args.teacher or getattr(module, "teacher_ckpt", None)
     if args.teacher_nfe and not teacher_path:

@@ -23,3 +23,57 @@ def test_evaluate_refuses_every_bad_nfe_before_any_work(tmp_path, monkeypatch, c
     assert exit_info.value.code == 2
     assert "--nfe: nfe: DMD2 samples with at most 1 evaluations, got 2" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _fit_tree(save_dir, *extra):
+    from lit_fewstep.cli import main
+
+    main(["fit", "--config", str(ROOT / "configs" / "edm" / "tree.yaml"), "--trainer.max_steps", "2",
+          "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.enable_progress_bar", "false",
+          "--data.init_args.batch_size", "32", "--data.init_args.num_train", "64", *extra])
+
+
+def test_rerunning_a_config_never_overwrites_the_previous_run(tmp_path, capsys):
+    """Configs pin no version: each fit gets a new version_N folder and `<name>/latest` points to the newest."""
+    from lit_fewstep.cli import main
+
+    runs = tmp_path / "edm_tree"
+    _fit_tree(tmp_path)
+    first = (runs / "version_0" / "model.pt").read_bytes()
+    assert (runs / "latest").resolve() == (runs / "version_0").resolve()
+    assert f"to {runs / 'version_0' / 'model.pt'} ({runs / 'latest' / 'model.pt'} points to it)" in capsys.readouterr().out
+    _fit_tree(tmp_path, "--seed_everything", "1")
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "version_0", "version_1"]
+    assert (runs / "version_0" / "model.pt").read_bytes() == first  # the first run is untouched
+    assert (runs / "version_0" / "config.yaml").is_file() and (runs / "version_1" / "config.yaml").is_file()
+    assert (runs / "latest").resolve() == (runs / "version_1" / "model.pt").parent.resolve()
+    main(["evaluate", "--ckpt", str(runs / "latest" / "model.pt"), "--nfe", "1", "--num", "64",
+          "--num_reference", "64"])
+    assert (runs / "version_1" / "model.eval.json").is_file()
+    # a pinned version that already holds a run is refused (one line), not overwritten
+    with pytest.raises(FileExistsError, match=r"^trainer.logger: .*version_0 already holds a run"):
+        _fit_tree(tmp_path, "--trainer.logger.init_args.version", "version_0")
+    assert (runs / "version_0" / "model.pt").read_bytes() == first
+
+
+def test_latest_is_a_text_file_where_symlinks_fail(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from lit_fewstep.utils.checkpoint import load_checkpoint
+    from lit_fewstep.utils.runs import point_latest
+
+    for n in (0, 1):
+        (tmp_path / "run" / f"version_{n}").mkdir(parents=True)
+        torch.save({"n": n}, tmp_path / "run" / f"version_{n}" / "model.pt")
+    assert point_latest(tmp_path / "run" / "version_0").is_symlink()
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symbolic links are not supported here")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    pointer = point_latest(tmp_path / "run" / "version_1")  # replaces the symlink with a text file
+    assert pointer.is_file() and not pointer.is_symlink() and pointer.read_text() == "version_1\n"
+    assert load_checkpoint(tmp_path / "run" / "latest" / "model.pt")["n"] == 1
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []  # no temporaries left

@@ -101,7 +101,9 @@ def test_sigusr1_saves_requeues_and_the_rerun_resumes(tmp_path):
                            text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(r"Restored all states from the checkpoint at .*hpc_ckpt_1\.ckpt", rerun.stdout + rerun.stderr)
-    exported = torch.load(run_dir / "edm_tree" / "main" / "model.pt", map_location="cpu", weights_only=True)
+    # the rerun logs to a new version folder (never over the first run's); latest points to it
+    assert (run_dir / "edm_tree" / "latest").resolve() == (run_dir / "edm_tree" / "version_1").resolve()
+    exported = torch.load(run_dir / "edm_tree" / "latest" / "model.pt", map_location="cpu", weights_only=True)
     assert int(exported["state_dict"]["iteration"]) == iteration + 3  # 3 more one-phase iterations
 
 

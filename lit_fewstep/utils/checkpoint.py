@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from .config import UnsafeClassPathError, instantiate
+from .runs import resolve_run_pointer
 
 __all__ = ["load_checkpoint", "load_module", "atomic_save", "remove_stale_temporaries", "FORMAT_KEY", "TRUST_FLAG"]
 
@@ -42,7 +43,7 @@ def _opt_in_hint(opt_in: str | None) -> str:
 def load_checkpoint(path: str | os.PathLike, trust: bool = False, field: str = "ckpt",
                     opt_in: str | None = TRUST_FLAG) -> dict[str, Any]:
     """torch.load with weights_only=True unless `trust`; every failure is one line naming `field`."""
-    path = Path(path)
+    path = resolve_run_pointer(path)  # runs/<name>/latest/... also where `latest` is a text file, not a symlink
     if path.is_dir():
         raise IsADirectoryError(f"{field}: {str(path)!r} is a directory; give the path of a .ckpt/.pt file in it.")
     if not path.is_file():
