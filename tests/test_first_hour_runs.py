@@ -77,3 +77,24 @@ def test_latest_is_a_text_file_where_symlinks_fail(tmp_path, monkeypatch):
     assert pointer.is_file() and not pointer.is_symlink() and pointer.read_text() == "version_1\n"
     assert load_checkpoint(tmp_path / "run" / "latest" / "model.pt")["n"] == 1
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []  # no temporaries left
+
+
+def test_readme_commands_write_under_runs(tmp_path, monkeypatch):
+    """No README command writes into the repository root: every concrete --out is under runs/."""
+    import re
+    import shlex
+
+    from lit_fewstep.cli import main
+
+    readme = (ROOT / "README.md").read_text()
+    outs = re.findall(r"--out (\S+?)[`\s]", readme)
+    concrete = [o for o in outs if not o.startswith(("FILE", "DIR", "TEACHER"))]
+    assert concrete and all(o.startswith("runs/") for o in concrete), concrete
+    # the sample command of the shipped student, run as written (from a scratch folder standing for the clone)
+    command = re.search(r"`(python -m lit_fewstep sample --ckpt lit_fewstep/assets/dmd2_digits.pt [^`]*)`", readme)
+    args = shlex.split(command.group(1))[3:]
+    args[args.index("--ckpt") + 1] = STUDENT
+    monkeypatch.chdir(tmp_path)
+    out = main(args)
+    assert out.resolve().parent == (tmp_path / "runs" / "samples").resolve() and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
