@@ -7,7 +7,9 @@ them: see the layer rule in `lit_fewstep/__init__.py`).
 
 Schedules use the module's own counter ``pl_module.iteration`` (one per training batch), not
 ``trainer.global_step``, which under manual optimization counts optimizer steps (a 5:1 critic/generator schedule
-makes 6 global steps per 5 batches). TensorBoard's x axis is ``trainer.global_step``, like the losses.
+makes 6 global steps per 5 batches). TensorBoard's x axis is that iteration too, for everything: pictures and
+sweeps are written at ``pl_module.iteration``, and `FewStepModule.training_step` makes Lightning log losses,
+learning rates and throughput at it (a logged ``step`` value).
 
 Sampling and scoring run on global rank 0 only (the sampling network is a plain submodule, so no collective op
 is involved); the other ranks wait at the next collective. Samples use a fixed seed, so pictures and metrics at
@@ -110,10 +112,10 @@ class SampleGridCallback(Callback):
                 if y is not None:
                     x = x[torch.argsort(y, stable=True)]
                 grid = image_grid(x.numpy(), nrow=int(math.ceil(math.sqrt(len(x)))))
-                writer.add_image(tag, grid, global_step=trainer.global_step, dataformats="HWC")
+                writer.add_image(tag, grid, global_step=int(pl_module.iteration), dataformats="HWC")
             elif x.dim() == 2 and x.shape[1] == 2:
                 writer.add_figure(tag, self._scatter(x, y, f"NFE {out.nfe}, iteration {int(pl_module.iteration)}"),
-                                  global_step=trainer.global_step, close=True)
+                                  global_step=int(pl_module.iteration), close=True)
             else:
                 raise ValueError(f"SampleGridCallback: cannot draw samples of shape {tuple(x.shape)}; "
                                  "expected images [N, C, H, W] or 2-D points [N, 2].")
@@ -142,7 +144,7 @@ class NFESweepCallback(Callback):
     When: with ``every_n_iterations=None`` at the end of every validation epoch (sanity check skipped), logged
     with ``pl_module.log`` so ``ModelCheckpoint(monitor="val/fid@1")`` can use it (rank 0 computes, every rank
     logs the broadcast values). With ``every_n_iterations=n``, after iterations n, 2n, ..., written straight to
-    the loggers at ``trainer.global_step`` (a value logged from a training hook through ``pl_module.log`` only
+    the loggers at the iteration ``pl_module.iteration``, the x axis of the losses (a value logged from a training hook through ``pl_module.log`` only
     reaches the logger on ``log_every_n_steps`` boundaries).
 
     Args:
@@ -191,7 +193,7 @@ class NFESweepCallback(Callback):
             return
         self.last = self.compute(trainer, pl_module)
         for logger in trainer.loggers:
-            logger.log_metrics(self.last, step=trainer.global_step)
+            logger.log_metrics(self.last, step=int(pl_module.iteration))
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if self.every_n_iterations is not None or trainer.sanity_checking:

@@ -98,3 +98,44 @@ def test_readme_commands_write_under_runs(tmp_path, monkeypatch):
     out = main(args)
     assert out.resolve().parent == (tmp_path / "runs" / "samples").resolve() and out.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def _toy_dmd2(tmp_path, **kwargs):
+    from lit_fewstep.methods import DMD2, EDMDiffusion
+    from lit_fewstep.nets import MLP
+
+    teacher = tmp_path / "teacher.pt"
+    if not teacher.exists():
+        EDMDiffusion(MLP(dim=2, hidden=16, depth=1, emb_dim=8, num_classes=8), sigma_data=1.4).export(str(teacher))
+    return DMD2(str(teacher), generator_every=5, lr=1e-3, **kwargs)  # TTUR 5:1: 6 optimizer steps per 5 iterations
+
+
+def test_tensorboard_x_axis_is_the_iteration_for_losses_pictures_and_sweeps(tmp_path, float32_default_dtype):
+    """Under a 5:1 critic/generator schedule optimizer steps run ahead of iterations; every event carries the
+    iteration (pictures and sweeps after iterations 5 and 10 sit beside the losses of iterations 5 and 10)."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_fewstep.data import Toy2DDataModule
+    from lit_fewstep.metrics import NFESweepCallback, SampleGridCallback
+
+    L.seed_everything(0)
+    model = _toy_dmd2(tmp_path)
+    callbacks = [SampleGridCallback(every_n_iterations=5, nfe=(1,), num=16),
+                 NFESweepCallback(nfe=(1,), num=64, every_n_iterations=5, num_reference=64)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=model.optimizer_steps_for(10), log_every_n_steps=1,
+                        logger=TensorBoardLogger(str(tmp_path), name="tb", version="v"), callbacks=callbacks,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(model, Toy2DDataModule(name="eight_gaussians", batch_size=32, num_train=320))
+    assert int(model.iteration) == 10 and trainer.global_step == 12
+    acc = EventAccumulator(str(next((tmp_path / "tb" / "v").glob("events.out.tfevents.*"))),
+                           size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("samples/nfe1")] == [5, 10]
+    assert [e.step for e in acc.Scalars("val/sw2@1")] == [5, 10]
+    assert [e.step for e in acc.Scalars("train/critic_loss")] == list(range(1, 11))
+    assert {e.step for e in acc.Scalars("train/generator_loss")} <= set(range(1, 11))
+    assert "step" not in acc.Tags()["scalars"]
+    assert max(e.step for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)) == 10

@@ -455,6 +455,11 @@ class FewStepModule(Configurable, L.LightningModule):
                     self.update_ema()
                 self.log(f"train/{phase.name}_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.iteration += 1
+        # One x axis in TensorBoard, the iteration (iterations done, this one included): Lightning logs everything
+        # of this batch (losses, learning rates, throughput) at a logged "step" value instead of its batch count,
+        # and the callbacks draw pictures and sweeps at `iteration` too. (ModelCheckpoint's "{step}" in file names
+        # reads the same value, so periodic checkpoints are named by iteration.)
+        self.log("step", float(self.iteration), on_step=True, on_epoch=False)
         if self.nonfinite == "skip":
             self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
             self._consecutive_skips = self._consecutive_skips + 1 if int(self.skipped_steps) > skipped_before else 0
