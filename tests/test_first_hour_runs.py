@@ -139,3 +139,28 @@ def test_tensorboard_x_axis_is_the_iteration_for_losses_pictures_and_sweeps(tmp_
     assert {e.step for e in acc.Scalars("train/generator_loss")} <= set(range(1, 11))
     assert "step" not in acc.Tags()["scalars"]
     assert max(e.step for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)) == 10
+
+
+def test_progress_bar_counts_iterations_of_the_run(tmp_path, capsys, float32_default_dtype):
+    """One bar for the run: iterations (not batches of the epoch) out of the total that max_steps allows."""
+    import lightning as L
+
+    from lit_fewstep.data import Toy2DDataModule
+    from lit_fewstep.utils.progress import IterationProgressBar
+
+    model = _toy_dmd2(tmp_path)
+    assert model.optimizer_steps_for(1000) == 1200 and model.iterations_for(1200) == 1000  # configs/dmd2/digits.yaml
+    assert all(model.optimizer_steps_for(model.iterations_for(s)) >= s > model.optimizer_steps_for(
+        model.iterations_for(s) - 1) for s in range(1, 40))
+    data = Toy2DDataModule(name="eight_gaussians", batch_size=32, num_train=192)  # 6 batches per epoch
+    trainer = L.Trainer(accelerator="cpu", max_steps=model.optimizer_steps_for(10), logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, data)
+    assert isinstance(trainer.progress_bar_callback, IterationProgressBar) and int(model.iteration) == 10
+    bar = capsys.readouterr().out.replace("\r", "\n")  # Lightning's tqdm bars write to stdout
+    assert "Training: 100%" in bar and "10/10 [" in bar and "epoch=1" in bar
+    assert "/6 [" not in bar and "Epoch 0" not in bar  # no per-epoch restarts
+    quiet = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    quiet.fit(_toy_dmd2(tmp_path), data)
+    assert quiet.progress_bar_callback is None  # a bar turned off stays off

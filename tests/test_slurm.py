@@ -79,8 +79,9 @@ def test_sigusr1_saves_requeues_and_the_rerun_resumes(tmp_path):
                             stderr=subprocess.STDOUT, text=True)
     output = Output(proc)
     try:
-        # the progress bar reaches epoch 1 after 10 batches: training is under way
-        output.wait_for(lambda: "Epoch 1:" in output.text, 120, "second epoch")
+        # the progress bar (iterations of the run, the epoch among its values) reaches epoch 1 after 10 batches:
+        # training is under way
+        output.wait_for(lambda: "epoch=1" in output.text, 120, "second epoch")
         proc.send_signal(signal.SIGUSR1)
         output.wait_for((tmp_path / "scontrol.log").exists, 60, "scontrol call")
     finally:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from ..conditioning import Conditioning, split_batch
 from ..utils.checkpoint import FORMAT_KEY, atomic_save, load_module
 from ..utils.config import Configurable
 from ..utils.preemption import AtomicCheckpointIO, PreemptionCheckpoint
+from ..utils.progress import IterationProgressBar
 
 # Lightning warns that under manual optimization a periodic checkpoint holds the weights after the optimizer step.
 # Here that is the intended state: checkpoints fall between iterations, with `iteration` already advanced, which is
@@ -378,6 +380,19 @@ class FewStepModule(Configurable, L.LightningModule):
         return sum(self._phase_steps_before(phase, iterations) * (len(phase.networks) if phase.separate else 1)
                    for phase in self.phases)
 
+    def iterations_for(self, optimizer_steps: int) -> int | None:
+        """The iteration at which Lightning's `max_steps=optimizer_steps` ends the run (the inverse of
+        `optimizer_steps_for`, for the current phases); None if the schedule never takes that many steps."""
+        low, high = 0, 1
+        while self.optimizer_steps_for(high) < optimizer_steps:
+            low, high = high, high * 2
+            if high > 2**40:
+                return None
+        while high - low > 1:  # optimizer_steps_for never decreases: bisect for the first iteration that gets there
+            middle = (low + high) // 2
+            low, high = (low, middle) if self.optimizer_steps_for(middle) >= optimizer_steps else (middle, high)
+        return high
+
     def _phase_steps_before(self, phase: Phase, iteration: int) -> int:
         """Optimizer steps the phase took before `iteration` (derived from the schedule: resume-exact)."""
         if iteration <= phase.start:
@@ -641,7 +656,11 @@ class FewStepModule(Configurable, L.LightningModule):
 
     # ----------------------------------------------------------------------------- setup checks
     def configure_callbacks(self):
-        return [PreemptionCheckpoint()]
+        callbacks = [PreemptionCheckpoint()]
+        bar = self.trainer.progress_bar_callback if self._trainer is not None else None
+        if type(bar) is TQDMProgressBar:  # Lightning's default bar, same settings, counting iterations of the run
+            callbacks.append(IterationProgressBar.like(bar))
+        return callbacks
 
     def setup(self, stage: str) -> None:
         # Fails now, not at the first checkpoint, if an argument cannot be recorded; logged as the run's
