@@ -1,4 +1,4 @@
-"""Consistency Trajectory Models (Kim et al. 2024, ICLR), distilled from an EDM teacher.
+"""Consistency Trajectory Models (Kim et al. 2024, ICLR), distilled from an EDM teacher. Notes: docs/ctm.md.
 
 One network g_theta(x_t, t, s) (`PreconditionedNet(net, "ctm")`, a net built with ``second_time=True``) gives the
 trajectory map
