@@ -30,7 +30,7 @@ from .utils.checkpoint import TRUST_FLAG
 from .utils.images import save_samples_png
 from .utils.runs import point_latest
 
-__all__ = ["main", "FewStepCLI", "FewStepTrainer", "sample_main", "evaluate_main", "pairs_main"]
+__all__ = ["main", "FewStepCLI", "FewStepTrainer", "sample_main", "evaluate_main", "pairs_main", "convert_main"]
 
 
 def sample_main(argv: list[str]) -> Path:
@@ -96,7 +96,27 @@ def pairs_main(argv: list[str] | None = None, prog: str = "python -m lit_fewstep
     return out
 
 
-TOOLS = {"sample": sample_main, "evaluate": evaluate_main, "pairs": pairs_main}
+def convert_main(argv: list[str]) -> Path:
+    """Convert a teacher into one safe file: --from diffusers SRC --out teacher.safetensors (a diffusers UNet2DModel
+    folder with its scheduler; the result is read by sample, evaluate and teacher_ckpt), or back with
+    --from safetensors SRC --to diffusers --out DIR."""
+    from .teachers.formats import convert
+
+    parser = argparse.ArgumentParser(prog="python -m lit_fewstep convert", description=convert_main.__doc__)
+    parser.add_argument("--from", dest="source", choices=("diffusers", "safetensors"), required=True,
+                        help="format of SRC")
+    parser.add_argument("src", metavar="SRC", help="diffusers folder (pipeline or UNet) or .safetensors file")
+    parser.add_argument("--out", required=True, help="FILE.safetensors, or a folder with --to diffusers")
+    parser.add_argument("--to", choices=("safetensors", "diffusers"), default=None,
+                        help="output format (default: safetensors from diffusers, diffusers from safetensors)")
+    parser.add_argument("--sigma_data", type=float, default=0.5, help="data std of the EDM preconditioning")
+    args = parser.parse_args(argv)
+    out = convert(args.source, args.src, args.out, args.to, args.sigma_data)
+    print(f"wrote {out}")
+    return out
+
+
+TOOLS = {"sample": sample_main, "evaluate": evaluate_main, "pairs": pairs_main, "convert": convert_main}
 
 
 class FewStepTrainer(Trainer):
@@ -131,6 +151,10 @@ class FewStepTrainer(Trainer):
         """A teacher's ODE pairs for DMD's regression loss: pairs --teacher PATH --num N --nfe 35 --out FILE.pt."""
         raise RuntimeError("run `python -m lit_fewstep pairs --help`")
 
+    def convert(self):
+        """A diffusers teacher as one .safetensors file: convert --from diffusers SRC --out teacher.safetensors."""
+        raise RuntimeError("run `python -m lit_fewstep convert --help`")
+
 
 class FewStepCLI(LightningCLI):
     @staticmethod
@@ -145,6 +169,10 @@ class FewStepCLI(LightningCLI):
             return self.init_parser(**kwargs)
         return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--export_format", choices=("pt", "safetensors"), default="pt",
+                            help="format of the exported model (model.pt, or model.safetensors: no pickle)")
+
     def _parse_ckpt_path(self) -> None:
         """Lightning would re-parse the model config from the checkpoint's `hyper_parameters`, letting a file
         rewrite the user's config and name any class (and it reads the file with weights_only=True before
@@ -155,7 +183,8 @@ class FewStepCLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if not self.trainer.is_global_zero or self.trainer.interrupted:
             return
-        out = Path(log_dir or self.trainer.default_root_dir) / "model.pt"
+        suffix = self.config[self.subcommand].get("export_format", "pt")  # --export_format safetensors: no pickle
+        out = Path(log_dir or self.trainer.default_root_dir) / f"model.{suffix}"
         self.model.export(str(out))
         # every run has its own version_N folder (never overwritten); <name>/latest points to the newest finished one
         versioned = isinstance(self.trainer.logger, (TensorBoardLogger, CSVLogger))  # <save_dir>/<name>/<version>

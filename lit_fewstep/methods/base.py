@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning, split_batch
-from ..utils.checkpoint import FORMAT_KEY, atomic_save, load_module
+from ..teachers.formats import external_teacher, specialize
+from ..utils.checkpoint import FORMAT_KEY, atomic_save, load_module, save_safetensors
 from ..utils.config import Configurable
 from ..utils.preemption import AtomicCheckpointIO, PreemptionCheckpoint
 from ..utils.progress import IterationProgressBar
@@ -148,14 +149,18 @@ class NonFiniteError(RuntimeError):
 
 
 def load_teacher(path: str, trust: bool = False, field_name: str = "teacher_ckpt", opt_in: str | None = None) -> nn.Module:
-    """The EMA generator of a trained lit_fewstep module, frozen (requires_grad False, eval mode).
+    """The EMA generator of a trained lit_fewstep module (.pt/.ckpt, or .safetensors), frozen (requires_grad False,
+    eval mode); or a diffusers folder / ``diffusers:PATH`` as a `teachers.DiffusersTeacher`.
 
     `opt_in`: how the caller's user allows pickle (e.g. "--trust_checkpoint true"); None where no opt-in is
     offered (a method's `teacher_ckpt`), and the error then says how to re-save a trusted file weights-only.
     """
+    external = external_teacher(path, field_name)  # a diffusers folder or diffusers:PATH (lit_fewstep.teachers)
+    if external is not None:
+        return external
     module = load_module(path, trust=trust, field=field_name, opt_in=opt_in)
     teacher = module.ema if getattr(module, "ema", None) is not None else module.generator
-    teacher = copy.deepcopy(teacher)
+    teacher = specialize(copy.deepcopy(teacher))
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher
@@ -469,6 +474,8 @@ class FewStepModule(Configurable, L.LightningModule):
                 if phase.updates_ema:
                     self.update_ema()
                 self.log(f"train/{phase.name}_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+                # named after the phase (lr/critic), not the optimizer class and index a LearningRateMonitor uses
+                self.log(f"lr/{phase.name}", float(opts[0].param_groups[0]["lr"]), on_step=True, on_epoch=False)
         self.iteration += 1
         # One x axis in TensorBoard, the iteration (iterations done, this one included): Lightning logs everything
         # of this batch (losses, learning rates, throughput) at a logged "step" value instead of its batch count,
@@ -560,7 +567,8 @@ class FewStepModule(Configurable, L.LightningModule):
             named = tuple(f"ema_{name}." for name in self.ema_names)
             state = {k: v for k, v in state.items() if not k.startswith(("ema.", prefix, *named))}
             state.update({prefix + k: v for k, v in self.ema.state_dict().items()})
-        atomic_save({FORMAT_KEY: self._format_entry(), "state_dict": state}, path)
+        save = save_safetensors if str(path).endswith(".safetensors") else atomic_save  # .safetensors: no pickle
+        save({FORMAT_KEY: self._format_entry(), "state_dict": state}, path)
 
     def on_load_state_dict_without_ema(self) -> None:
         """An EMA-only export holds no `ema.*` (nor named `ema_<name>.*`) keys: every EMA starts from the loaded

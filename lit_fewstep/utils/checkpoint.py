@@ -22,7 +22,8 @@ from lightning.pytorch import LightningModule
 from .config import UnsafeClassPathError, instantiate
 from .runs import resolve_run_pointer
 
-__all__ = ["load_checkpoint", "load_module", "atomic_save", "remove_stale_temporaries", "FORMAT_KEY", "TRUST_FLAG"]
+__all__ = ["load_checkpoint", "load_module", "atomic_save", "remove_stale_temporaries", "FORMAT_KEY", "TRUST_FLAG",
+           "load_safetensors", "save_safetensors"]
 
 FORMAT_KEY = "lit_fewstep"
 TRUST_FLAG = "--trust_checkpoint true"
@@ -50,6 +51,8 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, field: str = "
         raise FileNotFoundError(f"{field}: checkpoint {str(path)!r} does not exist; give the path of a .ckpt/.pt file written by lit_fewstep.")
     if path.stat().st_size == 0:
         raise ValueError(f"{field}: {str(path)!r} is empty (0 bytes; a save that never finished); use an earlier checkpoint.")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, field)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
@@ -68,6 +71,51 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, field: str = "
             f"{field}: {str(path)!r} is not a readable checkpoint (truncated or corrupted: {_first_line(err)}); "
             "use an earlier checkpoint or re-export it."
         ) from None
+
+
+SAFETENSORS_META = "lit_fewstep"  # the metadata entry of a .safetensors file: JSON of {config, data, version}
+
+
+def load_safetensors(path: str | os.PathLike, field: str = "ckpt") -> dict[str, Any]:
+    """A .safetensors file written by `save_safetensors` as {FORMAT_KEY: its config, "state_dict": tensors}
+    (no pickle at all: tensors plus a JSON config in the file's metadata)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(SAFETENSORS_META)
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{field}: {str(path)!r} is not a readable .safetensors file ({_first_line(err)}).") from None
+    if meta is None:
+        raise ValueError(f"{field}: {str(path)!r} has no '{SAFETENSORS_META}' metadata (a config); convert it with "
+                         "python -m lit_fewstep convert, or export it from lit_fewstep.")
+    try:
+        return {FORMAT_KEY: json.loads(meta), "state_dict": state}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{field}: {str(path)!r} has unreadable '{SAFETENSORS_META}' metadata ({err}).") from None
+
+
+def save_safetensors(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write {FORMAT_KEY: config, "state_dict": tensors} as .safetensors (atomic; the config as JSON metadata)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in obj["state_dict"].items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        save_file(state, tmp, metadata={SAFETENSORS_META: json.dumps(obj[FORMAT_KEY])})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _check_weights(state: dict[str, Any], module: torch.nn.Module, where: str) -> None:

@@ -1,0 +1,197 @@
+"""Bring your own teacher (lit_fewstep.teachers): a diffusers UNet2DModel + scheduler from a local folder, checked
+against diffusers' own DDIMScheduler; safetensors conversion and export; a DMD2 fit from a diffusers teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
+
+from lit_fewstep.diffusion.paths import EDMPath, convert  # noqa: E402
+from lit_fewstep.diffusion.solvers import DDIMStep, run_steps  # noqa: E402
+from lit_fewstep.methods.base import load_teacher  # noqa: E402
+from lit_fewstep.teachers import DiffusersTeacher, DiscreteVPPath, load_diffusers_teacher  # noqa: E402
+from lit_fewstep.teachers.formats import convert as convert_teacher  # noqa: E402
+from lit_fewstep.utils.checkpoint import load_checkpoint, load_module  # noqa: E402
+
+T = 1000
+STEPS = [0, 1, 37, 250, 500, 999]
+
+
+def small_unet(channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(16, 32),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but make every weight matter
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return unet.eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return small_unet()
+
+
+def save_teacher(folder, unet: UNet2DModel, **scheduler_kwargs):
+    unet.save_pretrained(str(folder / "unet"))
+    DDPMScheduler(**scheduler_kwargs).save_pretrained(str(folder / "scheduler"))
+    return folder
+
+
+def close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> float:
+    """Max abs difference relative to max(1, |ref|): at k = 999 an eps model's x0 is ~500 in size."""
+    err = float((ours - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+    assert err <= tol, err
+    return err
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+def test_x0_equals_ddim_pred_original_sample(tmp_path, unet, prediction_type, beta_schedule):
+    folder = save_teacher(tmp_path, unet, prediction_type=prediction_type, beta_schedule=beta_schedule)
+    teacher = load_diffusers_teacher(folder)
+    assert isinstance(teacher, DiffusersTeacher) and teacher.prediction_type == prediction_type
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    ddim = DDIMScheduler.from_config(DDPMScheduler.from_pretrained(str(folder / "scheduler")).config,
+                                     clip_sample=False)
+    ddim.set_timesteps(10)
+    torch.testing.assert_close(teacher.vp_path.table[1:], ddim.alphas_cumprod.double(), rtol=0, atol=0)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for k in STEPS:
+        with torch.no_grad():
+            out = unet(x, k).sample
+            ref = ddim.step(out, k, x, eta=0.0).pred_original_sample
+            t = torch.full((3,), (k + 1) / T)
+            ours = teacher.x0_from(x, t, teacher.vp_path)
+            # the same state on the EDM path (x / a, sigma = b / a), through x0_from and through the EDM forward
+            x_edm, sigma = convert(x, t, teacher.vp_path, EDMPath())
+            via_edm = teacher.x0_from(x_edm, sigma, EDMPath())
+            via_forward = teacher(x_edm, sigma)  # PreconditionedNet("edm") on the raw net: what students use
+        close(ours, ref)
+        close(via_edm, ref, tol=1e-4)  # the float32 state x / a at sigma up to 2e4 (cosine k = 999)
+        close(via_forward, ref, tol=1e-4)  # ln(sigma)/4 in float32 -> timestep label accurate to ~1e-4
+        if prediction_type == "epsilon":  # eps implied by our x0 is the network's output
+            a, b = teacher.vp_path.a(t[0]).float(), teacher.vp_path.b(t[0]).float()
+            close((x - a * ours) / b, out, tol=max(1e-4, 1e-5 / float(b)))  # eps from x0: rounding x 1/b (and x0 ~ 1/a)
+
+
+def test_ten_step_ddim_through_our_solver_equals_diffusers_loop(tmp_path, unet):
+    folder = save_teacher(tmp_path, unet)
+    teacher = load_diffusers_teacher(folder)
+    ddim = DDIMScheduler.from_config(DDPMScheduler.from_pretrained(str(folder / "scheduler")).config,
+                                     clip_sample=False, set_alpha_to_one=True)
+    ddim.set_timesteps(10)
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    x = noise.clone()
+    with torch.no_grad():
+        for k in ddim.timesteps:  # diffusers' DDIMPipeline loop (eta = 0)
+            x = ddim.step(unet(x, k).sample, k, x, eta=0.0).prev_sample
+        # ours: timestep k is t = (k + 1) / T; the last step lands on t = 0 (alpha_bar = 1, set_alpha_to_one)
+        times = [(int(k) + 1) / T for k in ddim.timesteps] + [0.0]
+        assert times[:2] == [0.901, 0.801] and len(times) == 11
+        state = run_steps(lambda x_t, t: teacher.x0_from(x_t, t, teacher.vp_path), noise, times,
+                          DDIMStep(teacher.vp_path))
+    close(state.x, x)
+
+
+def test_discrete_vp_path(unet):
+    table = DDPMScheduler().alphas_cumprod.double()
+    path = DiscreteVPPath(table)
+    k = torch.tensor([0, 1, 499, 998, 999])
+    t = (k + 1).double() / T
+    torch.testing.assert_close(path.a(t) ** 2, table[k], rtol=0, atol=1e-15)
+    torch.testing.assert_close(path.timestep(t), k.double())
+    assert float(path.a(torch.tensor(0.0, dtype=torch.float64))) == 1.0 and float(path.b(torch.tensor(0.0))) == 0.0
+    s = torch.linspace(0.0005, 1.0, 97, dtype=torch.float64)
+    torch.testing.assert_close(path.t_from_log_snr(path.log_snr(s)), s, rtol=0, atol=1e-9)
+    sigma = torch.tensor([0.05, 1.0, 80.0], dtype=torch.float64)  # EDM sigma -> discrete time -> the same sigma
+    torch.testing.assert_close(path.sigma(path.t_from_sigma(sigma)), sigma, rtol=1e-9, atol=0)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    x_vp, t_vp = convert(x, sigma, EDMPath(), path)
+    back, sigma_back = convert(x_vp, t_vp, path, EDMPath())
+    torch.testing.assert_close(back, x)
+    torch.testing.assert_close(sigma_back, sigma)
+
+
+def test_errors_are_one_clear_line(tmp_path, unet):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_teacher(f"diffusers:{tmp_path / 'nowhere'}")
+    save_teacher(tmp_path / "v", unet)
+    cfg = json.loads((tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text())
+    (tmp_path / "v" / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "prediction_type": "flow"}))
+    with pytest.raises(ValueError, match="prediction_type 'flow' is not supported"):
+        load_teacher(str(tmp_path / "v"))
+    (tmp_path / "v" / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**cfg, "_class_name": "ScoreSdeVeScheduler"}))
+    with pytest.raises(ValueError, match="'ScoreSdeVeScheduler' is not supported"):
+        load_teacher(f"diffusers:{tmp_path / 'v'}")
+    (tmp_path / "v" / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no scheduler config"):
+        load_teacher(f"diffusers:{tmp_path / 'v'}")
+    with pytest.raises(ValueError, match="must end with .safetensors"):
+        convert_teacher("diffusers", tmp_path / "v", tmp_path / "x.pt")
+
+
+def _state(folder):
+    return UNet2DModel.from_pretrained(str(folder / "unet"), local_files_only=True).state_dict()
+
+
+def test_conversion_round_trips(tmp_path, unet):
+    src = save_teacher(tmp_path / "src", unet, prediction_type="v_prediction")
+    first = convert_teacher("diffusers", src, tmp_path / "teacher.safetensors")
+    with open(first, "rb") as f:
+        assert not f.read(64).startswith(b"PK")  # a safetensors file, not a torch zip/pickle
+    raw = load_checkpoint(first)
+    assert raw["lit_fewstep"]["config"]["class_path"] == "lit_fewstep.methods.diffusion.EDMDiffusion"
+    teacher = load_teacher(str(first))  # as a teacher_ckpt: the same function as the folder
+    assert isinstance(teacher, DiffusersTeacher)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        assert torch.equal(teacher.x0_from(x, t, teacher.vp_path),
+                           load_teacher(f"diffusers:{src}").x0_from(x, t, teacher.vp_path))
+    back = convert_teacher("safetensors", first, tmp_path / "back")
+    assert json.loads((back / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    original, again = _state(src), _state(back)
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    second = load_checkpoint(convert_teacher("diffusers", back, tmp_path / "again.safetensors"))["state_dict"]
+    assert raw["state_dict"].keys() == second.keys()
+    assert all(torch.equal(raw["state_dict"][k], second[k]) for k in second)
+
+
+def _run(*args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-m", "lit_fewstep", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_dmd2_fit_from_a_diffusers_teacher_exports_a_safetensors_student(tmp_path):
+    teacher = save_teacher(tmp_path / "teacher", small_unet())
+    # 20 iterations = 24 optimizer steps (20 critic + 4 generator steps at generator_every 5)
+    out = _run("fit", "--config", str(ROOT / "configs" / "dmd2" / "digits.yaml"),
+               "--model.init_args.teacher_ckpt", f"diffusers:{teacher}", "--trainer.max_steps", "24",
+               "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.callbacks", "null",
+               "--trainer.enable_progress_bar", "false", "--export_format", "safetensors", cwd=tmp_path)
+    student = tmp_path / "runs" / "dmd2_digits" / "version_0" / "model.safetensors"
+    assert "exported DMD2" in out and student.is_file()
+    module = load_module(student)  # no pickle anywhere: safetensors + JSON config
+    assert type(module.G.net).__name__ == "DiffusersUNet" and int(module.iteration) == 20
+    assert "wrote 6 samples" in _run("sample", "--ckpt", str(student), "--nfe", "1", "--num", "6",
+                                     "--out", str(tmp_path / "s.npz"), cwd=tmp_path)
+    # the converted teacher file samples too (an EDMDiffusion teacher: Heun)
+    _run("convert", "--from", "diffusers", str(teacher), "--out", str(tmp_path / "t.safetensors"), cwd=tmp_path)
+    assert "wrote 4 samples (5 NFE" in _run("sample", "--ckpt", str(tmp_path / "t.safetensors"), "--nfe", "5",
+                                            "--num", "4", "--out", str(tmp_path / "t.npz"), cwd=tmp_path)
