@@ -402,3 +402,15 @@ def test_lpips_errors_name_the_field(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="lpips_weights: .* lacks"):
         LPIPS(str(tmp_path / "other.pth"))
+
+
+def test_energy_distance_reference_values():
+    from lit_fewstep.metrics.distribution import energy_distance
+
+    x = torch.tensor([[0.0], [2.0]])
+    # 2 E|X-Y| - E|X-X'| - E|Y-Y'| with Y = {1}: 2 * 1 - (0 + 2 + 2 + 0) / 4 - 0 = 1
+    assert float(energy_distance(x, torch.tensor([[1.0]]))) == pytest.approx(1.0)
+    assert float(energy_distance(x, x)) == pytest.approx(0.0, abs=1e-12)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3000, 2, generator=g), torch.randn(3000, 2, generator=g)
+    assert float(energy_distance(a, b)) < 0.01 < float(energy_distance(a, b + 0.5))
