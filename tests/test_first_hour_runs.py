@@ -164,3 +164,56 @@ def test_progress_bar_counts_iterations_of_the_run(tmp_path, capsys, float32_def
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     quiet.fit(_toy_dmd2(tmp_path), data)
     assert quiet.progress_bar_callback is None  # a bar turned off stays off
+
+
+DISTILLATION = [f"{m}/{d}" for m in ("cd", "ct", "ict", "scd", "sct", "dmd", "dmd2", "msd") for d in ("tree", "digits")]
+
+
+def _callbacks_of(config: str) -> dict:
+    import yaml
+
+    callbacks = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())["trainer"]["callbacks"]
+    return {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in callbacks}
+
+
+@pytest.mark.parametrize("config", DISTILLATION)
+def test_distillation_configs_log_pictures_and_nfe_sweeps(config):
+    callbacks = _callbacks_of(config)
+    assert {"SampleGridCallback", "NFESweepCallback"} <= set(callbacks), config
+    one_step = config.split("/")[0] in ("dmd", "dmd2", "msd")  # one-step generators; consistency models: 1 and 2
+    for name in ("SampleGridCallback", "NFESweepCallback"):
+        assert callbacks[name]["nfe"] == ([1] if one_step else [1, 2]), (config, name)
+        assert callbacks[name]["every_n_iterations"] >= 300, (config, name)  # a few times per run: cheap
+
+
+@pytest.mark.parametrize("config", [c for c in DISTILLATION if c.endswith("tree")])
+def test_distillation_config_runs_its_callbacks_and_names_learning_rates_by_phase(config, tmp_path):
+    """Each tree config, a few iterations with its own callbacks made due every iteration: pictures, sweeps and
+    `lr/<phase>` tags in TensorBoard."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_fewstep.cli import main
+
+    spec = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())
+    for callback in spec["trainer"]["callbacks"]:
+        if "every_n_iterations" in callback.get("init_args", {}):
+            callback["init_args"].update(every_n_iterations=2, num=64)
+            if "num_reference" in callback["init_args"]:
+                callback["init_args"]["num_reference"] = 64
+    spec["trainer"].update(max_steps=-1, max_epochs=1, log_every_n_steps=1, enable_progress_bar=False)
+    spec["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    spec["data"]["init_args"].update(batch_size=32, num_train=64)  # 2 iterations
+    if spec["model"]["init_args"].get("pairs_path"):
+        spec["model"]["init_args"]["pairs_path"] = None  # DMD's regression pairs are made by a separate command
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(spec))
+    module = main(["fit", "--config", str(tmp_path / "config.yaml")]).model
+    run = next(tmp_path.glob("*/version_0"))
+    acc = EventAccumulator(str(next(run.glob("events.out.tfevents.*"))), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for nfe in _callbacks_of(config)["SampleGridCallback"]["nfe"]:
+        assert [e.step for e in acc.Images(f"samples/nfe{nfe}")] == [2], (config, tags["images"])
+        assert [e.step for e in acc.Scalars(f"val/sw2@{nfe}")] == [2], (config, tags["scalars"])
+    lr_tags = sorted(t for t in tags["scalars"] if t.startswith("lr"))
+    assert lr_tags == sorted(f"lr/{phase.name}" for phase in module.phases), (config, lr_tags)
