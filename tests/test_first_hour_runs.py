@@ -217,3 +217,15 @@ def test_distillation_config_runs_its_callbacks_and_names_learning_rates_by_phas
         assert [e.step for e in acc.Scalars(f"val/sw2@{nfe}")] == [2], (config, tags["scalars"])
     lr_tags = sorted(t for t in tags["scalars"] if t.startswith("lr"))
     assert lr_tags == sorted(f"lr/{phase.name}" for phase in module.phases), (config, lr_tags)
+
+
+def test_no_config_pins_a_run_folder():
+    """A pinned logger version makes every rerun write into the same folder; no config (new ones included) has one."""
+    import yaml
+
+    pinned = []
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        logger = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("logger") or {}
+        if isinstance(logger, dict) and "version" in (logger.get("init_args") or {}):
+            pinned.append(str(path.relative_to(ROOT)))
+    assert not pinned, f"configs pinning trainer.logger.init_args.version: {pinned}"
