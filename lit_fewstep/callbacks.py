@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .evaluation import Evaluator
-from .methods.sampling import draw
+from .methods.sampling import draw, load_for_sampling
 from .utils.images import image_grid
 
 __all__ = ["SampleGridCallback", "NFESweepCallback", "ThroughputCallback"]
@@ -79,15 +79,30 @@ class SampleGridCallback(Callback):
         seed: seed of the noise (the same every time).
         use_ema: sample from the EMA generator.
         extent: toys only, the plotted square [-extent, extent]^2.
+        guidance_scale: guidance of the pictures (None: the model's default); with `guide`, autoguidance.
+        guide: checkpoint of an autoguidance guide (a worse model of the same task), loaded once at first use.
     """
 
     def __init__(self, every_n_iterations: int = 500, nfe: Sequence[int] = (1, 2), num: int = 64, seed: int = 0,
-                 use_ema: bool = True, extent: float = 3.5):
+                 use_ema: bool = True, extent: float = 3.5, guidance_scale: float | None = None,
+                 guide: str | None = None):
         self.every_n_iterations = _positive(every_n_iterations, "SampleGridCallback.every_n_iterations")
         self.nfe = _nfe_list(nfe, "SampleGridCallback.nfe")
         self.num = _positive(num, "SampleGridCallback.num")
         self.seed, self.use_ema, self.extent = int(seed), bool(use_ema), float(extent)
+        if guide is not None and guidance_scale is None:
+            raise ValueError("SampleGridCallback.guidance_scale: give the autoguidance scale with guide (e.g. 2.0).")
+        self.guidance_scale, self.guide_path, self._guide = guidance_scale, guide, None
         self._warned = False
+
+    def sample_options(self, pl_module) -> dict:
+        """The options every picture is drawn with (guidance, and the guide loaded on first use)."""
+        options = {} if self.guidance_scale is None else {"guidance_scale": self.guidance_scale}
+        if self.guide_path is not None:
+            if self._guide is None:
+                self._guide = load_for_sampling(self.guide_path, pl_module.device, field="SampleGridCallback.guide")
+            options["guide"] = self._guide
+        return options
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.is_global_zero and _due(pl_module, self.every_n_iterations):
@@ -104,7 +119,7 @@ class SampleGridCallback(Callback):
         labels = _balanced_labels(pl_module, self.num)
         for nfe in self.nfe:
             out = pl_module.sample(self.num, nfe, class_labels=labels, generator=torch.Generator().manual_seed(self.seed),
-                                   use_ema=self.use_ema)
+                                   use_ema=self.use_ema, **self.sample_options(pl_module))
             x = out.x.detach().float().cpu()
             y = None if out.labels is None else out.labels.cpu()
             tag = f"samples/nfe{nfe}"

@@ -70,3 +70,19 @@ def test_sample_command_takes_a_guide(tmp_path):
     assert not np.allclose(plain["samples"], auto["samples"])
     with pytest.raises(FileNotFoundError, match=r"^--guide: checkpoint .* does not exist"):
         main([*common, "--guide", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.npz")])
+
+
+def test_sample_grid_callback_draws_with_the_guide(tmp_path):
+    from lit_fewstep.callbacks import SampleGridCallback
+
+    guide_path = tmp_path / "guide.pt"
+    guide = _randomized(EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8, num_classes=2), sigma_data=1.062))
+    guide.export(str(guide_path))
+    callback = SampleGridCallback(nfe=(3,), num=8, guidance_scale=2.0, guide=str(guide_path))
+    teacher = load_module(TEACHER)
+    options = callback.sample_options(teacher)
+    assert options["guidance_scale"] == 2.0 and callback.sample_options(teacher)["guide"] is options["guide"]  # once
+    guided = teacher.sample(8, 3, generator=_g(), **options)
+    assert guided.nfe == 6
+    with pytest.raises(ValueError, match="give the autoguidance scale with guide"):
+        SampleGridCallback(guide=str(guide_path))
