@@ -229,3 +229,19 @@ def test_no_config_pins_a_run_folder():
         if isinstance(logger, dict) and "version" in (logger.get("init_args") or {}):
             pinned.append(str(path.relative_to(ROOT)))
     assert not pinned, f"configs pinning trainer.logger.init_args.version: {pinned}"
+
+
+@pytest.mark.parametrize("config", ["edm/tree", "dmd2/tree"])
+def test_a_run_prints_no_warnings_that_do_not_concern_the_user(config, tmp_path):
+    """README's tree run (and a distillation run, which has no validation step) prints Lightning's device and stop
+    lines on stderr, nothing else: no deprecations from inside libraries, advertisements or misleading hints."""
+    from conftest import run_cli
+
+    result = run_cli(["fit", "--config", f"configs/{config}.yaml", "--trainer.max_steps", "20",
+                      "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    import re
+
+    expected = r"Seed set to 0|(GPU|TPU|HPU) available: .*|`Trainer.fit` stopped: `max_steps=20` reached\."
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert all(re.fullmatch(expected, line) for line in lines) and len(lines) <= 4, "\n".join(lines)

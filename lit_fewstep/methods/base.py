@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import logging
 import math
 import os
 import warnings
@@ -43,6 +44,34 @@ from ..utils.progress import IterationProgressBar
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 # Frozen networks (teachers, guides) are in eval mode on purpose (see FewStepModule.register_frozen).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Every other message a run printed that does not concern its user (all the silencing is here, one reason each):
+# - the CLI passes its arguments explicitly (main() takes them from sys.argv, less --debug): no mistake to warn of
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+# - the interval counts batches across epochs (Lightning's `_batches_that_stepped`), so runs of short epochs log fine
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+# - data modules offer a validation split for the callbacks and the teachers; methods without validation need none
+warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+# - deprecations inside Lightning's and torchdata's own code (lightning/pytorch/utilities/_pytree.py, set_vital)
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+class _QuietLightning(logging.Filter):
+    """Lightning's info lines that are not about the run: advertisements for its cloud products, the default it
+    picks for a flag of its own checkpoint saving, and the progress bar that FewStepModule replaces on purpose."""
+
+    PREFIXES = ("\N{ELECTRIC LIGHT BULB} Tip: ", "`weights_only` was not set, defaulting to")
+    EXACT = ("The following callbacks returned in `LightningModule.configure_callbacks` will override existing "
+             "callbacks passed to Trainer: TQDMProgressBar",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.PREFIXES) or message in self.EXACT)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+              "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+    logging.getLogger(_name).addFilter(_QuietLightning())
 
 __all__ = ["Phase", "Samples", "FewStepModule", "NonFiniteError", "load_teacher"]
 
