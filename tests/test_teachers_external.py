@@ -195,3 +195,139 @@ def test_dmd2_fit_from_a_diffusers_teacher_exports_a_safetensors_student(tmp_pat
     _run("convert", "--from", "diffusers", str(teacher), "--out", str(tmp_path / "t.safetensors"), cwd=tmp_path)
     assert "wrote 4 samples (5 NFE" in _run("sample", "--ckpt", str(tmp_path / "t.safetensors"), "--nfe", "5",
                                             "--num", "4", "--out", str(tmp_path / "t.npz"), cwd=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ EDM / EDM2
+from lit_fewstep.teachers.edm import adm_imagenet64, count_parameters, ddpmpp_cifar10, ncsnpp_cifar10  # noqa: E402
+from lit_fewstep.teachers.edm2 import edm2_img512  # noqa: E402
+from lit_fewstep.teachers.official import (ARCHS, build_arch, from_official_state, load_official,  # noqa: E402
+                                           to_official_state)
+
+
+@pytest.mark.parametrize("build, published", [
+    (lambda: ddpmpp_cifar10(), 55.73),        # EDM (Karras et al. 2022) Table 7: DDPM++ CIFAR-10, 55.73M
+    (lambda: adm_imagenet64(), 295.90),       # EDM Table 7: ADM ImageNet-64 (class-conditional), 295.90M
+])
+def test_edm_parameter_counts_equal_the_published_figures(build, published):
+    assert round(count_parameters(build()) / 1e6, 2) == published
+
+
+@pytest.mark.parametrize("size, published", [("xs", 125), ("s", 280), ("m", 498)])  # EDM2 (Karras et al. 2024) Table 2
+def test_edm2_parameter_counts_equal_the_published_figures(size, published):
+    assert round(count_parameters(edm2_img512(size)) / 1e6) == published
+
+
+def test_ncsnpp_count_is_recorded():
+    """NCSN++ at EDM's CIFAR-10 settings: our count (not checked against a published figure: see docs/teachers.md)."""
+    assert count_parameters(ncsnpp_cifar10()) == 56_397_827
+
+
+# Key names of the official files, written out independently of our module tree (EDMPrecond.model / Precond.unet).
+OFFICIAL_KEYS = {
+    "ddpmpp-cifar10": ["model.map_augment.weight", "model.map_layer0.weight", "model.map_layer1.bias",
+                       "model.enc.32x32_conv.weight", "model.enc.16x16_down.conv0.resample_filter",
+                       "model.enc.16x16_down.skip.weight", "model.enc.16x16_block0.qkv.weight",
+                       "model.enc.16x16_block0.norm2.weight", "model.dec.8x8_in0.proj.bias",
+                       "model.dec.16x16_up.affine.weight", "model.dec.32x32_block4.conv1.weight",
+                       "model.dec.32x32_aux_norm.weight", "model.dec.32x32_aux_conv.weight"],
+    "ncsnpp-cifar10": ["model.map_noise.freqs", "model.enc.16x16_aux_residual.weight",
+                       "model.enc.16x16_aux_residual.resample_filter", "model.enc.8x8_aux_residual.bias"],
+    "adm-imagenet64": ["model.map_label.weight", "model.enc.64x64_conv.weight", "model.enc.32x32_block0.qkv.weight",
+                       "model.enc.32x32_down.conv0.resample_filter", "model.dec.8x8_in0.norm2.bias",
+                       "model.out_norm.weight", "model.out_conv.weight"],
+    "edm2-img512-xs": ["unet.out_gain", "unet.emb_fourier.freqs", "unet.emb_fourier.phases", "unet.emb_noise.weight",
+                       "unet.emb_label.weight", "unet.enc.64x64_conv.weight", "unet.enc.32x32_down.emb_gain",
+                       "unet.enc.16x16_block0.attn_qkv.weight", "unet.enc.32x32_block0.conv_skip.weight",
+                       "unet.dec.8x8_in0.attn_proj.weight", "unet.dec.64x64_block3.conv_res1.weight",
+                       "unet.out_conv.weight"],
+}
+
+
+@pytest.mark.parametrize("arch", sorted(OFFICIAL_KEYS))
+def test_a_state_dict_laid_out_as_the_official_one_loads(arch):
+    label_dim = 1000 if arch.startswith(("adm", "edm2")) else 0
+    family, net = build_arch(arch, label_dim)
+    official = to_official_state(net, family)
+    assert set(OFFICIAL_KEYS[arch]) <= set(official)
+    if family == "edm2":  # the training-only uncertainty head of Precond is dropped
+        official = {**official, "logvar_fourier.freqs": torch.zeros(128), "logvar_linear.weight": torch.zeros(1, 128)}
+    torch.manual_seed(5)
+    official = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in official.items()}
+    _, fresh = build_arch(arch, label_dim)
+    from_official_state(fresh, official, family)
+    prefix = "model." if family == "edm" else "unet."
+    assert all(torch.equal(v, official[prefix + k]) for k, v in fresh.state_dict().items())
+    broken = dict(official)
+    broken.pop(OFFICIAL_KEYS[arch][0])
+    with pytest.raises(ValueError, match="not laid out as the official"):
+        from_official_state(build_arch(arch, label_dim)[1], broken, family)
+
+
+def test_official_layout_converts_to_safetensors_and_back(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    family, net = build_arch("ddpmpp-cifar10", 10)
+    official = {k: v.contiguous() for k, v in to_official_state(net, family).items()}
+    save_file(official, str(tmp_path / "official.safetensors"))
+    ours = convert_teacher("edm", tmp_path / "official.safetensors", tmp_path / "teacher.safetensors",
+                           arch="ddpmpp-cifar10", label_dim=10)
+    teacher = load_teacher(str(ours))
+    assert teacher.preconditioning == "edm" and teacher.num_classes == 10
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(teacher.x0(x, torch.tensor([0.5, 10.0]), class_labels=torch.tensor([1, 2]))).all()
+    back = load_file(str(convert_teacher("safetensors", ours, tmp_path / "back.safetensors", to="edm")))
+    assert back.keys() == official.keys() and all(torch.equal(back[k], official[k]) for k in official)
+    with pytest.raises(ValueError, match="--arch"):
+        load_official(tmp_path / "official.safetensors")
+
+
+def test_official_pkl_needs_trust_and_runs_none_of_its_code(tmp_path, monkeypatch):
+    """A pickle shaped like NVlabs' (persistence records holding their source code and state): refused without
+    trust; with it, the weights and constructor arguments are read and the embedded source is never executed."""
+    import pickle
+    import types
+
+    family, net = build_arch("ddpmpp-cifar10", 0)
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):  # what NVlabs' loader would call (it would exec module_src)
+        raise AssertionError("never called at load")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", persistence)
+
+    def record(module, class_name, kwargs=None):
+        state = {"_parameters": dict(module._parameters), "_buffers": dict(module._buffers),
+                 "_non_persistent_buffers_set": set(), "_modules": {k: record(m, type(m).__name__)
+                                                                    for k, m in module._modules.items() if m is not None}}
+        if kwargs is not None:
+            state["_init_kwargs"] = kwargs
+        return _Persistent({"type": "class", "version": 6, "module_src": "raise SystemExit('code ran')",
+                            "module_name": "_imported_module_x", "class_name": class_name, "state": state})
+
+    class _Persistent:
+        def __init__(self, meta):
+            self.meta = meta
+
+        def __reduce__(self):
+            return _reconstruct_persistent_obj, (self.meta,)
+
+    precond = torch.nn.Module()  # EDMPrecond: the network under .model
+    precond.model = net
+    kwargs = dict(img_resolution=32, img_channels=3, label_dim=0, sigma_data=0.5, model_type="SongUNet",
+                  **{k: v for k, v in ARCHS["ddpmpp-cifar10"][2].items() if k not in ("img_resolution", "in_channels",
+                                                                                      "out_channels")})
+    path = tmp_path / "edm.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"ema": record(precond, "EDMPrecond", kwargs), "dataset_kwargs": {}}, f)
+    monkeypatch.delitem(sys.modules, "torch_utils.persistence")
+    with pytest.raises(ValueError, match="--trust_checkpoint true"):
+        convert_teacher("edm", path, tmp_path / "t.safetensors")
+    out = convert_teacher("edm", path, tmp_path / "t.safetensors", trust=True)
+    loaded = load_checkpoint(out)["state_dict"]
+    assert all(torch.equal(loaded[f"model.net.{k}"], v) for k, v in net.state_dict().items())

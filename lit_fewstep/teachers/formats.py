@@ -105,18 +105,26 @@ def _find_net_config(config):
     return None
 
 
-CONVERSIONS = {("diffusers", "safetensors"), ("safetensors", "diffusers")}
+CONVERSIONS = {("diffusers", "safetensors"), ("safetensors", "diffusers"), ("edm", "safetensors"),
+               ("edm2", "safetensors"), ("safetensors", "edm"), ("safetensors", "edm2")}
 
 
 def convert(source: str, src: str | os.PathLike, out: str | os.PathLike, to: str | None = None,
-            sigma_data: float = 0.5) -> Path:
-    """`python -m lit_fewstep convert`: diffusers folder -> .safetensors teacher, or back (--to diffusers)."""
+            sigma_data: float = 0.5, arch: str | None = None, label_dim: int = 0, trust: bool = False) -> Path:
+    """`python -m lit_fewstep convert`: a diffusers folder or an EDM / EDM2 network (official .pkl with `trust`, or
+    an official-layout state dict with `arch`) -> .safetensors teacher; or back (--to diffusers / edm / edm2)."""
+    from .official import official_to_safetensors, safetensors_to_official
+
     to = to or ("diffusers" if source == "safetensors" else "safetensors")
     if (source, to) not in CONVERSIONS:
         raise ValueError(f"--from {source} --to {to}: not supported; supported: "
                          f"{sorted(f'{a} -> {b}' for a, b in CONVERSIONS)}.")
-    if to == "safetensors":
-        if not os.fspath(out).endswith(".safetensors"):
-            raise ValueError(f"--out: {os.fspath(out)!r} must end with .safetensors.")
+    if to == "safetensors" and not os.fspath(out).endswith(".safetensors"):
+        raise ValueError(f"--out: {os.fspath(out)!r} must end with .safetensors.")
+    if source == "diffusers":
         return diffusers_to_safetensors(src, out, sigma_data)
-    return to_diffusers(src, out)
+    if source in ("edm", "edm2"):
+        return official_to_safetensors(src, out, arch, label_dim, trust)
+    if to == "diffusers":
+        return to_diffusers(src, out)
+    return safetensors_to_official(src, out)
