@@ -7,3 +7,4 @@ from .msd import MSD
 from .consistency import CD, CT, ICT
 from .scm import SCD, SCT
 from .ctm import CTM
+from .guided_distillation import GuidedDistillation

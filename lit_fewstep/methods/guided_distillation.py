@@ -1,0 +1,352 @@
+"""Guided distillation (Meng et al., CVPR 2023, "On Distillation of Guided Diffusion Models").
+
+A classifier-free guided teacher needs two network evaluations per step and many steps. Meng et al. distill it in
+two stages into one network that takes the guidance strength as an input and samples in a few steps:
+
+1. **Guidance distillation.** One student x̂(z_t, w) (the teacher's network plus a Fourier embedding of the guidance
+   weight, `nets` built with ``guidance_embed=True``) regresses the guided teacher's data prediction for weights drawn
+   uniformly over a range: E_{w, t, x, eps} omega(lambda_t) ||x̂(z_t, w) - x̂^w(z_t)||^2.
+2. **Progressive distillation** (Salimans & Ho 2022) of that w-conditioned model: a student with N/2 DDIM steps learns
+   to land, in one step t -> t'', where two DDIM steps t -> t' -> t'' of the previous model (N steps) land. With
+   z'' the previous model's state after its two steps, the student's data target is the x̃ that makes one DDIM step
+   from z_t arrive at z'':
+       x̃ = (z'' - (b(t'') / b(t)) z_t) / (a(t'') - (b(t'') / b(t)) a(t)).
+   N is halved stage after stage (e.g. 16 -> 8 -> 4 -> 2 -> 1) within one fit; each student starts from the
+   previous one, which stays frozen in memory as the next stage's teacher.
+
+Conventions (one inside, converted at the edges):
+
+- Guidance: the package's EDM2 scale s (s = 1: no guidance); Meng's weight is w = s - 1, their
+  (1 + w) x̂_c - w x̂_u being `diffusion.guidance.guided_x0` at scale 1 + w. The student's ``guidance`` input is s.
+- Time: the variance-preserving cosine path z_t = cos(pi t / 2) x + sin(pi t / 2) eps (`VPCosinePath`), t uniform
+  between the times of `sigma_min` and `sigma_max` (EDM sigma = b / a = exp(-log-SNR / 2)): uniform in this t is
+  the cosine log-SNR schedule of the progressive-distillation code, clipped to [-2 ln sigma_max, -2 ln sigma_min].
+  The N-step grid is t_i = t_max (1 - i / N), ending at t = 0, where a DDIM step returns the data prediction.
+  Networks on another path (the shipped EDM teachers, a student with EDM preconditioning) are queried through
+  `PreconditionedNet.x0_from`, which converts the state.
+- Weighting: omega = max(SNR, 1) on the data-prediction error (PD's "snr_trunc", SNR = a^2 / b^2), in both stages
+  (`weighting="snr_trunc"`; "constant" is plain x-MSE). Losses are means over elements.
+
+Networks: ``student`` (trained; `generator_name`), ``teacher`` (the CFG teacher, frozen, from `teacher_ckpt`, never
+saved), ``previous`` (the previous stage's model during progressive distillation: frozen, in memory, saved in
+training checkpoints so a run resumed inside a stage is exact; an exported model drops it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion.guidance import guided_x0
+from ..diffusion.paths import VPCosinePath, _bcast
+from ..diffusion.precond import PreconditionedNet
+from ..diffusion.solvers import DDIMStep, NFECounter, SamplerState, StochasticDDIMStep, gaussian_noise, run_steps
+from ..utils.config import instantiate, to_config
+from .base import FewStepModule, Phase, Stage, load_teacher
+
+__all__ = ["GuidedDistillation", "halving_schedule", "pd_target", "vp_time"]
+
+WEIGHTINGS = ("snr_trunc", "constant")
+
+
+def vp_time(sigma: float) -> float:
+    """The VP cosine time of the EDM noise level sigma = b / a: t = (2 / pi) atan(sigma)."""
+    return 2.0 / math.pi * math.atan(float(sigma))
+
+
+def halving_schedule(teacher_steps: int, final_steps: int = 1) -> list[int]:
+    """Student step counts of progressive distillation: teacher_steps / 2, / 4, ... down to final_steps.
+
+    teacher_steps and final_steps must be powers of two with final_steps < teacher_steps (16, 1 -> [8, 4, 2, 1])."""
+    def power_of_two(n) -> bool:
+        return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
+
+    if not power_of_two(teacher_steps) or not power_of_two(final_steps) or final_steps >= teacher_steps:
+        raise ValueError(f"teacher_steps, final_steps: need powers of two with final_steps < teacher_steps "
+                         f"(e.g. 16 and 1), got {teacher_steps} and {final_steps}.")
+    steps, n = [], teacher_steps
+    while n > final_steps:
+        n //= 2
+        steps.append(n)
+    return steps
+
+
+def pd_target(z_t: Tensor, t: Tensor, z_end: Tensor, t_end: Tensor, path) -> Tensor:
+    """Progressive distillation's data target (Salimans & Ho 2022, Meng et al. 2023): the x̃ for which one DDIM step
+    from z_t at t lands on z_end at t_end,
+        x̃ = (z_end - (b(t_end) / b(t)) z_t) / (a(t_end) - (b(t_end) / b(t)) a(t)).
+    At t_end = 0 (b = 0, a = 1) it is z_end itself."""
+    ratio = _bcast(path.b(t_end) / path.b(t), z_t)
+    return (z_end - ratio * z_t) / (_bcast(path.a(t_end), z_t) - ratio * _bcast(path.a(t), z_t))
+
+
+class GuidedDistillation(FewStepModule):
+    """Meng et al. 2023: guidance distillation into a w-conditioned student, then progressive distillation.
+
+    Args:
+        teacher_ckpt: a class-conditional lit_fewstep teacher trained with label dropout (EDM or flow matching, any
+            path), the classifier-free guided model to distill.
+        net: the student's network, built with ``guidance_embed=True``; default (None) the teacher's architecture with
+            a guidance embedding added, initialised from the teacher's weights and with the guidance embedding's
+            output layer at zero (so the student starts as the teacher's conditional model at every w). A trained
+            student records the resolved value, so it loads without the teacher file.
+        preconditioning, sigma_data: of the student (see `PreconditionedNet`); default the teacher's (the paper's
+            models predict x / v on the VP path: ``"vp_v"``).
+        guidance_range: (lo, hi) of the EDM2 guidance scale drawn uniformly per training sample (Meng's w + 1; the
+            paper's w in [0, 4] is (1, 5)).
+        guidance_scale: the default scale at sampling (2.0 = Meng's w = 1).
+        guidance_iterations: iterations of stage 1 (guidance distillation).
+        teacher_steps: N of the first progressive stage: the stage-1 model taken with N DDIM steps as teacher of an
+            N/2-step student; 0 skips stage 2 (a w-conditioned model sampled with any number of DDIM steps).
+        final_steps: the last student's steps (power of two below teacher_steps).
+        halving_iterations: iterations per halving; the last stage runs on until the trainer stops.
+        sigma_min, sigma_max: the EDM noise levels b / a at the ends of the VP time range (log-SNR clipping).
+        weighting: "snr_trunc" (max(SNR, 1) x-MSE, the paper's) or "constant" (x-MSE).
+        lr, betas, weight_decay: Adam(W) of every stage (each stage gets a fresh optimizer, as each halving in PD).
+        ema_decay, grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule`. With an EMA, a stage's frozen
+            previous model and the new student's start are the EMA weights.
+    """
+
+    generator_name = "student"
+    unsaved_prefixes = ("teacher.",)
+
+    def __init__(self, teacher_ckpt: str, net: nn.Module | None = None, preconditioning: str | None = None,
+                 sigma_data: float | None = None, guidance_range: Sequence[float] = (1.0, 5.0),
+                 guidance_scale: float = 2.0, guidance_iterations: int = 1000, teacher_steps: int = 16,
+                 final_steps: int = 1, halving_iterations: int = 1000, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, weighting: str = "snr_trunc", lr: float = 1e-4,
+                 betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.0,
+                 grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100):
+        super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
+                         max_consecutive_skips=max_consecutive_skips)
+        if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
+            raise ValueError("teacher_ckpt: give the path of a class-conditional lit_fewstep teacher "
+                             "(e.g. lit_fewstep/assets/edm_digits.pt).")
+        lo, hi = (float(v) for v in guidance_range)
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"guidance_range: need 0 <= lo <= hi (EDM2 scales, 1 = no guidance), got {guidance_range}.")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: choose one of {WEIGHTINGS}, got {weighting!r}.")
+        if not 0.0 < sigma_min < sigma_max:
+            raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+        if guidance_iterations < 1 or halving_iterations < 1:
+            raise ValueError(f"guidance_iterations, halving_iterations: must be >= 1, got {guidance_iterations}, "
+                             f"{halving_iterations}.")
+        self.teacher_ckpt = teacher_ckpt
+        self.guidance_range = (lo, hi)
+        self.guidance_scale = float(guidance_scale)
+        self.weighting = weighting
+        self.path = VPCosinePath()
+        self.t_min, self.t_max = vp_time(sigma_min), vp_time(sigma_max)
+        self.student_steps = halving_schedule(teacher_steps, final_steps) if teacher_steps else []
+
+        self.register_frozen("teacher", path=teacher_ckpt)
+        self.previous: nn.Module | None = None
+        teacher = None
+        if net is None or preconditioning is None or sigma_data is None:
+            teacher = load_teacher(teacher_ckpt, field_name="teacher_ckpt")
+            if net is None:
+                config = to_config(teacher.net)
+                config["init_args"]["guidance_embed"] = True
+                net = instantiate(config)
+            preconditioning = preconditioning or teacher.preconditioning
+            sigma_data = teacher.sigma_data if sigma_data is None else sigma_data
+        if not getattr(net, "guidance_embed", False):
+            raise ValueError("net: the student takes the guidance scale as input; build its network with "
+                             "guidance_embed=True (or leave net empty to use the teacher's).")
+        self.student = PreconditionedNet(copy.deepcopy(net), preconditioning, float(sigma_data))
+        if self.student.num_classes == 0:
+            raise ValueError("net: guided distillation distills classifier-free guidance, which needs a "
+                             "class-conditional network (num_classes > 0) and teacher.")
+        self.init_ema()
+        kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, updates_ema=True)
+        stages = [Stage("guidance", 0, guidance_iterations if self.student_steps else None,
+                        [Phase("guidance", "guidance_loss", ("student",), **kw)])]
+        start = guidance_iterations
+        for k, steps in enumerate(self.student_steps):
+            stop = None if k == len(self.student_steps) - 1 else start + halving_iterations
+            # one loss name per stage (an alias of `progressive_loss`), so a failure names its stage's loss
+            object.__setattr__(self, f"progressive_loss_{steps}", self.progressive_loss)
+            stages.append(Stage(f"steps_{steps}", start, stop,
+                                [Phase(f"steps_{steps}", f"progressive_loss_{steps}", ("student",), **kw)],
+                                on_enter="enter_halving"))
+            start += halving_iterations
+        self.set_stages(stages)
+        if teacher is not None:
+            self._attach_teacher(teacher)
+
+    # ======================================================================================= construction
+    def _attach_teacher(self, teacher: PreconditionedNet) -> None:
+        if teacher.num_classes != self.student.num_classes:
+            raise ValueError(f"net: the student has num_classes={self.student.num_classes} but the teacher "
+                             f"{self.teacher_ckpt!r} has {teacher.num_classes}; use the teacher's.")
+        self._attach_frozen("teacher", teacher)
+        if int(self.iteration) == 0:
+            self._init_student_from(teacher)
+
+    def _init_student_from(self, teacher: PreconditionedNet) -> None:
+        """Stage 1 starts from the teacher's weights when the student is the teacher's network plus a guidance
+        embedding, that embedding's output layer zeroed: the student then equals the conditional teacher."""
+        student_config, teacher_config = to_config(self.student.net), to_config(teacher.net)
+        if not (isinstance(student_config, dict) and isinstance(teacher_config, dict)):
+            return
+        args = dict(student_config.get("init_args", {}))
+        args["guidance_embed"] = teacher_config.get("init_args", {}).get("guidance_embed", False)
+        if ({**student_config, "init_args": args} != teacher_config
+                or self.student.preconditioning != teacher.preconditioning
+                or self.student.sigma_data != teacher.sigma_data):
+            return
+        with torch.no_grad():
+            missing, unexpected = self.student.load_state_dict(teacher.state_dict(), strict=False)
+            embedding = self.student.net.cond.guidance
+            if unexpected or any(".cond.guidance." not in key for key in missing):
+                raise RuntimeError(f"student from teacher: unexpected keys {unexpected[:3]}, missing {missing[:3]}")
+            embedding.fc2.weight.zero_()
+            embedding.fc2.bias.zero_()
+        for average in [self.ema] + [getattr(self, f"ema_{name}") for name in self.ema_names]:
+            if average is not None:
+                average.load_state_dict(self.student.state_dict())
+
+    def prepare(self) -> None:
+        """Load the teacher (and initialise a fresh student from it) if construction did not. Lightning calls it
+        through `configure_model`; call it yourself to use the losses outside a Trainer."""
+        if self.teacher is None:
+            self._attach_teacher(load_teacher(self.teacher_ckpt, field_name="teacher_ckpt"))
+
+    def configure_model(self) -> None:
+        self.prepare()
+
+    @property
+    def init_config(self) -> dict:
+        """Record the architecture read from the teacher file, so a trained student loads without it."""
+        config = super().init_config
+        args = config["init_args"]
+        resolved = {"net": self.student.net, "preconditioning": self.student.preconditioning,
+                    "sigma_data": self.student.sigma_data}
+        for name, value in resolved.items():
+            if args.get(name) is None:
+                args[name] = to_config(value)
+        return config
+
+    def enter_halving(self) -> None:
+        """Stage hook: the model so far (its EMA when there is one) becomes the frozen previous-stage teacher, and the
+        new student (and its EMA) start from it. Runs again at load, before the saved weights overwrite these."""
+        source = self.ema if self.ema is not None else self.student
+        self.register_frozen("previous", module=copy.deepcopy(source))
+        with torch.no_grad():
+            self.student.load_state_dict(source.state_dict())
+        for average in [self.ema] + [getattr(self, f"ema_{name}") for name in self.ema_names]:
+            if average is not None:
+                average.load_state_dict(self.student.state_dict())
+
+    def state_dict_to_save(self) -> dict[str, Tensor]:
+        """An exported model is the student alone: no previous-stage teacher, and no record of entered stages (so
+        loading it does not rebuild one)."""
+        return {k: v for k, v in super().state_dict_to_save().items()
+                if not k.startswith("previous.") and k != "stage_entered"}
+
+    # ======================================================================================= pieces
+    def current_steps(self, iteration: int | None = None) -> int | None:
+        """The student's DDIM steps at `iteration` (default: now): None in stage 1 (any number of steps)."""
+        iteration = int(self.iteration) if iteration is None else iteration
+        steps = None
+        for stage, n in zip(self.stages[1:], self.student_steps):
+            if iteration >= stage.start:
+                steps = n
+        return steps
+
+    def grid(self, steps: int) -> Tensor:
+        """The N-step DDIM grid t_max (1 - i / N), i = 0..N (float64)."""
+        return torch.linspace(self.t_max, 0.0, steps + 1, dtype=torch.float64)
+
+    def draw_scales(self, n: int, like: Tensor) -> Tensor:
+        lo, hi = self.guidance_range
+        return lo + (hi - lo) * self.rand((n,), like)
+
+    def weight(self, t: Tensor, like: Tensor) -> Tensor:
+        """omega(lambda_t): max(SNR, 1) with SNR = a^2 / b^2 ("snr_trunc"), or 1 ("constant")."""
+        if self.weighting == "constant":
+            return torch.ones_like(_bcast(t, like))
+        snr = (self.path.a(t) / self.path.b(t)) ** 2
+        return _bcast(snr.clamp_min(1.0), like)
+
+    def model_x0(self, net: nn.Module, z_t: Tensor, t: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+        """x̂(z_t, s) of a w-conditioned model (student, its EMA, a previous stage) at VP time t."""
+        return net.x0_from(z_t, t, self.path, class_labels=y, guidance=scale)
+
+    def guidance_target(self, z_t: Tensor, t: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+        """The guided teacher x̂^w = (1 + w) x̂_c - w x̂_u at EDM2 scale s = 1 + w (`guided_x0`; at s = 1 exactly the
+        conditional teacher), on the VP path."""
+        return guided_x0(self.frozen_network("teacher"), z_t, t, y, scale, path=self.path)
+
+    def two_teacher_steps(self, z_t: Tensor, t: Tensor, t_mid: Tensor, t_end: Tensor, y: Tensor,
+                          scale: Tensor) -> Tensor:
+        """The previous-stage model's two DDIM steps t -> t_mid -> t_end from z_t (per-sample times)."""
+        step = DDIMStep(self.path)
+        fn = lambda x, tt: self.model_x0(self.previous, x, tt, y, scale)  # noqa: E731
+        state = SamplerState.start(z_t, t)
+        state = step(fn, state, t_mid)
+        return step(fn, state, t_end).x
+
+    def _data(self, batch) -> tuple[Tensor, Tensor]:
+        x, cond = self.split_batch(batch)
+        if cond.class_labels is None:
+            raise ValueError("data: guided distillation needs class labels in the batch.")
+        return x, cond.class_labels
+
+    # ======================================================================================= losses
+    def guidance_loss(self, batch) -> Tensor:
+        """Stage 1 (Meng et al. Eq. 6): E omega(lambda_t) ||x̂(z_t, s) - x̂^s(z_t)||^2, s ~ U(guidance_range),
+        t ~ U[t_min, t_max] on the VP cosine path."""
+        x, y = self._data(batch)
+        n = x.shape[0]
+        scale = self.draw_scales(n, x)
+        t = self.t_min + (self.t_max - self.t_min) * self.rand((n,), x)
+        z_t = self.path.noise(x, self.randn(x.shape, x), t)
+        with torch.no_grad():
+            target = self.guidance_target(z_t, t, y, scale)
+        pred = self.model_x0(self.student, z_t, t, y, scale)
+        return (self.weight(t, x) * (pred - target) ** 2).mean()
+
+    def progressive_loss(self, batch) -> Tensor:
+        """Stage 2 (Salimans & Ho 2022, Algorithm 2, at Meng's per-sample w): the N/2-step student's step
+        t_i -> t_(i+1) regresses `pd_target` of the previous model's two N-step DDIM steps, weighted max(SNR, 1)."""
+        x, y = self._data(batch)
+        n = x.shape[0]
+        steps = self.current_steps()
+        grid = self.grid(steps).to(x.dtype).to(x.device)
+        scale = self.draw_scales(n, x)
+        i = self.randint(0, steps, (n,), x)
+        t, t_end = grid[i], grid[i + 1]
+        t_mid = 0.5 * (t + t_end)
+        z_t = self.path.noise(x, self.randn(x.shape, x), t)
+        with torch.no_grad():
+            z_end = self.two_teacher_steps(z_t, t, t_mid, t_end, y, scale)
+            target = pd_target(z_t, t, z_end, t_end, self.path)
+        pred = self.model_x0(self.student, z_t, t, y, scale)
+        return (self.weight(t, x) * (pred - target) ** 2).mean()
+
+    # ======================================================================================= sampling
+    def sample(self, n, nfe, class_labels=None, generator=None, use_ema=True, **options):
+        """`FewStepModule.sample`: `nfe` DDIM steps of the student at ``guidance_scale`` (EDM2 scale, a number or one
+        per sample; default the module's), 1 evaluation per step (guidance is inside the student).
+        ``stochastic=True``: Meng et al.'s stochastic sampler (`StochasticDDIMStep`, noise from `generator`)."""
+        return super().sample(n, nfe, class_labels=class_labels, generator=generator, use_ema=use_ema,
+                              noise_generator=generator, **options)
+
+    def _sample(self, noise, class_labels, nfe, net, noise_generator: torch.Generator | None = None,
+                guidance_scale: float | Tensor | None = None,
+                stochastic: bool = False):
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        scale = torch.as_tensor(scale, dtype=noise.dtype, device=noise.device).expand(noise.shape[0])
+        counter = NFECounter()
+        fn = counter.counted(lambda x, t: self.model_x0(net, x, t, class_labels, scale))
+        step = (StochasticDDIMStep(self.path, gaussian_noise(noise_generator), t_min=0.0) if stochastic
+                else DDIMStep(self.path))
+        grid = self.grid(nfe)
+        x = noise * self.path.b(grid[0]).to(noise.dtype)
+        return run_steps(fn, x, grid, step).x, counter.count

@@ -1,0 +1,176 @@
+"""Guided distillation (Meng et al. 2023): the progressive-distillation target, the guidance-weight convention, the
+stage-1 target at w = 0, the halving schedule, stage hand-over, export and the two samplers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conformance_methods import fit
+from lit_fewstep.diffusion.guidance import guided_x0, scale_from_cfg_w
+from lit_fewstep.diffusion.paths import VPCosinePath
+from lit_fewstep.diffusion.solvers import DDIMStep, SamplerState
+from lit_fewstep.methods import GuidedDistillation
+from lit_fewstep.methods.guided_distillation import halving_schedule, pd_target, vp_time
+from lit_fewstep.utils.checkpoint import load_checkpoint, load_module
+
+TREE = "lit_fewstep/assets/edm_tree.pt"
+
+pytestmark = pytest.mark.usefixtures("float32_default_dtype")
+
+
+def tree_module(**kw) -> GuidedDistillation:
+    torch.manual_seed(0)
+    args = dict(guidance_iterations=4, teacher_steps=8, halving_iterations=3, ema_decay=0.0)
+    return GuidedDistillation(TREE, **{**args, **kw})
+
+
+def _nonlinear_x0(x, t):
+    """A data predictor that changes along the trajectory (so DDIM steps do not compose trivially)."""
+    return torch.tanh(1.3 * x + 0.7 * t[:, None]) - 0.2 * x**2
+
+
+# --------------------------------------------------------------------------------------------- the x̃ target
+def test_one_student_step_on_the_target_lands_on_two_teacher_steps():
+    path = VPCosinePath()
+    g = torch.Generator().manual_seed(0)
+    z_t = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    grid = torch.linspace(0.99, 0.0, 5, dtype=torch.float64)  # includes the step that lands on t = 0
+    i = torch.randint(0, 4, (64,), generator=g)
+    t, t_end = grid[i], grid[i + 1]
+    t_mid = 0.5 * (t + t_end)
+    step = DDIMStep(path)
+    teacher = step(_nonlinear_x0, step(_nonlinear_x0, SamplerState.start(z_t, t), t_mid), t_end).x
+    target = pd_target(z_t, t, teacher, t_end, path)
+    student = step(lambda x, tt: target, SamplerState.start(z_t, t), t_end).x
+    torch.testing.assert_close(student, teacher, rtol=0, atol=1e-12)
+    # a target made with the times swapped (t' and t'' exchanged, the classic bug) misses
+    swapped = step(_nonlinear_x0, step(_nonlinear_x0, SamplerState.start(z_t, t), t_end), t_mid).x
+    assert (pd_target(z_t, t, swapped, t_mid, path) - target).abs().max() > 1e-3
+
+
+def test_module_target_makes_the_student_step_land_on_the_previous_models_two_steps():
+    module = tree_module()
+    module._enter_stages(4)  # the first halving: previous = the stage-1 model, 8 -> 4 steps
+    assert module.current_steps(4) == 4 and module.previous is not None
+    x = torch.randn(16, 2)
+    y = torch.randint(0, 2, (16,))
+    scale = torch.linspace(1.0, 5.0, 16)
+    grid = module.grid(4).float()
+    i = torch.arange(16) % 4
+    t, t_end = grid[i], grid[i + 1]
+    seen = []
+    original = module.model_x0
+
+    def recording(net, z, tt, labels, s):
+        seen.append(tt.clone())
+        return original(net, z, tt, labels, s)
+
+    module.model_x0 = recording
+    z_t = module.path.noise(x, torch.randn_like(x), t)
+    z_end = module.two_teacher_steps(z_t, t, 0.5 * (t + t_end), t_end, y, scale)
+    assert len(seen) == 2 and torch.equal(seen[0], t) and torch.allclose(seen[1], 0.5 * (t + t_end))
+    target = pd_target(z_t, t, z_end, t_end, module.path)
+    landed = DDIMStep(module.path)(lambda z, tt: target, SamplerState.start(z_t, t), t_end).x
+    torch.testing.assert_close(landed, z_end, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- guidance weight
+def test_mengs_weight_is_our_scale_plus_one():
+    module = tree_module()
+    teacher = module.frozen_network("teacher")
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(12, 2, generator=g)
+    t = torch.rand(12, generator=g) * 0.9 + 0.05
+    y = torch.randint(0, 2, (12,), generator=g)
+    x_c = teacher.x0_from(z, t, module.path, class_labels=y)
+    x_u = teacher.x0_from(z, t, module.path, class_labels=torch.full_like(y, teacher.num_classes))
+    assert not torch.allclose(x_c, x_u)  # the teacher's guidance does something
+    for w in (0.0, 0.5, 1.0, 3.0):
+        meng = (1 + w) * x_c - w * x_u
+        assert scale_from_cfg_w(w) == w + 1
+        torch.testing.assert_close(guided_x0(teacher, z, t, y, w + 1, path=module.path), meng, rtol=1e-5, atol=1e-5)
+    w = torch.tensor([0.0, 0.5, 1.0, 3.0] * 3)
+    meng = (1 + w[:, None]) * x_c - w[:, None] * x_u
+    torch.testing.assert_close(module.guidance_target(z, t, y, w + 1), meng, rtol=1e-5, atol=1e-5)
+
+
+def test_stage1_target_at_w0_is_the_unguided_conditional_teacher():
+    module = tree_module()
+    teacher = module.frozen_network("teacher")
+    z, t = torch.randn(8, 2), torch.full((8,), 0.4)
+    y = torch.tensor([0, 1] * 4)
+    conditional = teacher.x0_from(z, t, module.path, class_labels=y)
+    scale = torch.tensor([1.0, 3.0] * 4)  # w = 0 beside w = 2 in one batch
+    target = module.guidance_target(z, t, y, scale)
+    assert torch.equal(target[scale == 1.0], conditional[scale == 1.0])
+    assert not torch.allclose(target[scale != 1.0], conditional[scale != 1.0])
+    # the student starts as the conditional teacher at every w (teacher weights, guidance embedding at zero)
+    for s in (1.0, 2.0, 5.0):
+        student = module.model_x0(module.student, z, t, y, torch.full((8,), s))
+        torch.testing.assert_close(student, conditional, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- schedule
+def test_stage_schedule_halves_n_as_configured():
+    assert halving_schedule(16) == [8, 4, 2, 1]
+    assert halving_schedule(8, final_steps=2) == [4, 2]
+    for bad in ((12, 1), (8, 8), (8, 3), (0, 1)):
+        with pytest.raises(ValueError, match="powers of two"):
+            halving_schedule(*bad)
+    module = tree_module(guidance_iterations=10, teacher_steps=16, halving_iterations=5)
+    assert [(s.name, s.start, s.stop) for s in module.stages] == [
+        ("guidance", 0, 10), ("steps_8", 10, 15), ("steps_4", 15, 20), ("steps_2", 20, 25), ("steps_1", 25, None)]
+    assert [module.current_steps(k) for k in (0, 9, 10, 14, 15, 20, 25, 1000)] == [None, None, 8, 8, 4, 2, 1, 1]
+    for k in (0, 10, 17, 24, 30):
+        active = [p.name for p in module.phases if p.active(k)]
+        assert len(active) == 1, (k, active)
+    assert [p.name for p in module.phases if p.active(17)] == ["steps_4"]
+    # the grid of an N-step student: uniform in VP time from t(sigma_max) down to 0
+    grid = module.grid(4)
+    assert grid[0] == pytest.approx(vp_time(80.0)) and grid[-1] == 0 and torch.allclose(grid.diff(), grid.diff()[0])
+    only_stage1 = tree_module(teacher_steps=0)
+    assert [(s.name, s.stop) for s in only_stage1.stages] == [("guidance", None)]
+
+
+# --------------------------------------------------------------------------------------------- stages in a fit
+def test_stages_hand_over_and_export_keeps_only_the_student(tmp_path):
+    from conformance_methods import build
+
+    module, _ = fit(lambda: build("guided_distillation"), tmp_path / "fit", 9)  # stages [0,4) [4,8) [8,12) [12,..)
+    assert int(module.iteration) == 9 and module.current_steps() == 2
+    assert module.previous is not None and not any(p.requires_grad for p in module.previous.parameters())
+    assert not module.previous.training and "previous" in module.frozen_names
+    path = tmp_path / "model.pt"
+    module.export(str(path))
+    keys = load_checkpoint(path)["state_dict"].keys()
+    assert not any(k.startswith(("previous.", "teacher.")) for k in keys) and "stage_entered" not in keys
+    loaded = load_module(path)
+    assert loaded.previous is None
+    for nfe in (1, 2, 4):
+        a = module.sample(8, nfe, generator=torch.Generator().manual_seed(3), guidance_scale=3.0)
+        b = loaded.sample(8, nfe, generator=torch.Generator().manual_seed(3), guidance_scale=3.0)
+        assert torch.equal(a.x, b.x) and a.nfe == nfe
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def test_deterministic_and_stochastic_sampling():
+    module = tree_module()
+    labels = torch.tensor([0, 1] * 8)
+
+    def draw(nfe, **kw):
+        return module.sample(16, nfe, class_labels=labels, generator=torch.Generator().manual_seed(5), **kw)
+
+    for nfe in (1, 2, 4):
+        det, sto = draw(nfe), draw(nfe, stochastic=True)
+        assert det.nfe == sto.nfe == nfe and torch.isfinite(sto.x).all()
+        assert torch.equal(sto.x, draw(nfe, stochastic=True).x)  # reproducible from the generator
+        if nfe == 1:
+            assert torch.equal(det.x, sto.x)  # a single step ends at t = 0: no re-noising
+        else:
+            assert not torch.allclose(det.x, sto.x)
+    # per-sample guidance scales, and the guidance scale changes the samples
+    mixed = draw(2, guidance_scale=torch.linspace(1.0, 5.0, 16))
+    assert mixed.x.shape == (16, 2)
+    with pytest.raises(ValueError, match="solver"):
+        draw(2, solver="heun")
