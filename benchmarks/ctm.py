@@ -1,0 +1,166 @@
+"""CTM on CPU beside CD from the same teacher, at one training budget (the issue's miniature claims).
+
+    OMP_NUM_THREADS=1 python benchmarks/ctm.py --data tree --steps 600
+    OMP_NUM_THREADS=1 python benchmarks/ctm.py --data digits --steps 150 --runs cd ctm ctm_features
+    OMP_NUM_THREADS=1 python benchmarks/ctm.py --render        # rewrite the tables from the saved runs
+
+Every run trains from its config (`configs/cd/<data>.yaml`, `configs/ctm/<data>.yaml`, with the overrides named in
+RUNS) for `--steps` iterations from seed `--seed` and is scored with `lit_fewstep.evaluation.Evaluator` (tree: sliced
+W2, MMD, exact NLL against exact samples; digits: FID in the shipped classifier's feature space): CD with its
+multistep sampler at 1/2/4/8 NFE, CTM with gamma = 0 (deterministic long jumps) and gamma = 1 (CM multistep) at
+1/2/4/8 NFE and with Heun at 35 NFE on g(x, t, t); the teacher at 35 NFE (Heun). Each run's rows are saved in
+benchmarks/results/ctm.json as soon as it ends (a later invocation adds runs; `--render` only rewrites ctm.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from consistency import build, score, train  # noqa: E402
+
+from lit_fewstep.evaluation import Evaluator  # noqa: E402
+from lit_fewstep.utils.checkpoint import load_module  # noqa: E402
+from lit_fewstep.utils.machine import describe_machine  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "ctm.md"
+NFES = [1, 2, 4, 8]
+# name -> (config method, label, overrides)
+RUNS = {
+    "cd": ("cd", "CD", {}),
+    "ctm": ("ctm", "CTM (DSM + GAN)", {}),
+    "ctm_no_dsm": ("ctm", "CTM without DSM (GAN on)", {"dsm_weight": 0}),
+    "ctm_no_gan": ("ctm", "CTM without GAN (DSM on)", {"gan_start": None}),
+    "ctm_features": ("ctm", "CTM, classifier-feature distance", {"distance": "features"}),
+    "ctm_l2": ("ctm", "CTM, l2 distance", {"distance": "l2"}),
+}
+
+
+def rows_for(name: str, module, evaluator, num: int, seed: int) -> list[dict]:
+    rows = []
+    if name == "cd":
+        samplers = [("multistep", nfe, {}) for nfe in NFES]
+    else:
+        samplers = ([("gamma=0", nfe, {"gamma": 0.0}) for nfe in NFES] + [("gamma=1", nfe, {"gamma": 1.0}) for nfe in NFES[1:]]
+                    + [("Heun on g(x,t,t)", 35, {"solver": "heun"})])
+    for sampler, nfe, options in samplers:
+        rows.append({"sampler": sampler, "nfe": nfe, **score(module, evaluator, nfe, num, seed, **options)})
+        print(name, rows[-1], flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default="tree", choices=["tree", "digits"])
+    parser.add_argument("--steps", type=int, default=600, help="training iterations of every run")
+    parser.add_argument("--runs", nargs="+", default=["cd", "ctm", "ctm_no_dsm", "ctm_no_gan"], choices=list(RUNS))
+    parser.add_argument("--num", type=int, default=3000, help="samples per row (tree)")
+    parser.add_argument("--num_digits", type=int, default=2000)
+    parser.add_argument("--num_reference", type=int, default=3000, help="toy reference samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", action="store_true", help="only rewrite ctm.md from ctm.json")
+    parser.add_argument("--timing", action="store_true",
+                        help="only measure the training step against its network passes (benchmarks/timing.py) on "
+                             "--data with the GAN on from the first iteration")
+    parser.add_argument("--timing_steps", type=int, default=6)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    store = OUT.with_suffix(".json")
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    if args.timing:
+        from timing import training_step_ratio
+        L.seed_everything(args.seed)
+        model, datamodule = build("ctm", args.data, args.timing_steps, gan_start=0)
+        result = training_step_ratio(model, datamodule, steps=args.timing_steps, warmup=2, repeats=3,
+                                     accelerator="cpu")
+        result["command"] = (f"OMP_NUM_THREADS=1 python benchmarks/ctm.py --timing --data {args.data} "
+                             f"--timing_steps {args.timing_steps}")
+        result["machine"] = describe_machine("CPU shared with other jobs")
+        print(result, flush=True)
+        saved.setdefault(args.data, {"runs": {}})["timing"] = result
+        store.write_text(json.dumps(saved, indent=1, default=str))
+    elif not args.render:
+        data, num = args.data, (args.num if args.data == "tree" else args.num_digits)
+        _, datamodule = build("cd", data, args.steps)
+        evaluator = Evaluator(datamodule, num_reference=args.num_reference, seed=args.seed)
+        command = (f"OMP_NUM_THREADS=1 python benchmarks/ctm.py --data {data} --steps {args.steps} --runs "
+                   f"{' '.join(args.runs)} --num {args.num} --num_digits {args.num_digits} "
+                   f"--num_reference {args.num_reference} --seed {args.seed}")
+        entry = saved.setdefault(data, {"runs": {}})
+        if "teacher" not in entry:
+            teacher = load_module(ROOT / "lit_fewstep" / "assets" / f"edm_{data}.pt")
+            entry["teacher"] = [{"sampler": "Heun", "nfe": 35, **score(teacher, evaluator, 35, num, args.seed)}]
+            print("teacher", entry["teacher"], flush=True)
+        for name in args.runs:
+            method, label, overrides = RUNS[name]
+            L.seed_everything(args.seed)
+            gan = {"gan_start": args.steps // 2} if method == "ctm" else {}  # the GAN on for the second half
+            model, datamodule = build(method, data, args.steps, **{**gan, **overrides})
+            wall, step_time, status = train(model, datamodule, model.optimizer_steps_for(args.steps))
+            print(f"{data} {name}: {args.steps} iterations in {wall:.1f} s ({step_time * 1000:.1f} ms/step) {status}",
+                  flush=True)
+            entry["runs"][name] = {"label": label, "overrides": overrides, "steps": args.steps, "train_s": round(wall, 1),
+                                   "ms_per_step": round(step_time * 1000, 1), "status": status, "num": num,
+                                   "command": command, "machine": describe_machine("CPU shared with other jobs"),
+                                   "rows": rows_for(name, model, evaluator, num, args.seed) if status == "ok" else []}
+            store.parent.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps(saved, indent=1, default=str))
+    write(saved)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def write(saved: dict) -> None:
+    lines = ["# CTM on CPU beside CD (same teacher, same budget)", "",
+             "Written by `benchmarks/ctm.py` (commands per run below). Every run trains from `configs/<method>/<data>.yaml` "
+             "with the overrides named (CTM: the GAN switched on at half the run), at the same number of iterations and seed; CD and CTM both start from the "
+             "shipped EDM teacher's weights (`lit_fewstep/assets/edm_<data>.pt`). Sampling EMA weights. Tree: sliced W2 "
+             "(sw2), MMD and NLL under the exact density, against exact samples; digits: FID and precision/recall in "
+             "the shipped digits classifier's feature space.", ""]
+    for data, entry in saved.items():
+        metric_keys = ["sw2", "mmd", "nll"] if data == "tree" else ["fid", "precision", "recall"]
+        lines += [f"## {data}", "", "| model | sampler | NFE | " + " | ".join(metric_keys) + " | nfe spent | ms/step |",
+                  "|---|---|---|" + "---|" * (len(metric_keys) + 2)]
+        for row in entry.get("teacher", []):
+            lines.append("| EDM teacher | Heun | 35 | " + " | ".join(_fmt(row.get(k, "-")) for k in metric_keys)
+                         + f" | {row.get('nfe_spent')} | - |")
+        for name, run in entry["runs"].items():
+            for row in run["rows"]:
+                lines.append(f"| {run['label']} | {row['sampler']} | {row['nfe']} | "
+                             + " | ".join(_fmt(row.get(k, "-")) for k in metric_keys)
+                             + f" | {row.get('nfe_spent')} | {run['ms_per_step']} |")
+            if run["status"] != "ok":
+                lines.append(f"| {run['label']} | - | - | {run['status']} |")
+        t = entry.get("timing")
+        if t:
+            lines += ["", f"Training step vs its network passes (`benchmarks/timing.py` replay, GAN on, "
+                          f"{t['steps']} measured steps): step {1e3 * t['step_s']:.0f} ms, passes alone "
+                          f"{1e3 * t['floor_s']:.0f} ms, ratio {t['ratio']:.2f} (issue target <= 1.15); "
+                          f"{t['calls_per_step']:g} network calls per step ({', '.join(t['passes'])}). "
+                          f"`{t['command']}`; {t['machine']}."]
+        lines += ["", "Runs (iterations, wall time, command, machine):", ""]
+        for name, run in entry["runs"].items():
+            lines.append(f"- {run['label']}: {run['steps']} iterations, {run['train_s']} s; `{run['command']}`; "
+                         f"{run['machine']}")
+        lines.append("")
+    OUT.write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
