@@ -30,6 +30,8 @@ Conventions (one inside, converted at the edges):
 Networks: ``student`` (trained; `generator_name`), ``teacher`` (the CFG teacher, frozen, from `teacher_ckpt`, never
 saved), ``previous`` (the previous stage's model during progressive distillation: frozen, in memory, saved in
 training checkpoints so a run resumed inside a stage is exact; an exported model drops it).
+
+Notes (conventions, what the original code does, what is not reproduced): docs/guided_distillation.md.
 """
 
 from __future__ import annotations
