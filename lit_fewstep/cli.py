@@ -193,6 +193,31 @@ class FewStepCLI(LightningCLI):
         print(f"exported {type(self.model).__name__} to {out}{also}", flush=True)
 
 
+def _own_classes_in_help() -> None:
+    """`--model.help DMD2` listed every torch.nn class (1,400 lines) as a "known subclass" of the networks' `nn.Module`
+    type: name lit_fewstep's networks (the public classes of `nets` and `teachers`) and count the others
+    (jsonargparse's help text, patched once)."""
+    from jsonargparse._typehints import ActionTypeHint
+
+    original = ActionTypeHint.extra_help
+    if getattr(original, "lit_fewstep", False):
+        return
+
+    def extra_help(self):
+        text = original(self)
+        head, found, names = text.partition("known subclasses: ")
+        names = names.split(", ")
+        networks = "torch.nn.Module" in names
+        own = [name for name in names if name.startswith("lit_fewstep.") and not (networks and (
+            name.count(".") != 2 or not name.startswith(("lit_fewstep.nets.", "lit_fewstep.teachers."))))]
+        if not found or len(own) == len(names):
+            return text
+        return head + found + ", ".join(own + [f"and {len(names) - len(own)} classes of other packages"])
+
+    extra_help.lit_fewstep = True
+    ActionTypeHint.extra_help = extra_help
+
+
 class _SaveConfig(SaveConfigCallback):
     """Lightning's config saving, with its refusal to overwrite a run as one line (a pinned logger version)."""
 
@@ -211,6 +236,7 @@ def main(args: list[str] | None = None):
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in TOOLS:
         return TOOLS[argv[0]](argv[1:])
+    _own_classes_in_help()
     return FewStepCLI(
         FewStepModule,
         LightningDataModule,

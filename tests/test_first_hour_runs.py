@@ -245,3 +245,37 @@ def test_a_run_prints_no_warnings_that_do_not_concern_the_user(config, tmp_path)
     expected = r"Seed set to 0|(GPU|TPU|HPU) available: .*|`Trainer.fit` stopped: `max_steps=20` reached\."
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert all(re.fullmatch(expected, line) for line in lines) and len(lines) <= 4, "\n".join(lines)
+
+
+def test_help_lists_the_commands_without_importing_torch():
+    """`python -m lit_fewstep --help` answers at once: the command list is printed before torch or Lightning load."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lit_fewstep.__main__ import console; status = console(['--help']); "
+            "print('HEAVY', sorted(m for m in ('torch', 'lightning', 'jsonargparse') if m in sys.modules)); "
+            "sys.exit(status)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "HEAVY []" in result.stdout
+    from lit_fewstep.__main__ import COMMANDS
+    from lit_fewstep.cli import FewStepCLI
+
+    assert list(COMMANDS) == list(FewStepCLI.subcommands())  # the fast list stays the CLI's
+    for name in COMMANDS:
+        assert f"\n  {name:<10}" in result.stdout
+
+
+def test_model_help_shows_the_methods_own_arguments(capsys):
+    """`fit --model.help DMD2`: DMD2's arguments and lit_fewstep's networks, not every torch.nn class."""
+    from lit_fewstep.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "DMD2"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())  # argparse wraps the help at the terminal's width
+    assert "--model.generator_every" in text and "--model.teacher_ckpt" in text
+    assert "lit_fewstep.nets.UNet" in text and "lit_fewstep.nets.MLP" in text
+    assert "torch.nn.ReLU" not in text and "classes of other packages" in flat
+    assert len(text.splitlines()) < 150, len(text.splitlines())  # was 1,427
