@@ -331,3 +331,54 @@ def test_official_pkl_needs_trust_and_runs_none_of_its_code(tmp_path, monkeypatc
     out = convert_teacher("edm", path, tmp_path / "t.safetensors", trust=True)
     loaded = load_checkpoint(out)["state_dict"]
     assert all(torch.equal(loaded[f"model.net.{k}"], v) for k, v in net.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------ GPU-scale configs
+def _fake_cifar10(root):
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = torch.Generator().manual_seed(0)
+    for name in ("data_batch_1", "test_batch"):
+        data = torch.randint(0, 256, (8, 3072), generator=rng, dtype=torch.uint8).numpy()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": list(range(8))}, f)
+    return root
+
+
+def _dry_run_teacher(config: str, tmp_path):
+    """A teacher file of the config's real architecture with random weights."""
+    if config.endswith("cifar10_ddpm.yaml"):
+        import yaml
+
+        args = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]["net"]["init_args"]
+        torch.manual_seed(0)
+        UNet2DModel(**args["unet_config"]).save_pretrained(str(tmp_path / "ddpm" / "unet"))
+        DDPMScheduler(**{k: v for k, v in args["scheduler_config"].items() if not k.startswith("_")}).save_pretrained(
+            str(tmp_path / "ddpm" / "scheduler"))
+        return f"diffusers:{tmp_path / 'ddpm'}"
+    from safetensors.torch import save_file
+
+    label_dim = 10 if "dmd2" in config else 0
+    family, net = build_arch("ddpmpp-cifar10", label_dim)
+    save_file({k: v.contiguous() for k, v in to_official_state(net, family).items()}, str(tmp_path / "official.safetensors"))
+    return str(convert_teacher("edm", tmp_path / "official.safetensors", tmp_path / "teacher.safetensors",
+                               arch="ddpmpp-cifar10", label_dim=label_dim))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/dmd2/cifar10_edm.yaml", "configs/dmd2/cifar10_ddpm.yaml",
+                                    "configs/scd/cifar10_edm.yaml"])
+def test_gpu_scale_config_dry_run(config, tmp_path):
+    """3 iterations of the config on CPU, with a random-weight teacher of the real architecture and a fake CIFAR-10."""
+    teacher = _dry_run_teacher(config, tmp_path)
+    steps = ["--trainer.max_steps", "6", "--model.init_args.generator_every", "1"] if "dmd2" in config else \
+        ["--trainer.max_steps", "3"]
+    out = _run("fit", "--config", str(ROOT / config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+               "--trainer.strategy", "auto", "--trainer.precision", "32-true", *steps,
+               "--trainer.callbacks", "null", "--trainer.enable_progress_bar", "false",
+               "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+               "--model.init_args.teacher_ckpt", teacher, "--data.root", str(_fake_cifar10(tmp_path / "data")),
+               "--data.batch_size", "2", "--data.num_workers", "0", "--trainer.limit_val_batches", "0", cwd=tmp_path)
+    assert "exported" in out
