@@ -97,21 +97,30 @@ def pairs_main(argv: list[str] | None = None, prog: str = "python -m lit_fewstep
 
 
 def convert_main(argv: list[str]) -> Path:
-    """Convert a teacher into one safe file: --from diffusers SRC --out teacher.safetensors (a diffusers UNet2DModel
-    folder with its scheduler; the result is read by sample, evaluate and teacher_ckpt), or back with
-    --from safetensors SRC --to diffusers --out DIR."""
+    """Convert a teacher into one safe file: --from diffusers|edm|edm2 SRC --out teacher.safetensors (a diffusers
+    UNet2DModel folder with its scheduler, an NVlabs EDM / EDM2 .pkl with --trust_checkpoint true, or an official-layout
+    state dict with --arch; the result is read by sample, evaluate and teacher_ckpt), or back with
+    --from safetensors SRC --to diffusers|edm|edm2 --out PATH."""
     from .teachers.formats import convert
 
     parser = argparse.ArgumentParser(prog="python -m lit_fewstep convert", description=convert_main.__doc__)
-    parser.add_argument("--from", dest="source", choices=("diffusers", "safetensors"), required=True,
+    from .teachers.official import ARCHS
+
+    parser.add_argument("--from", dest="source", choices=("diffusers", "edm", "edm2", "safetensors"), required=True,
                         help="format of SRC")
-    parser.add_argument("src", metavar="SRC", help="diffusers folder (pipeline or UNet) or .safetensors file")
+    parser.add_argument("src", metavar="SRC", help="diffusers folder, NVlabs .pkl, official-layout state dict "
+                                                   "(.pt/.safetensors, with --arch), or our .safetensors")
     parser.add_argument("--out", required=True, help="FILE.safetensors, or a folder with --to diffusers")
-    parser.add_argument("--to", choices=("safetensors", "diffusers"), default=None,
-                        help="output format (default: safetensors from diffusers, diffusers from safetensors)")
+    parser.add_argument("--to", choices=("safetensors", "diffusers", "edm", "edm2"), default=None,
+                        help="output format (default: safetensors; from safetensors: diffusers)")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default=None, help="architecture of a state-dict SRC")
+    parser.add_argument("--label_dim", type=int, default=0, help="classes of a state-dict SRC (0: unconditional)")
     parser.add_argument("--sigma_data", type=float, default=0.5, help="data std of the EDM preconditioning")
+    parser.add_argument("--trust_checkpoint", type=parse_bool, default=False,
+                        help="allow reading an NVlabs .pkl (a pickle: only for files you trust)")
     args = parser.parse_args(argv)
-    out = convert(args.source, args.src, args.out, args.to, args.sigma_data)
+    out = convert(args.source, args.src, args.out, args.to, args.sigma_data, args.arch, args.label_dim,
+                  args.trust_checkpoint)
     print(f"wrote {out}")
     return out
 
