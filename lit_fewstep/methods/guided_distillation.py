@@ -187,7 +187,7 @@ class GuidedDistillation(FewStepModule):
             raise ValueError(f"net: the student has num_classes={self.student.num_classes} but the teacher "
                              f"{self.teacher_ckpt!r} has {teacher.num_classes}; use the teacher's.")
         self._attach_frozen("teacher", teacher)
-        if int(self.iteration) == 0:
+        if int(self.iteration) == 0 and isinstance(teacher, PreconditionedNet):
             self._init_student_from(teacher)
 
     def _init_student_from(self, teacher: PreconditionedNet) -> None:
