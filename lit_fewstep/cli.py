@@ -195,11 +195,29 @@ class FewStepCLI(LightningCLI):
         suffix = self.config[self.subcommand].get("export_format", "pt")  # --export_format safetensors: no pickle
         out = Path(log_dir or self.trainer.default_root_dir) / f"model.{suffix}"
         self.model.export(str(out))
+        picture = self._sample_picture(out.parent / "samples.png")
         # every run has its own version_N folder (never overwritten); <name>/latest points to the newest finished one
         versioned = isinstance(self.trainer.logger, (TensorBoardLogger, CSVLogger))  # <save_dir>/<name>/<version>
         pointer = point_latest(out.parent) if versioned and log_dir else None
         also = f" ({pointer / out.name} points to it)" if pointer else ""
         print(f"exported {type(self.model).__name__} to {out}{also}", flush=True)
+        if picture is not None:
+            print(f"wrote a picture of its samples to {picture}", flush=True)
+
+    def _sample_picture(self, path: Path) -> Path | None:
+        """The job ends with a picture of the exported model's samples beside it: 64 images (every class in turn) or
+        2,000 toy points, seed 0, at the model's own step count (a one-step generator: 1 NFE; otherwise 35)."""
+        module = self.model.eval()
+        nfe = module.max_nfe or 35
+        num = 64 if len(module.data_shape) == 3 else 2000
+        labels = torch.arange(num) % module.num_classes if module.num_classes else None
+        try:
+            x, y, spent, _ = draw(module, num, nfe, 0, labels, True, 1000)
+            return save_samples_png(x.numpy(), path, None if y is None else y.numpy(),
+                                    title=f"{type(module).__name__}, NFE {spent}")
+        except (ValueError, RuntimeError, OSError) as err:  # the model is exported already: say so, do not fail
+            print(f"no picture of samples ({_one_line(err)})", file=sys.stderr, flush=True)
+            return None
 
 
 def _own_classes_in_help() -> None:

@@ -41,7 +41,11 @@ def test_rerunning_a_config_never_overwrites_the_previous_run(tmp_path, capsys):
     _fit_tree(tmp_path)
     first = (runs / "version_0" / "model.pt").read_bytes()
     assert (runs / "latest").resolve() == (runs / "version_0").resolve()
-    assert f"to {runs / 'version_0' / 'model.pt'} ({runs / 'latest' / 'model.pt'} points to it)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"to {runs / 'version_0' / 'model.pt'} ({runs / 'latest' / 'model.pt'} points to it)" in printed
+    # the job ends saying where its picture of samples went
+    assert f"wrote a picture of its samples to {runs / 'version_0' / 'samples.png'}" in printed
+    assert (runs / "version_0" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _fit_tree(tmp_path, "--seed_everything", "1")
     assert sorted(p.name for p in runs.iterdir()) == ["latest", "version_0", "version_1"]
     assert (runs / "version_0" / "model.pt").read_bytes() == first  # the first run is untouched
