@@ -158,7 +158,9 @@ def write(saved: dict) -> None:
             lines.append(f"- {run['label']}: {run['steps']} iterations, {run['train_s']} s; `{run['command']}`; "
                          f"{run['machine']}")
         lines.append("")
-    OUT.write_text("\n".join(lines) + "\n")
+    kept = OUT.read_text().split("\n## Observations", 1) if OUT.exists() else []
+    tail = "\n## Observations" + kept[1] if len(kept) == 2 else ""  # hand-written, kept across rewrites
+    OUT.write_text("\n".join(lines) + "\n" + tail)
     print(f"wrote {OUT}")
 
 
