@@ -382,3 +382,18 @@ def test_gpu_scale_config_dry_run(config, tmp_path):
                "--model.init_args.teacher_ckpt", teacher, "--data.root", str(_fake_cifar10(tmp_path / "data")),
                "--data.batch_size", "2", "--data.num_workers", "0", "--trainer.limit_val_batches", "0", cwd=tmp_path)
     assert "exported" in out
+
+
+def test_official_pkl_reader_calls_nothing_but_tensor_rebuilding(tmp_path):
+    """Even with trust, the .pkl reader resolves no callable outside tensors and plain containers (os.system here)."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"ema": Evil()}))
+    with pytest.raises(ValueError, match="holds no NVlabs network"):
+        convert_teacher("edm", path, tmp_path / "x.safetensors", trust=True)
+    assert not (tmp_path / "pwned").exists()

@@ -6,9 +6,10 @@ Sources:
   training-only ``logvar_fourier.*`` / ``logvar_linear.*``, dropped); bare network keys are accepted too. The
   architecture is named with ``arch`` (a preset of `ARCHS`) and ``label_dim``.
 - the official ``.pkl`` (a pickle of NVlabs' persistence objects): only with ``trust=True``
-  (``--trust_checkpoint true``). It is read with an unpickler that rebuilds every NVlabs object as an inert record
-  of its state (no code from the file is executed as a class: the persistence records' embedded source is never
-  run) and takes the architecture from the network's recorded constructor arguments. Convert once to
+  (``--trust_checkpoint true``). It is read with an unpickler that resolves only tensor rebuilding (storages
+  weights-only), plain containers and torch.nn module classes, and rebuilds every other object (NVlabs' persistence
+  records, whose embedded source is never run, or any other callable) as an inert record of its state; the
+  architecture comes from the network's recorded constructor arguments. Convert once to
   .safetensors, then use that file.
 
 The result is an `EDMDiffusion` teacher checkpoint (EDM preconditioning, sigma_data from the file or 0.5) written by
@@ -105,15 +106,37 @@ def _persistent(meta):
     return record
 
 
+def _storage_from_bytes(data: bytes):
+    """torch's `storage._load_from_bytes` (a nested torch.load with pickle), weights-only."""
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+_PLAIN = {("builtins", n) for n in ("set", "frozenset", "dict", "list", "tuple", "int", "float", "bool", "str",
+                                    "bytes", "bytearray", "slice", "complex", "range")}
+_PLAIN |= {("collections", "OrderedDict"), ("copyreg", "_reconstructor"), ("_codecs", "encode"),
+           ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+           ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+           ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+           ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+           ("numpy._core.multiarray", "scalar")}
+
+
 class _Unpickler(pickle.Unpickler):
-    SAFE = ("torch", "collections", "builtins", "copyreg", "numpy", "_codecs")
+    """Resolves only tensor rebuilding, plain containers, torch.nn module classes (rebuilt from their state, no code)
+    and storages (weights-only); NVlabs' persistence records and every other class become inert `_Record`s."""
 
     def find_class(self, module, name):
         if module == "torch_utils.persistence" and name == "_reconstruct_persistent_obj":
             return _persistent
-        if module.split(".")[0] in self.SAFE:
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        if (module, name) in _PLAIN or (module == "torch" and name.endswith("Storage")):
             return super().find_class(module, name)
-        return type(name, (_Record,), {})  # dnnlib.EasyDict, training.*: inert records
+        if module.startswith("torch.nn.") and module.split(".")[2] in ("modules", "parameter"):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and issubclass(obj, (nn.Module, nn.Parameter)):
+                return obj
+        return type(name, (_Record,), {})  # dnnlib.EasyDict, training.*, anything else: inert records
 
 
 def _tensors(obj, prefix: str = "") -> dict:
@@ -145,6 +168,9 @@ def read_official_pkl(path: str | os.PathLike, trust: bool = False) -> tuple[str
         raise ValueError(f"SRC: {os.fspath(path)!r} holds no NVlabs network under 'ema'.")
     kwargs = dict(net.state.get("_init_kwargs") or {})
     kwargs.update({k: v for k, v in (net.state.get("init_kwargs") or {}).items()})
+    if "img_resolution" not in kwargs:
+        raise ValueError(f"SRC: {os.fspath(path)!r} holds no NVlabs network under 'ema' (no recorded constructor "
+                         "arguments).")
     family = "edm2" if "unet" in (net.state.get("_modules") or {}) else "edm"  # EDM2 Precond.unet, EDMPrecond.model
     return family, kwargs, _tensors(net)
 
