@@ -61,7 +61,7 @@ from .base import FewStepModule, Phase
 from .consistency import consistency_distance, pseudo_huber_c, same_dropout_masks
 from .dmd import frozen
 
-__all__ = ["CTM", "CTM_DISTANCES", "DISCRIMINATORS", "adaptive_weight", "last_layer", "heun_step_probs"]
+__all__ = ["CTM", "CTM_DISTANCES", "DISCRIMINATORS", "adaptive_weight", "layer_grad_norm", "last_layer", "heun_step_probs"]
 
 CTM_DISTANCES = ("l2", "pseudo_huber", "lpips", "features")
 DISCRIMINATORS = ("raw", "digits_features")
@@ -79,13 +79,18 @@ def last_layer(net: nn.Module) -> nn.Parameter:
                      "set dsm_weight / gan_weight to a number.")
 
 
+def layer_grad_norm(loss: Tensor, layer: nn.Parameter) -> Tensor:
+    """||d loss / d W||, keeping the graph (a backward only as deep as W's dependence on the loss)."""
+    grad, = torch.autograd.grad(loss, layer, retain_graph=True)
+    return grad.norm()
+
+
 def adaptive_weight(loss_a: Tensor, loss_b: Tensor, layer: nn.Parameter, eps: float = 1e-4,
-                    clamp: tuple[float, float] = (0.0, 1e4)) -> Tensor:
+                    clamp: tuple[float, float] = (0.0, 1e4), norm_a: Tensor | None = None) -> Tensor:
     """||d loss_a / d W|| / (||d loss_b / d W|| + eps), clamped and detached (CTM's balance weights; the VQGAN
-    rule). Both losses keep their graphs."""
-    g_a, = torch.autograd.grad(loss_a, layer, retain_graph=True)
-    g_b, = torch.autograd.grad(loss_b, layer, retain_graph=True)
-    return (g_a.norm() / (g_b.norm() + eps)).clamp(*clamp).detach()
+    rule). Both losses keep their graphs; `norm_a` reuses an already computed ||d loss_a / d W||."""
+    norm_a = layer_grad_norm(loss_a, layer) if norm_a is None else norm_a
+    return (norm_a / (layer_grad_norm(loss_b, layer) + eps)).clamp(*clamp).detach()
 
 
 def heun_step_probs(max_steps: int, weighting: str = "weighted") -> Tensor:
@@ -347,12 +352,13 @@ class CTM(FewStepModule):
         d, estimate = self.ctm_terms(x, y)
         loss_ctm = d.mean()
         loss = loss_ctm
-        layer = None
+        norm_ctm = None  # ||grad_W L_CTM||, computed once for both adaptive weights
         if self.dsm_weight != 0:
             loss_dsm = self.dsm_loss(x, y)
             if self.dsm_weight == "adaptive":
                 layer = last_layer(self.student)
-                w_dsm = adaptive_weight(loss_ctm, loss_dsm, layer)
+                norm_ctm = layer_grad_norm(loss_ctm, layer)
+                w_dsm = adaptive_weight(loss_ctm, loss_dsm, layer, norm_a=norm_ctm)
             else:
                 w_dsm = torch.as_tensor(float(self.dsm_weight))
             loss = loss + w_dsm * loss_dsm
@@ -361,19 +367,19 @@ class CTM(FewStepModule):
         if self.gan_on():
             with frozen(self.discriminator):
                 loss_gan = -self.discriminate(estimate, y).mean()
-            w_gan = self.gan_weight_for(loss_ctm, loss_gan)
+            w_gan = self.gan_weight_for(loss_ctm, loss_gan, norm_ctm)
             loss = loss + w_gan * self.gan_weight * loss_gan
             self._log("gan_g_loss", loss_gan.detach())
             self._log("gan_weight", w_gan.float())
         self._log("ctm_distance", loss_ctm.detach())
         return loss
 
-    def gan_weight_for(self, loss_ctm: Tensor, loss_gan: Tensor) -> Tensor:
+    def gan_weight_for(self, loss_ctm: Tensor, loss_gan: Tensor, norm_ctm: Tensor | None = None) -> Tensor:
         """The paper's adaptive GAN weight: ||grad_W L_CTM|| / (||grad_W L_GAN|| + 1e-4) at the last layer,
-        clamped to [0.01, 10] (1 when `gan_adaptive` is False)."""
+        clamped to [0.01, 10] (1 when `gan_adaptive` is False); `norm_ctm` reuses ||grad_W L_CTM||."""
         if not self.gan_adaptive:
             return torch.ones((), device=loss_ctm.device)
-        return adaptive_weight(loss_ctm, loss_gan, last_layer(self.student), clamp=(0.01, 10.0))
+        return adaptive_weight(loss_ctm, loss_gan, last_layer(self.student), clamp=(0.01, 10.0), norm_a=norm_ctm)
 
     def discriminator_loss(self, batch) -> Tensor:
         """Hinge loss: relu(1 - D(real)) + relu(1 + D(fake)), fake = G_theta(x_t, t, s) carried to sigma_min."""
