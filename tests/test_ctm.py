@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -225,3 +226,18 @@ def test_gamma_zero_is_the_deterministic_chain_and_heun_uses_the_denoiser():
         module.sample(4, 2, gamma=1.5)
     with pytest.raises(ValueError, match="^guidance_scale"):
         module.sample(4, 2, guidance_scale=2.0)
+
+
+def test_sample_command_takes_gamma_and_heun(tmp_path):
+    from lit_fewstep.cli import sample_main
+
+    module = _toy_ctm()
+    ckpt = tmp_path / "ctm.pt"
+    module.export(str(ckpt))
+    for extra, nfe in ((["--gamma", "1.0"], 3), (["--solver", "heun"], 5)):
+        out = sample_main(["--ckpt", str(ckpt), "--nfe", str(nfe), "--num", "6", "--seed", "2",
+                           "--out", str(tmp_path / f"s{nfe}.npz"), *extra])
+        data = np.load(out)
+        assert data["samples"].shape == (6, 2) and int(data["nfe"]) == nfe
+    expected = module.sample(6, 3, gamma=1.0, generator=torch.Generator().manual_seed(2)).x
+    np.testing.assert_allclose(np.load(tmp_path / "s3.npz")["samples"], expected.numpy(), rtol=1e-5, atol=1e-6)
