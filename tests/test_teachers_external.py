@@ -397,3 +397,32 @@ def test_official_pkl_reader_calls_nothing_but_tensor_rebuilding(tmp_path):
     with pytest.raises(ValueError, match="holds no NVlabs network"):
         convert_teacher("edm", path, tmp_path / "x.safetensors", trust=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_class_conditional_teacher_and_a_student_built_from_it(tmp_path):
+    """num_class_embeds: labels reach the UNet; a generator made the way DMD2 makes it (PreconditionedNet on a copy of
+    teacher.net, teacher.preconditioning, teacher.sigma_data) is the teacher's function at the start."""
+    import copy
+
+    from lit_fewstep.diffusion.precond import PreconditionedNet
+
+    torch.manual_seed(3)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, num_class_embeds=10).eval()
+    teacher = load_diffusers_teacher(save_teacher(tmp_path, unet))
+    assert teacher.num_classes == 10
+    x, y, k = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 3, 9]), 400
+    t = torch.full((4,), (k + 1) / T)
+    ddim = DDIMScheduler.from_config(DDPMScheduler().config, clip_sample=False)
+    ddim.set_timesteps(10)
+    with torch.no_grad():
+        ref = ddim.step(unet(x, k, class_labels=y).sample, k, x, eta=0.0).pred_original_sample
+        close(teacher.x0_from(x, t, teacher.vp_path, class_labels=y), ref)
+        other = teacher.x0_from(x, t, teacher.vp_path, class_labels=torch.tensor([1, 1, 1, 1]))
+        assert (other - ref).abs().max() > 1e-3  # the label matters
+        student = PreconditionedNet(copy.deepcopy(teacher.net), teacher.preconditioning, teacher.sigma_data)
+        x_edm, sigma = convert(x, t, teacher.vp_path, EDMPath())
+        close(student.x0_from(x_edm, sigma, EDMPath(), class_labels=y), ref, tol=1e-4)
+        _, features = student(x_edm, sigma, class_labels=y, return_features=True)
+        assert features.shape[1] == student.net.feature_channels == 32
