@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="default benchmarks/results/autoguidance[_digits].md")
     parser.add_argument("--data", choices=["tree", "digits"], default="tree")
+    parser.add_argument("--scales", type=float, nargs="+", default=None, help="digits: the guidance scales swept")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.data == "digits":
@@ -189,7 +190,8 @@ def digits(args) -> None:
     guide = load_module(guide_path).eval()
     evaluator = Evaluator(teacher_data(teacher))
     rows = []
-    for kind, scales in (("none", [1.0]), ("cfg", DIGITS_SCALES), ("autoguidance", DIGITS_SCALES)):
+    sweep = args.scales or DIGITS_SCALES
+    for kind, scales in (("none", [1.0]), ("cfg", sweep), ("autoguidance", sweep)):
         for scale in scales:
             options = {"guidance_scale": scale, **({"guide": guide} if kind == "autoguidance" else {})}
             x, _, nfe, seconds = draw(teacher, args.num, args.nfe, args.seed, None, True, 1000, **options)
@@ -199,7 +201,8 @@ def digits(args) -> None:
     best = {kind: min((r for r in rows if r["guidance"] == kind), key=lambda r: r["fid"]) for kind in ("none", "cfg", "autoguidance")}
     lines = ["# Autoguidance vs CFG on 8x8 digits", "",
              f"Command: `OMP_NUM_THREADS=1 python benchmarks/autoguidance.py --data digits"
-             f"{' --guide ' + str(args.guide) if args.guide else ''} --num {args.num} --seed {args.seed}`  ",
+             f"{' --guide ' + str(args.guide) if args.guide else ''} --num {args.num} --seed {args.seed}"
+             f"{' --scales ' + ' '.join(map(str, args.scales)) if args.scales else ''}`  ",
              f"Machine: {describe_machine()}; {(time.time() - start) / 60:.1f} min including training the guide.  ",
              f"Main model: `lit_fewstep/assets/edm_digits.pt`. Guide: `{config}` (same UNet, 500 of the main model's "
              f"4000 iterations). FID on the shipped digits classifier's features against the training split, "
