@@ -88,7 +88,7 @@ def main() -> None:
     dist = tree()
     rows, samples = [], {}
     g = torch.Generator().manual_seed(args.seed)
-    exact, exact_labels, thresholds = {}, {}, {}
+    exact, thresholds = {}, {}
     for c in (0, 1):
         # exact reference samples of class c, and its 99%-mass density level
         xs, ys = dist.sample(200_000, generator=g)

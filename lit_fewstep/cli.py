@@ -206,9 +206,10 @@ class FewStepCLI(LightningCLI):
 
     def _sample_picture(self, path: Path) -> Path | None:
         """The job ends with a picture of the exported model's samples beside it: 64 images (every class in turn) or
-        2,000 toy points, seed 0, at the model's own step count (a one-step generator: 1 NFE; otherwise 35)."""
+        2,000 toy points, seed 0, at the model's own step count (`default_nfe`: 1 for a consistency model or CTM, the final student's steps for
+        guided distillation, a DMD generator's steps, 35 for an ODE teacher)."""
         module = self.model.eval()
-        nfe = module.max_nfe or 35
+        nfe = module.default_nfe
         num = 64 if len(module.data_shape) == 3 else 2000
         labels = torch.arange(num) % module.num_classes if module.num_classes else None
         try:

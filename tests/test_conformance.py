@@ -299,3 +299,23 @@ class TestConformance:
                 message = _refusal(call)
                 assert message.startswith("nfe:") and re.search(rf"\b{module.max_nfe}\b", message), message
                 assert f"got {bad}" in message, message
+
+
+# The step count a method is drawn with when none is asked for (the picture that ends every fit): the generator's own
+# steps, never the teacher's 35-step ODE budget for a few-step student (sCD's CIFAR-10 dry run spent minutes there).
+DEFAULT_NFE = {"edm": 35, "flow_matching": 35, "cd": 1, "ct": 1, "ict": 1, "scd": 1, "sct": 1, "dmd": 1, "dmd2": 2,
+               "msd": 2, "ctm": 1}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_default_nfe_is_the_generators_own(name):
+    module = build(name)
+    if name == "guided_distillation":  # stage 1 (any step count), then the halving stages 4, 2, 1
+        assert [module.current_steps(k) for k in (0, 4, 8, 12)] == [None, 4, 2, 1]
+        expected = {0: 35, 4: 4, 8: 2, 12: 1}
+        for iteration, nfe in expected.items():
+            module.iteration.fill_(iteration)
+            assert module.default_nfe == nfe, iteration
+        return
+    assert module.default_nfe == DEFAULT_NFE[name]
+    module.sample(2, module.default_nfe, generator=torch.Generator().manual_seed(0))

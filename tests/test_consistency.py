@@ -83,7 +83,7 @@ def test_trigflow_consistency_function_is_identity_at_zero_and_matches_formula()
 
 
 # ------------------------------------------------------------------------------------------ curricula
-# shared/methods/notes/distillation.md, Sec. 1.4 (hand-computed from the official code)
+# docs/consistency.md#curriculum-values (hand-computed from the official code)
 CT_TABLE = [  # (s0, s1, K, mu0, k, N, mu_code, mu_paper)
     (2, 150, 800_000, 0.9, 0, 2, 0.810000, 0.900000),
     (2, 150, 800_000, 0.9, 1_000, 6, 0.958732, 0.965489),

@@ -216,6 +216,13 @@ class FewStepModule(Configurable, L.LightningModule):
     generator_name = "generator"
     max_nfe: int | None = None
 
+    @property
+    def default_nfe(self) -> int:
+        """The step count the model is meant to be sampled with when none is asked for (the picture that ends a fit):
+        a fixed-step generator's own count, else 35 (EDM's Heun budget for an ODE teacher). Few-step families
+        override it."""
+        return self.max_nfe or 35
+
     def __init__(self, ema_decay: float = 0.999, grad_clip: float = 0.0, nonfinite: str = "stop",
                  max_consecutive_skips: int = 100):
         super().__init__()

@@ -176,6 +176,7 @@ class ConsistencyFamily(FewStepModule):
     """
 
     generator_name = "student"
+    default_nfe = 1  # a consistency model is a one-step generator first; multistep sampling is the option
     teacher_ckpt: str | None = None
     init_from_teacher: bool = False
     _initialized: bool = False

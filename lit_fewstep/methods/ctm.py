@@ -132,6 +132,7 @@ class CTM(FewStepModule):
     """
 
     generator_name = "student"
+    default_nfe = 1  # the anytime-to-anytime jump T -> 0
 
     def __init__(self, net: nn.Module, teacher_ckpt: str, num_scales: int = 18, max_heun_steps: int | None = None,
                  heun_step_weighting: str = "weighted", sigma_data: float = 0.5, sigma_min: float = 0.002,

@@ -252,6 +252,11 @@ class GuidedDistillation(FewStepModule):
                 if not k.startswith("previous.") and k != "stage_entered"}
 
     # ======================================================================================= pieces
+    @property
+    def default_nfe(self) -> int:
+        """The student's steps at the iteration it was trained to (stage 1 alone: DDIM with 35 steps)."""
+        return self.current_steps() or 35
+
     def current_steps(self, iteration: int | None = None) -> int | None:
         """The student's DDIM steps at `iteration` (default: now): None in stage 1 (any number of steps)."""
         iteration = int(self.iteration) if iteration is None else iteration

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..diffusion.paths import EDMPath, GaussianPath
+from ..diffusion.paths import GaussianPath
 from ..diffusion.precond import PreconditionedNet, edm_coefficients
 from ..utils.config import Configurable
 
