@@ -349,10 +349,10 @@ def _fake_cifar10(root):
 
 def _dry_run_teacher(config: str, tmp_path):
     """A teacher file of the config's real architecture with random weights."""
-    if config.endswith("cifar10_ddpm.yaml"):
+    if config.endswith("cifar10_ddpm.yaml"):  # the teacher's architecture is written out in DMD2's config
         import yaml
 
-        args = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]["net"]["init_args"]
+        args = yaml.safe_load((ROOT / "configs/dmd2/cifar10_ddpm.yaml").read_text())["model"]["init_args"]["net"]["init_args"]
         torch.manual_seed(0)
         UNet2DModel(**args["unet_config"]).save_pretrained(str(tmp_path / "ddpm" / "unet"))
         DDPMScheduler(**{k: v for k, v in args["scheduler_config"].items() if not k.startswith("_")}).save_pretrained(
@@ -369,7 +369,7 @@ def _dry_run_teacher(config: str, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/dmd2/cifar10_edm.yaml", "configs/dmd2/cifar10_ddpm.yaml",
-                                    "configs/scd/cifar10_edm.yaml"])
+                                    "configs/scd/cifar10_edm.yaml", "configs/scd/cifar10_ddpm.yaml"])
 def test_gpu_scale_config_dry_run(config, tmp_path):
     """3 iterations of the config on CPU, with a random-weight teacher of the real architecture and a fake CIFAR-10."""
     teacher = _dry_run_teacher(config, tmp_path)
