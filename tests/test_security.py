@@ -150,12 +150,18 @@ def test_fit_pickle_opt_in_works_and_its_refusal_is_one_line(tmp_path):
     assert int(cli.model.iteration) == 3
 
 
-def test_pairs_pickle_opt_in_is_offered_and_works(tmp_path):
+def _pickled_teacher(tmp_path):
+    """A teacher export that only a pickle load can read (an argparse.Namespace beside its weights)."""
     teacher = tmp_path / "teacher.pt"
     EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8), sigma_data=1.0).export(str(teacher))
     ckpt = torch.load(teacher, weights_only=True)
     ckpt["note"] = argparse.Namespace(a=1)
     torch.save(ckpt, teacher)
+    return teacher
+
+
+def test_pairs_pickle_opt_in_is_offered_and_works(tmp_path):
+    teacher = _pickled_teacher(tmp_path)
     with pytest.raises(ValueError, match=r"^--teacher: .*pickled.*pass --trust_checkpoint true"):
         pairs_main(["--teacher", str(teacher), "--num", "4", "--nfe", "3", "--out", str(tmp_path / "p.pt")])
     out = pairs_main(["--teacher", str(teacher), "--num", "4", "--nfe", "3", "--out", str(tmp_path / "p.pt"),
@@ -164,11 +170,7 @@ def test_pairs_pickle_opt_in_is_offered_and_works(tmp_path):
 
 
 def test_teacher_without_opt_in_says_how_to_resave(tmp_path):
-    teacher = tmp_path / "teacher.pt"
-    EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8), sigma_data=1.0).export(str(teacher))
-    ckpt = torch.load(teacher, weights_only=True)
-    ckpt["note"] = argparse.Namespace(a=1)
-    torch.save(ckpt, teacher)
+    teacher = _pickled_teacher(tmp_path)
     with pytest.raises(ValueError, match=r"^teacher_ckpt: .*pickled.*re-save it weights-only once") as err:
         load_teacher(str(teacher))
     assert "--trust_checkpoint" not in str(err.value)  # fit offers no such flag
