@@ -27,6 +27,7 @@ from .methods.base import FewStepModule, NonFiniteError, load_teacher
 from .methods.sampling import add_checkpoint_arguments, draw, load_for_sampling, sampling_options
 from .utils.args import check_writable, parse_bool, positive_int
 from .utils.checkpoint import TRUST_FLAG
+from .utils.distributed import leave_process_group
 from .utils.images import save_samples_png
 from .utils.runs import point_latest
 
@@ -305,6 +306,7 @@ def console(args: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     try:
         main(argv)
+        leave_process_group()  # under DDP: a clean exit status once the run has succeeded
     except (ValueError, TypeError, OSError, NonFiniteError) as err:
         if debug:
             raise

@@ -15,6 +15,7 @@ import lightning as L
 import yaml
 
 from lit_fewstep.utils.config import instantiate
+from lit_fewstep.utils.distributed import leave_process_group
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -39,3 +40,4 @@ if __name__ == "__main__":
     if trainer.is_global_zero:
         model.export(args.out)
         print(f"rank 0 exported after {int(model.iteration)} iterations on {trainer.world_size} processes")
+    leave_process_group()

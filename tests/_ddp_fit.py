@@ -23,6 +23,7 @@ from lit_fewstep.data import Toy2DDataModule
 from lit_fewstep.methods import EDMDiffusion
 from lit_fewstep.metrics import NFESweepCallback
 from lit_fewstep.nets import MLP
+from lit_fewstep.utils.distributed import leave_process_group
 
 GLOBAL_BATCH = 64
 
@@ -56,6 +57,7 @@ def main():
         spread = float((gathered - gathered[0]).abs().max()) if gathered.dim() > 1 else 0.0
         torch.save({"state_dict": model.state_dict(), "rank_spread": spread, "world_size": trainer.world_size,
                     "iteration": int(model.iteration), "sweep": sweep.last}, args.out)
+    leave_process_group()
 
 
 if __name__ == "__main__":

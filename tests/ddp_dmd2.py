@@ -11,6 +11,7 @@ import torch.distributed as dist
 import yaml
 
 from lit_fewstep.utils.config import instantiate
+from lit_fewstep.utils.distributed import leave_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,7 @@ def main(teacher_ckpt: str, out_dir: str) -> None:
         assert int(model.iteration) > 1, int(model.iteration)
         assert torch.equal(gathered[0], gathered[1]), (gathered[0] - gathered[1]).abs().max()
         print(f"DDP OK: {int(model.iteration)} iterations, {flat.numel()} trained parameters identical on 2 ranks")
+    leave_process_group()
 
 
 if __name__ == "__main__":
