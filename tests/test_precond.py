@@ -17,12 +17,13 @@ from lit_fewstep.diffusion import (PRECONDITIONINGS, ConsistencyPreconditioning,
                                    VelocityPreconditioning, VPCosinePath, VPEpsPreconditioning, VPVPreconditioning,
                                    convert, from_x0_eps, to_x0_eps)
 from lit_fewstep.diffusion.paths import _bcast
-from lit_fewstep.diffusion.precond import consistency_coefficients, edm_coefficients, trigflow_coefficients
+from lit_fewstep.diffusion.precond import (VPXPreconditioning, consistency_coefficients, edm_coefficients,
+                                          trigflow_coefficients)
 from lit_fewstep.nets import MLP
 
 SD = 0.5  # sigma_data
 S_GAUSS = 0.7  # std of the 1-D Gaussian data of the closed-form optima (!= SD, so c_skip is not trivial)
-ONE_TIME = ("edm", "velocity", "trigflow", "consistency", "vp_eps", "vp_v")
+ONE_TIME = ("edm", "velocity", "trigflow", "consistency", "vp_eps", "vp_v", "vp_x")
 TWO_TIME = ("ctm", "flow_map")
 
 
@@ -38,7 +39,8 @@ def _mlp(dim=3, second_time=False, num_classes=0, seed=0):
 def _times(name, B, dtype=torch.float64):
     """Interior times of each parameterization's path."""
     lo, hi = {"edm": (0.01, 40.0), "consistency": (0.01, 40.0), "ctm": (0.01, 40.0), "trigflow": (0.05, 1.5),
-              "velocity": (0.02, 0.98), "flow_map": (0.02, 0.98), "vp_eps": (0.02, 0.98), "vp_v": (0.02, 0.98)}[name]
+              "velocity": (0.02, 0.98), "flow_map": (0.02, 0.98), "vp_eps": (0.02, 0.98), "vp_v": (0.02, 0.98),
+              "vp_x": (0.02, 0.98)}[name]
     return torch.linspace(lo, hi, B, dtype=dtype)
 
 
@@ -47,10 +49,10 @@ def _times(name, B, dtype=torch.float64):
 
 
 def test_registry_has_one_class_per_string():
-    assert tuple(PRECONDITIONINGS) == ONE_TIME[:4] + ("vp_eps", "vp_v") + TWO_TIME
+    assert tuple(PRECONDITIONINGS) == ONE_TIME[:4] + ("vp_eps", "vp_v", "vp_x") + TWO_TIME
     expected = {"edm": EDMPreconditioning, "velocity": VelocityPreconditioning, "trigflow": TrigFlowPreconditioning,
                 "consistency": ConsistencyPreconditioning, "vp_eps": VPEpsPreconditioning, "vp_v": VPVPreconditioning,
-                "ctm": CTMPreconditioning, "flow_map": FlowMapPreconditioning}
+                "vp_x": VPXPreconditioning, "ctm": CTMPreconditioning, "flow_map": FlowMapPreconditioning}
     for name, cls in PRECONDITIONINGS.items():
         assert cls is expected[name] and cls.name == name and issubclass(cls, Preconditioning)
         assert cls.two_time == (name in TWO_TIME) == issubclass(cls, TwoTimePreconditioning)
@@ -59,7 +61,7 @@ def test_registry_has_one_class_per_string():
     kinds = {n: (type(c(SD).path).__name__, c.prediction) for n, c in PRECONDITIONINGS.items()}
     assert kinds == {"edm": ("EDMPath", "x0"), "velocity": ("LinearPath", "velocity"),
                      "trigflow": ("TrigFlowPath", "velocity"), "consistency": ("EDMPath", "x0"),
-                     "vp_eps": ("VPCosinePath", "eps"), "vp_v": ("VPCosinePath", "v"),
+                     "vp_eps": ("VPCosinePath", "eps"), "vp_v": ("VPCosinePath", "v"), "vp_x": ("VPCosinePath", "x0"),
                      "ctm": ("EDMPath", "x0"), "flow_map": ("LinearPath", "velocity")}
 
 

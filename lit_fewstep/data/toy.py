@@ -11,6 +11,7 @@ name               classes  label                           sigma_data  exact lo
 ``moons``            2      which moon                      1.062       no  / no
 ``spirals``          2      which spiral                    1.302       no  / no
 ``tree``             2      which main branch               1.062       yes / yes (GMM)
+``grid``             1      none (0)                        1.131       atomic: exact probability table
 =================  =======  ==============================  ==========  ==========================
 
 ``sigma_data`` (the data scale used by EDM preconditioning) is the per-coordinate RMS of the data,
@@ -41,6 +42,7 @@ __all__ = [
     "TwoSpirals",
     "eight_gaussians",
     "tree",
+    "CategoricalGrid",
     "TOY_NAMES",
     "make_toy",
     "Toy2DDataModule",
@@ -458,12 +460,50 @@ class TwoSpirals(ToyDistribution):
         return x.float(), y
 
 
+class CategoricalGrid(ToyDistribution):
+    """A discrete toy: a categorical distribution over the centres of a ``cells x cells`` grid on
+    ``[-extent, extent]^2`` (Analog Bits' data is discrete; this one has an exact probability table).
+
+    Cell (i, j) (i along x, j along y) has weight ``1 + (i j mod 3)`` when ``i + j`` is even and 0 otherwise, so
+    half the cells are impossible and the others hold three different masses. ``probs`` [cells, cells] (float64)
+    is the exact table; every sample is a cell centre ``-extent + (i + 1/2) 2 extent / cells``. One class (label 0).
+    There is no density (the distribution is atomic): ``log_prob`` raises.
+    """
+
+    name = "grid"
+    num_classes = 1
+
+    def __init__(self, cells: int = 8, extent: float = 2.0) -> None:
+        if cells < 2:
+            raise ValueError(f"cells: the grid needs at least 2 cells per axis, got {cells}.")
+        self.cells, self.extent = int(cells), float(extent)
+        i = torch.arange(self.cells, dtype=torch.float64)
+        ii, jj = torch.meshgrid(i, i, indexing="ij")
+        w = ((ii + jj) % 2 == 0).double() * (1.0 + (ii * jj) % 3)
+        self.probs = w / w.sum()
+        self.centres = -self.extent + (i + 0.5) * (2.0 * self.extent / self.cells)
+        c2 = self.centres[:, None] ** 2 + self.centres[None, :] ** 2
+        self.sigma_data = _rms_sigma(float((self.probs * c2).sum()))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        n = _check_n(n)
+        idx = torch.multinomial(self.probs.flatten(), n, replacement=True, generator=generator)
+        x = torch.stack([self.centres[idx // self.cells], self.centres[idx % self.cells]], dim=1)
+        return x.float(), torch.zeros(n, dtype=torch.long)
+
+    def cell_index(self, x: Tensor) -> Tensor:
+        """(i, j) ``[n, 2]`` int64 of the nearest cell centre of each point ``x [n, 2]``."""
+        width = 2.0 * self.extent / self.cells
+        return ((x.double() + self.extent) / width - 0.5).round().clamp(0, self.cells - 1).long()
+
+
 _TOYS: dict[str, Callable[[], ToyDistribution]] = {
     "eight_gaussians": eight_gaussians,
     "checkerboard": Checkerboard,
     "moons": TwoMoons,
     "spirals": TwoSpirals,
     "tree": tree,
+    "grid": CategoricalGrid,
 }
 TOY_NAMES: tuple[str, ...] = tuple(_TOYS)
 

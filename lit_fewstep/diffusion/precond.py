@@ -60,6 +60,7 @@ __all__ = [
     "VelocityPreconditioning",
     "VPEpsPreconditioning",
     "VPVPreconditioning",
+    "VPXPreconditioning",
     "CTMPreconditioning",
     "FlowMapPreconditioning",
     "PRECONDITIONINGS",
@@ -307,6 +308,17 @@ class VPVPreconditioning(_VPPreconditioning):
     prediction = "v"
 
 
+class VPXPreconditioning(_VPPreconditioning):
+    """Data (x0) prediction on the VP cosine path: F = E[x | x_t] directly.
+
+    Analog Bits (Chen et al. 2022) regresses the clean bits with an MSE loss, and its samplers clip this x0 to
+    the bit range. See `_VPPreconditioning` for the inputs.
+    """
+
+    name = "vp_x"
+    prediction = "x0"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Two-time maps: the network sees (x_t, t, s) and the preconditioning jumps from t to s.
 
@@ -419,6 +431,7 @@ PRECONDITIONINGS: dict[str, type[Preconditioning]] = {
     "consistency": ConsistencyPreconditioning,
     "vp_eps": VPEpsPreconditioning,
     "vp_v": VPVPreconditioning,
+    "vp_x": VPXPreconditioning,
     "ctm": CTMPreconditioning,
     "flow_map": FlowMapPreconditioning,
 }
@@ -446,7 +459,8 @@ class PreconditionedNet(nn.Module):
             f(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4) with the boundary-shifted c_skip, c_out of
             `consistency_coefficients`, so x0(x, sigma_min) = x exactly; c_in and c_noise are EDM's, so a
             student can start from an EDM teacher's raw weights.
-            ``"vp_eps"`` / ``"vp_v"``: VP cosine path, F predicts eps / v = a eps - b x0, noise label 1000 t.
+            ``"vp_eps"`` / ``"vp_v"`` / ``"vp_x"``: VP cosine path, F predicts eps / v = a eps - b x0 / x0, noise
+            label 1000 t.
             ``"ctm"``: two-time CTM map G(x_t, t, s) on the EDM path (`CTMPreconditioning`).
             ``"flow_map"``: two-time flow map f(x_t, t, s) on the linear path (`FlowMapPreconditioning`).
         sigma_data: data standard deviation sigma_d.

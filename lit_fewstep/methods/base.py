@@ -362,6 +362,12 @@ class FewStepModule(Configurable, L.LightningModule):
         res = getattr(net, "img_resolution", None)
         return (net.in_channels,) if res is None else (net.in_channels, res, res)
 
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """The shape of the unit noise `sample` draws for one sample: `data_shape`, unless the method models
+        another space (Analog Bits diffuses the data's bits)."""
+        return self.data_shape
+
     # ----------------------------------------------------------------------------- optimization
     def set_stages(self, stages: list[Stage]) -> None:
         """Declare the schedule as stages: each stage's phases run only inside its iteration range (a phase's own
@@ -665,7 +671,7 @@ class FewStepModule(Configurable, L.LightningModule):
         self.check_class_labels(class_labels, n)
         if class_labels is None and self.num_classes > 0:
             class_labels = torch.randint(0, self.num_classes, (n,), generator=generator).to(self.device)
-        noise = torch.randn((n, *self.data_shape), generator=generator).to(self.device)
+        noise = torch.randn((n, *self.noise_shape), generator=generator).to(self.device)
         was_training = self.training
         self.eval()
         try:
