@@ -8,3 +8,4 @@ from .consistency import CD, CT, ICT
 from .scm import SCD, SCT
 from .ctm import CTM
 from .guided_distillation import GuidedDistillation
+from .analog_bits import AnalogBits
