@@ -280,7 +280,7 @@ def test_sample_api_refuses_unknown_options_and_nan_guidance():
     teacher = load_module(TEACHER)
     with pytest.raises(ValueError, match=r"^guidance_scale: must be a finite number, got nan"):
         teacher.sample(2, 1, guidance_scale=float("nan"))
-    with pytest.raises(ValueError, match=r"^solver: unknown method 'rk4'; choose 'heun' or 'euler'"):
+    with pytest.raises(ValueError, match=r"^solver: unknown method 'rk4'; choose one of heun, euler, dpmpp_2m, unipc"):
         teacher.sample(2, 3, solver="rk4")
     student = load_module(ROOT / "lit_fewstep" / "assets" / "dmd2_digits.pt")
     with pytest.raises(ValueError, match=r"^solver: DMD2 takes no 'solver' option at sampling"):

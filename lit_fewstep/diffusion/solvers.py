@@ -73,6 +73,10 @@ __all__ = [
     "TwoTimeJump",
     "SelfConditioned",
     "ConstantAccelerationStep",
+    "DPMSolverPP2M",
+    "UniPC",
+    "MULTISTEP_SOLVERS",
+    "ODE_SOLVERS",
     "run_steps",
     "denoise_renoise",
 ]
@@ -180,11 +184,16 @@ def sample_edm_heun(x0_fn: X0Fn, noise: Tensor, nfe: int, sigma_min: float = 0.0
                     rho: float = 7.0, method: str = "heun") -> Tensor:
     """Deterministic EDM sampler with exactly `nfe` evaluations of `x0_fn` (in EDM coordinates).
 
-    `noise` is unit Gaussian; the start is sigma_max * noise. With method="euler" every step is Euler.
+    `noise` is unit Gaussian; the start is sigma_max * noise. method: "heun" (Karras et al.'s schedule, see
+    `heun_schedule_for_nfe`), "euler", or the training-free multistep solvers "dpmpp_2m" (`DPMSolverPP2M`) and
+    "unipc" (`UniPC`), which take `nfe` steps on the Karras grid (nfe sigmas, then 0).
     """
-    if method not in ("heun", "euler"):
-        raise ValueError(f"solver: unknown method {method!r}; choose 'heun' or 'euler'.")
+    if method not in ODE_SOLVERS:
+        raise ValueError(f"solver: unknown method {method!r}; choose one of {', '.join(ODE_SOLVERS)}.")
     path = EDMPath(sigma_min, sigma_max)
+    if method in MULTISTEP_SOLVERS:
+        sigmas = karras_sigmas(nfe, sigma_min, sigma_max, rho).to(noise.dtype)
+        return run_steps(x0_fn, noise * sigma_max, sigmas, MULTISTEP_SOLVERS[method](path)).x
     if method == "euler":
         heun, euler = 0, nfe
     else:
@@ -514,6 +523,114 @@ class ConstantAccelerationStep(Step):
         tau = _bcast(1.0 - t, x)
         x_next = x + h * v0 + h * (tau + 0.5 * h) * model_fn(x, t, v0)
         return state.advance(x_next, t_next, **{self.key: v0})
+
+
+def _coefficients(path: GaussianPath, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """a(t), b(t) and lambda(t) = ln(a / b) in float64, broadcast against `like` (lambda = +inf where b = 0)."""
+    t = t.double()
+    return _bcast(path.a(t), like), _bcast(path.b(t), like), _bcast(path.log_snr(t), like)
+
+
+class DPMSolverPP2M(Step):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): a second-order multistep solver of the PF-ODE
+    in data prediction, 1 evaluation per step, on any Gaussian path through lambda = ln(a / b). With x0_i = model_fn
+    and h_i = lambda(t_{i+1}) - lambda(t_i):
+        D_i = x0_i + (x0_i - x0_{i-1}) h_i / (2 h_{i-1})          (D_0 = x0_0: the first step is DDIM)
+        x_{i+1} = (b_{i+1} / b_i) x_i - a_{i+1} (e^{-h_i} - 1) D_i.
+    A step into b = 0 returns a x0 (first order there, as diffusers' `lower_order_final`: lambda is infinite).
+    The previous (lambda, x0) travels in ``extra["dpm_prev"]``.
+    """
+
+    def __init__(self, path: GaussianPath):
+        self.path = path
+
+    def __call__(self, model_fn, state, t_next):
+        x, t = state.x, state.t
+        t_next = _vec_t(t_next, x)
+        x0 = model_fn(x, t)
+        a_next, b_next, lam_next = _coefficients(self.path, t_next, x)
+        _, b, lam = _coefficients(self.path, t, x)
+        if bool((b_next == 0).all()):
+            return state.advance((a_next * x0.double()).to(x.dtype), t_next, x0=x0, dpm_prev=None)
+        h = lam_next - lam
+        D = x0.double()
+        prev = state.extra.get("dpm_prev")
+        if prev is not None:
+            lam_prev, x0_prev = prev
+            D = D + (D - x0_prev.double()) * h / (2.0 * (lam - lam_prev))
+        x_next = (b_next / b) * x.double() - a_next * torch.expm1(-h) * D
+        return state.advance(x_next.to(x.dtype), t_next, x0=x0, dpm_prev=(lam, x0))
+
+
+class UniPC(Step):
+    """UniPC-2 (Zhao et al. 2023, "UniPC"), B(h) = e^h - 1 ("bh2"), data prediction, 1 evaluation per step, on any
+    Gaussian path through lambda = ln(a / b), as diffusers' `UniPCMultistepScheduler` (solver_order=2).
+
+    Each step first corrects its own start with UniC, reusing the evaluation just made there (so the corrector costs
+    no evaluation), then predicts with UniP-2. With hh = -h, phi_1 = e^{hh} - 1 and B = e^{hh} - 1:
+        UniP:  x' = (b' / b) x - a' phi_1 m0 - a' B rho_p D1,       D1 = (m_{-1} - m0) / r, r = (lambda_{-1} - lambda) / h,
+               rho_p = 1/2 (first step: no D1);
+        UniC:  x_c = (b / b_{-1}) x_{-1} - a phi_1 m_{-1} - a B (rho_c D1 + rho_t (m - m_{-1})),
+               [rho_c, rho_t] solves R rho = g (R = [[1, 1], [r, 1]], g_k from the phi functions; order 1: rho_t = 1/2).
+    Orders follow diffusers: the corrector's order is the previous step's predictor order. A step into b = 0
+    returns a m (first order there). History travels in ``extra["unipc"]``.
+    """
+
+    def __init__(self, path: GaussianPath):
+        self.path = path
+
+    @staticmethod
+    def _phi(h: Tensor, order: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """hh = -h, phi_1 = e^{hh} - 1, and g_k = h_phi_k k! / B(h) for k = 1..order (bh2: B(h) = e^{hh} - 1)."""
+        hh = -h
+        phi_1 = torch.expm1(hh)
+        B = torch.expm1(hh)
+        h_phi_k, factorial, g = phi_1 / hh - 1.0, 1.0, []
+        for k in range(1, order + 1):
+            g.append(h_phi_k * factorial / B)
+            factorial *= k + 1
+            h_phi_k = h_phi_k / hh - 1.0 / factorial
+        return phi_1, B, g
+
+    def __call__(self, model_fn, state, t_next):
+        x, t = state.x, state.t
+        t_next = _vec_t(t_next, x)
+        m = model_fn(x, t).double()
+        a, b, lam = _coefficients(self.path, t, x)
+        history = state.extra.get("unipc") or {}
+        xd = x.double()
+        if "x" in history:  # UniC on the last step, with the evaluation just made at its end
+            x_prev, lam_prev, m_prev = history["x"], history["lam"], history["m"]
+            h = lam - lam_prev
+            order = history["order"]
+            phi_1, B, g = self._phi(h, order)
+            if order == 2:
+                r = (history["lam_older"] - lam_prev) / h
+                D1 = (history["m_older"] - m_prev) / r
+                det = 1.0 - r  # [[1, 1], [r, 1]] rho = [g1, g2]
+                rho_c, rho_t = (g[0] - g[1]) / det, (g[1] - r * g[0]) / det
+                correction = rho_c * D1 + rho_t * (m - m_prev)
+            else:
+                correction = 0.5 * (m - m_prev)
+            xd = (b / history["b"]) * x_prev - a * phi_1 * m_prev - a * B * correction
+        a_next, b_next, lam_next = _coefficients(self.path, t_next, x)
+        if bool((b_next == 0).all()):
+            return state.advance((a_next * m).to(x.dtype), t_next, x0=m.to(x.dtype), unipc=None)
+        h = lam_next - lam
+        order = 2 if "m" in history else 1
+        phi_1, B, _ = self._phi(h, order)
+        x_next = (b_next / b) * xd - a_next * phi_1 * m
+        if order == 2:
+            r = (history["lam"] - lam) / h
+            x_next = x_next - a_next * B * 0.5 * (history["m"] - m) / r
+        carry = {"x": xd, "b": b, "lam": lam, "m": m, "order": order,
+                 "lam_older": history.get("lam"), "m_older": history.get("m")}
+        return state.advance(x_next.to(x.dtype), t_next, x0=m.to(x.dtype), unipc=carry)
+
+
+# Training-free multistep solvers by name (`sample --solver`); each takes one evaluation per step.
+MULTISTEP_SOLVERS: dict[str, type[Step]] = {"dpmpp_2m": DPMSolverPP2M, "unipc": UniPC}
+ODE_SOLVERS = ("heun", "euler", *MULTISTEP_SOLVERS)
 
 
 def run_steps(model_fn: Callable[..., Tensor], x: Tensor | SamplerState, times: Tensor | Sequence[float],

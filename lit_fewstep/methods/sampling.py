@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..conditioning import Conditioning
+from ..diffusion.solvers import ODE_SOLVERS
 
 from ..utils.args import finite_float, parse_bool, positive_int
 from ..utils.checkpoint import TRUST_FLAG, load_module
@@ -22,7 +23,7 @@ from .base import FewStepModule
 
 __all__ = ["load_for_sampling", "draw", "resolve_device", "add_checkpoint_arguments", "sampling_options", "SOLVERS"]
 
-SOLVERS = ("heun", "euler")
+SOLVERS = ODE_SOLVERS  # heun, euler, dpmpp_2m, unipc (diffusion/solvers.py)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -80,7 +81,7 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=1000)
     parser.add_argument("--guidance_scale", type=finite_float, nargs="+", default=None,
                         help="CFG scale (1 = none; default: the model's): one for all samples, or one per sample")
-    parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun)")
+    parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun; dpmpp_2m and unipc: one evaluation per step)")
     parser.add_argument("--guide", default=None, metavar="PATH",
                         help="autoguidance: a worse model of the same task (smaller / shorter-trained) guides this one "
                              "at --guidance_scale (Karras et al. 2024); counts two evaluations per guided step")
