@@ -134,6 +134,8 @@ def categorical_bits_x0(x_t: Tensor, a: Tensor, b: Tensor, codewords: Tensor, pr
     b = torch.as_tensor(b, dtype=torch.float64).reshape(-1, 1, 1)
     c = codewords.double().to(x.device)
     logp = torch.log(probs.double().to(x.device))
-    d2 = ((x[:, None, :] - a * c[None]) ** 2).sum(-1)  # [B, M]
-    w = torch.softmax(logp[None] - d2 / (2.0 * b[:, :, 0] ** 2), dim=1)
+    a, b = a[:, :, 0], b[:, :, 0]  # [B, 1]
+    # -|x_t - a c|^2 / (2 b^2) up to the per-sample constant -|x_t|^2 / (2 b^2), which the softmax drops
+    logits = logp[None] + (a * (x @ c.T) - 0.5 * a**2 * (c**2).sum(1)[None]) / b**2
+    w = torch.softmax(logits, dim=1)
     return (w @ c).to(x_t.dtype)
