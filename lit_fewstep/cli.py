@@ -80,6 +80,9 @@ def pairs_main(argv: list[str] | None = None, prog: str = "python -m lit_fewstep
     parser.add_argument("--teacher", required=True, help="lit_fewstep teacher checkpoint (.pt/.ckpt)")
     parser.add_argument("--num", type=int, required=True, help="number of pairs")
     parser.add_argument("--nfe", type=int, default=35, help="teacher evaluations per sample (EDM Heun)")
+    parser.add_argument("--path", choices=("edm", "linear"), default="edm",
+                        help="edm: EDM Heun from sigma_max * z (any teacher); linear: a flow-matching teacher's own "
+                             "ODE from z at t = 1 (reflow couplings for CAF / rectified flow)")
     parser.add_argument("--out", required=True, help="output FILE.pt")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="teacher CFG scale (1 = none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -90,7 +93,7 @@ def pairs_main(argv: list[str] | None = None, prog: str = "python -m lit_fewstep
     teacher = load_teacher(args.teacher, trust=args.trust_checkpoint, field_name="--teacher", opt_in=TRUST_FLAG)
     start = time.perf_counter()
     pairs = make_pairs(teacher, args.num, args.nfe, guidance_scale=args.guidance_scale, seed=args.seed,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, path=args.path)
     out = Path(args.out)
     save_pairs(pairs, out, args.teacher)
     print(f"wrote {args.num} pairs ({pairs['nfe']} NFE each, {time.perf_counter() - start:.1f} s) to {out}")

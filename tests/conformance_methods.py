@@ -95,6 +95,8 @@ METHODS: dict[str, Callable[[str], FewStepModule]] = {
                                generator_sigmas=(80.0, 1.0), generator_every=2, lr=1e-3, ema_decay=0.9),
     "ctm": lambda teacher: __import__("lit_fewstep.methods").methods.CTM(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8, second_time=True), teacher, num_scales=8, sigma_data=SIGMA_D, target_mu=0.9, gan_start=4, discriminator_hidden=16, lr=1e-3, ema_decay=0.9),  # noqa: E501
     "guided_distillation": lambda teacher: __import__("lit_fewstep.methods").methods.GuidedDistillation(teacher, guidance_iterations=4, teacher_steps=8, halving_iterations=4, lr=1e-3, ema_decay=0.9),  # noqa: E501
+    "caf": lambda teacher: __import__("lit_fewstep.methods").methods.CAF(mlp(), MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8, extra_channels=2), pairs_path=pairs_path(teacher), velocity_iterations=7, lr=1e-3, ema_decay=0.9),  # noqa: E501
+    "caf_2rf": lambda teacher: __import__("lit_fewstep.methods").methods.CAF(mlp(), None, pairs_path=pairs_path(teacher), h=1.0, lr=1e-3, ema_decay=0.9),  # noqa: E501
     "analog_bits": lambda teacher: __import__("lit_fewstep.methods").methods.AnalogBits(MLP(dim=8, hidden=32, depth=2, emb_dim=16, num_classes=8, extra_channels=8), num_levels=16, low=-3.0, high=3.0, steps=10, lr=1e-3, ema_decay=0.9),  # noqa: E501
 }
 

@@ -10,10 +10,13 @@ The file holds plain tensors only (it loads with ``torch.load(weights_only=True)
 =================  ======================================================================
 key                value
 =================  ======================================================================
-``noise``          unit Gaussian z [N, ...]; the ODE starts at sigma_max * z (EDM coordinates)
+``noise``          unit Gaussian z [N, ...]; the ODE starts at sigma_max * z (EDM coordinates), or at z itself
+                   (``path="linear"``: the linear path's t = 1 is pure noise)
 ``x``              the teacher's deterministic PF-ODE solution from that start [N, ...]
 ``labels``         class labels [N] (int64), or absent for an unconditional teacher
-``sigma_max``      the starting noise level (a one-step student must be fed sigma_max * z)
+``sigma_max``      the starting noise level (a one-step student must be fed sigma_max * z); inf on the linear path
+``path``           the path the ODE was solved on: "edm" (EDM Heun on a Karras grid) or "linear" (Heun on a
+                   uniform grid of the flow-matching teacher's own path, t = 1 -> 0; reflow / CAF couplings)
 ``nfe``            teacher evaluations per sample (guidance counts double)
 ``guidance_scale`` CFG scale of the teacher (1 = none, EDM2 convention)
 ``teacher``        the teacher checkpoint path, as given
@@ -22,13 +25,14 @@ key                value
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from ..diffusion.guidance import guided_x0
-from ..diffusion.paths import EDMPath
-from ..diffusion.solvers import NFECounter, sample_edm_heun
+from ..diffusion.paths import EDMPath, LinearPath
+from ..diffusion.solvers import NFECounter, heun_schedule_for_nfe, sample_edm_heun, solve_ode, uniform_times
 from ..utils.checkpoint import atomic_save, load_checkpoint
 
 __all__ = ["make_pairs", "save_pairs", "load_pairs"]
@@ -38,7 +42,7 @@ PAIR_KEYS = ("noise", "x", "sigma_max", "nfe", "guidance_scale", "teacher")
 
 @torch.no_grad()
 def make_pairs(teacher, num: int, nfe: int = 35, num_classes: int | None = None, guidance_scale: float = 1.0,
-               seed: int = 0, batch_size: int = 512, sigma_max: float = 80.0) -> dict:
+               seed: int = 0, batch_size: int = 512, sigma_max: float = 80.0, path: str = "edm") -> dict:
     """Solve the teacher's PF-ODE (EDM Heun, `nfe` evaluations) from `num` seeded noises.
 
     Args:
@@ -47,10 +51,18 @@ def make_pairs(teacher, num: int, nfe: int = 35, num_classes: int | None = None,
         guidance_scale: CFG scale for the teacher (1 = none; `diffusion.guidance.guided_x0`, null label = the
             teacher's num_classes).
         seed: seeds one `torch.Generator` that draws labels and noise, batch after batch.
+        path: "edm" (any teacher, EDM Heun from sigma_max * z), or "linear": a flow-matching teacher's ODE on its
+            own path from z at t = 1 to t = 0 (Heun on a uniform grid, a final Euler step; `nfe` evaluations), so
+            the noise is exactly the start of the teacher's flow (the reflow couplings of rectified flow and CAF).
     Returns a dict of plain tensors (see the module docstring).
     """
     if num < 1:
         raise ValueError(f"num: must be >= 1, got {num}.")
+    if path not in ("edm", "linear"):
+        raise ValueError(f"path: choose 'edm' or 'linear', got {path!r}.")
+    if path == "linear" and getattr(getattr(teacher, "path", None), "name", None) != "linear":
+        raise ValueError("path: 'linear' solves a flow-matching teacher's own ODE; this teacher is not on the linear "
+                         "path (use path='edm').")
     num_classes = teacher.num_classes if num_classes is None else num_classes
     if guidance_scale != 1.0 and num_classes == 0:
         raise ValueError("guidance_scale: classifier-free guidance needs a class-conditional teacher; use 1.")
@@ -70,11 +82,22 @@ def make_pairs(teacher, num: int, nfe: int = 35, num_classes: int | None = None,
         def x0_fn(x, sigma, y=y):  # two passes (conditional, then null label): the pairs of earlier versions exactly
             return guided_x0(teacher, x, sigma, y, guidance_scale, path=edm, counter=counter, batched=False)
 
-        xs.append(sample_edm_heun(x0_fn, z, nfe, sigma_max=sigma_max))
+        if path == "linear":
+            heun, euler = heun_schedule_for_nfe(nfe)
+            linear = LinearPath()
+            times = uniform_times(heun + euler, dtype=z.dtype).to(device)
+
+            def x0_linear(x, t, y=y):  # the teacher's own path (path=None: converting at t = 1 would divide 0 by 0)
+                return guided_x0(teacher, x, t, y, guidance_scale, path=None, counter=counter, batched=False)
+
+            xs.append(solve_ode(x0_linear, z, times, linear, method="heun", euler_last=euler))
+        else:
+            xs.append(sample_edm_heun(x0_fn, z, nfe, sigma_max=sigma_max))
         noises.append(z)
         if y is not None:
             labels.append(y)
-    pairs = {"noise": torch.cat(noises).cpu(), "x": torch.cat(xs).float().cpu(), "sigma_max": float(sigma_max),
+    pairs = {"noise": torch.cat(noises).cpu(), "x": torch.cat(xs).float().cpu(),
+             "sigma_max": float(sigma_max) if path == "edm" else math.inf, "path": path,
              "nfe": int(counter.count), "guidance_scale": float(guidance_scale)}
     if labels:
         pairs["labels"] = torch.cat(labels).cpu()

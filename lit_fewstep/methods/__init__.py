@@ -9,3 +9,4 @@ from .scm import SCD, SCT
 from .ctm import CTM
 from .guided_distillation import GuidedDistillation
 from .analog_bits import AnalogBits
+from .caf import CAF
