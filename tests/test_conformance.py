@@ -304,7 +304,7 @@ class TestConformance:
 # The step count a method is drawn with when none is asked for (the picture that ends every fit): the generator's own
 # steps, never the teacher's 35-step ODE budget for a few-step student (sCD's CIFAR-10 dry run spent minutes there).
 DEFAULT_NFE = {"edm": 35, "flow_matching": 35, "cd": 1, "ct": 1, "ict": 1, "scd": 1, "sct": 1, "dmd": 1, "dmd2": 2,
-               "msd": 2, "ctm": 1, "caf": 2, "caf_2rf": 1}
+               "msd": 2, "ctm": 1, "caf": 2, "caf_2rf": 1, "flow_map": 1}
 DEFAULT_NFE["analog_bits"] = 10  # the conformance configuration's own step count (steps=10)
 
 

@@ -10,3 +10,4 @@ from .ctm import CTM
 from .guided_distillation import GuidedDistillation
 from .analog_bits import AnalogBits
 from .caf import CAF
+from .flow_map import AYF
