@@ -95,6 +95,9 @@ METHODS: dict[str, Callable[[str], FewStepModule]] = {
                                generator_sigmas=(80.0, 1.0), generator_every=2, lr=1e-3, ema_decay=0.9),
     "ctm": lambda teacher: __import__("lit_fewstep.methods").methods.CTM(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8, second_time=True), teacher, num_scales=8, sigma_data=SIGMA_D, target_mu=0.9, gan_start=4, discriminator_hidden=16, lr=1e-3, ema_decay=0.9),  # noqa: E501
     "guided_distillation": lambda teacher: __import__("lit_fewstep.methods").methods.GuidedDistillation(teacher, guidance_iterations=4, teacher_steps=8, halving_iterations=4, lr=1e-3, ema_decay=0.9),  # noqa: E501
+    # LowDiff's cascade needs images: on 2-D points it is one level (the EDM teacher); tests/test_lowdiff.py fits the
+    # multi-resolution cascade on digits.
+    "lowdiff": lambda teacher: __import__("lit_fewstep.methods").methods.LowDiff(mlp(), sigma_data=SIGMA_D, ema_decay=0.9),
     "flow_map": lambda teacher: __import__("lit_fewstep.methods").methods.AYF(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8, second_time=True, guidance_embed=True), teacher, guide_ckpt=teacher, guidance_range=(1.0, 2.0), t_max=0.98, warmup_steps=8, init_from_teacher=False, lr=1e-3, ema_decay=0.9),  # noqa: E501
     "caf": lambda teacher: __import__("lit_fewstep.methods").methods.CAF(mlp(), MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8, extra_channels=2), pairs_path=pairs_path(teacher), velocity_iterations=7, lr=1e-3, ema_decay=0.9),  # noqa: E501
     "caf_2rf": lambda teacher: __import__("lit_fewstep.methods").methods.CAF(mlp(), None, pairs_path=pairs_path(teacher), h=1.0, lr=1e-3, ema_decay=0.9),  # noqa: E501

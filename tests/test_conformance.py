@@ -306,6 +306,7 @@ class TestConformance:
 DEFAULT_NFE = {"edm": 35, "flow_matching": 35, "cd": 1, "ct": 1, "ict": 1, "scd": 1, "sct": 1, "dmd": 1, "dmd2": 2,
                "msd": 2, "ctm": 1, "caf": 2, "caf_2rf": 1, "flow_map": 1}
 DEFAULT_NFE["analog_bits"] = 10  # the conformance configuration's own step count (steps=10)
+DEFAULT_NFE["lowdiff"] = 35  # the EDM budget at its one level (the 2-D configuration)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -11,3 +11,4 @@ from .guided_distillation import GuidedDistillation
 from .analog_bits import AnalogBits
 from .caf import CAF
 from .flow_map import AYF
+from .lowdiff import LowDiff

@@ -1,0 +1,194 @@
+"""LowDiff vs a single-resolution model on 16x16 digits: FID against images/s, side by side in one run.
+
+Two models of the same UNet (same widths, the cascade's net has one more input channel and a 2-row resolution
+embedding) are trained for the same iterations and batch size on class-conditional 16x16 digits:
+
+- the baseline, `EDMDiffusion` at 16x16, sampled with the EDM Heun sampler at several NFE;
+- `LowDiff` over 8x8 -> 16x16, sampled with (K_8, K_16) evaluations per level.
+
+Every setting draws the same number of class-conditional samples (batches of 250, one thread) and is timed batch by
+batch (images/s: the median over batches); FID uses the shipped digits classifier's features against the digits'
+train split at 16x16. The claim is read at matched FID: for each cascade setting, the fastest baseline setting with
+an FID no worse than it, and the ratio of their images/s.
+
+    OMP_NUM_THREADS=1 python benchmarks/lowdiff.py [--iterations 2000] [--num 1000] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lit_fewstep.cli import FewStepTrainer  # noqa: E402
+from lit_fewstep.data.cascade import CascadeDataModule  # noqa: E402
+from lit_fewstep.methods import EDMDiffusion, LowDiff  # noqa: E402
+from lit_fewstep.metrics.features import load_digits_features  # noqa: E402
+from lit_fewstep.metrics.fid import frechet_distance, gaussian_stats  # noqa: E402
+from lit_fewstep.nets import UNet  # noqa: E402
+from lit_fewstep.utils.machine import describe_machine  # noqa: E402
+
+BASELINE_NFE = [5, 7, 9, 13, 19, 27, 35]
+CASCADE_STEPS = [(5, 1), (5, 2), (7, 3), (9, 3), (13, 3), (19, 3), (25, 5)]
+BATCH = 250
+
+
+def unet(cascade: bool, channels: int) -> UNet:
+    return UNet(img_resolution=16, resolutions=[8, 16] if cascade else None, in_channels=1,
+                extra_channels=1 if cascade else 0, model_channels=channels, channel_mult=[1, 2], num_blocks=1,
+                attn_resolutions=[], num_classes=10)
+
+
+def train(module, args, root: Path) -> float:
+    L.seed_everything(args.seed, verbose=False)
+    data = CascadeDataModule("digits", resolutions=[8, 16], batch_size=args.batch_size, seed=args.seed)
+    trainer = FewStepTrainer(accelerator="cpu", devices=1, max_steps=args.iterations, max_epochs=-1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=str(root), num_sanity_val_steps=0, limit_val_batches=0)
+    start = time.time()
+    trainer.fit(module, data)
+    return time.time() - start
+
+
+def draw(module, nfe: int, num: int, seed: int, **options) -> tuple[torch.Tensor, list[float], int]:
+    """`num` samples in batches of BATCH; images/s of each batch."""
+    g = torch.Generator().manual_seed(seed)
+    xs, rates, spent = [], [], 0
+    for begin in range(0, num, BATCH):
+        n = min(BATCH, num - begin)
+        start = time.perf_counter()
+        out = module.sample(n, nfe, generator=g, **options)
+        rates.append(n / (time.perf_counter() - start))
+        xs.append(out.x.clamp(-1, 1))
+        spent = out.nfe
+    return torch.cat(xs), rates, spent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lowdiff"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    begin = time.time()
+    features = load_digits_features()
+    real, _ = CascadeDataModule("digits", resolutions=[8, 16]).reference_samples(10_000, split="train")
+    mu_r, sigma_r = gaussian_stats(features(real).double())
+
+    def fid(x):
+        mu, sigma = gaussian_stats(torch.cat([features(x[i:i + 500]) for i in range(0, len(x), 500)]).double())
+        return float(frechet_distance(mu, sigma, mu_r, sigma_r))
+
+    models, train_s = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("baseline", "lowdiff"):
+            torch.manual_seed(args.seed)
+            net = unet(name == "lowdiff", args.channels)
+            module = (LowDiff(net, resolutions=[8, 16], ema_decay=0.998, lr=2e-3) if name == "lowdiff"
+                      else EDMDiffusion(net, ema_decay=0.998, lr=2e-3))
+            train_s[name] = train(module, args, Path(tmp) / name)
+            models[name] = module.eval()
+            print(f"{name}: trained {args.iterations} iterations in {train_s[name]:.0f} s", flush=True)
+    rows = []
+    settings = [("baseline", nfe, None) for nfe in BASELINE_NFE] + [("lowdiff", sum(s), s) for s in CASCADE_STEPS]
+    # interleaved (baseline, cascade, baseline, ...) so slow drifts of a shared machine hit both sides alike
+    order = [s for pair in zip(settings[:len(BASELINE_NFE)], settings[len(BASELINE_NFE):]) for s in pair]
+    order += [s for s in settings if s not in order]
+    for name, nfe, steps in order:
+        options = {} if steps is None else {"steps": list(steps)}
+        x, rates, spent = draw(models[name], nfe, args.num, args.seed + 1, **options)
+        row = {"model": name, "nfe": spent, "steps": None if steps is None else list(steps),
+               "images_per_s": statistics.median(rates), "fid": fid(x)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    matched = []
+    for row in (r for r in rows if r["model"] == "lowdiff"):
+        ok = [b for b in rows if b["model"] == "baseline" and b["fid"] <= row["fid"]]
+        best = max(ok, key=lambda b: b["images_per_s"]) if ok else None
+        matched.append({"steps": row["steps"], "fid": row["fid"], "images_per_s": row["images_per_s"],
+                        "baseline_nfe": None if best is None else best["nfe"],
+                        "baseline_fid": None if best is None else best["fid"],
+                        "baseline_images_per_s": None if best is None else best["images_per_s"],
+                        "speedup": None if best is None else row["images_per_s"] / best["images_per_s"]})
+    seconds = time.time() - begin
+    write(rows, matched, train_s, args, seconds, Path(args.out))
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, label, marker in (("baseline", "single resolution 16x16 (EDM Heun)", "o"),
+                                ("lowdiff", "LowDiff 8 -> 16", "s")):
+        pts = sorted((r["images_per_s"], r["fid"], r) for r in rows if r["model"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+        for ips, f, r in pts:
+            tag = str(r["nfe"]) if r["steps"] is None else "+".join(map(str, r["steps"]))
+            ax.annotate(tag, (ips, f), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("images/s (one CPU thread, batch 250)")
+    ax.set_ylabel("FID (digits classifier features)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write(rows, matched, train_s, args, seconds, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, out.with_suffix(".png"))
+    command = "OMP_NUM_THREADS=1 python benchmarks/lowdiff.py " + " ".join(
+        f"--{k} {v}" for k, v in vars(args).items() if k != "out")
+    best = max((m for m in matched if m["speedup"] is not None), key=lambda m: m["speedup"], default=None)
+    lines = ["# LowDiff vs a single-resolution model (16x16 digits, CPU)", "",
+             f"Command: `{command}`  ", f"Seed: {args.seed} (training and sampling).  ",
+             f"Machine: {describe_machine()}; {seconds / 60:.1f} min in all; training "
+             f"{train_s['baseline']:.0f} s (baseline) and {train_s['lowdiff']:.0f} s (LowDiff) for "
+             f"{args.iterations} iterations of batch {args.batch_size} each.", "",
+             f"Both: UNet model_channels={args.channels}, channel_mult [1, 2], one block per level, class-conditional; "
+             f"{args.num} samples per setting, FID against the {1618} training digits at 16x16 (shipped digits "
+             "classifier features). images/s: median over batches of 250 on one thread, settings interleaved.", "",
+             "| model | evaluations (8x8 + 16x16) | NFE | images/s | FID |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["nfe"])):
+        per = "-" if r["steps"] is None else f"{r['steps'][0]} + {r['steps'][1]}"
+        lines.append(f"| {r['model']} | {per} | {r['nfe']} | {r['images_per_s']:.0f} | {r['fid']:.2f} |")
+    lines += ["", "At matched FID (the fastest baseline setting with an FID no worse than the cascade's):", "",
+              "| cascade | FID | images/s | baseline NFE | baseline FID | baseline images/s | speed-up |",
+              "|---|---|---|---|---|---|---|"]
+    for m in matched:
+        if m["speedup"] is None:
+            lines.append(f"| {m['steps']} | {m['fid']:.2f} | {m['images_per_s']:.0f} | none as good | | | |")
+        else:
+            lines.append(f"| {m['steps']} | {m['fid']:.2f} | {m['images_per_s']:.0f} | {m['baseline_nfe']} | "
+                         f"{m['baseline_fid']:.2f} | {m['baseline_images_per_s']:.0f} | {m['speedup']:.2f}x |")
+    lines += ["", f"![FID vs images/s]({out.with_suffix('.png').name})", ""]
+    if best is not None:
+        lines.append(f"Best matched-FID speed-up: {best['speedup']:.2f}x (cascade {best['steps']}, FID "
+                     f"{best['fid']:.2f}, against baseline {best['baseline_nfe']} NFE, FID {best['baseline_fid']:.2f}); "
+                     f"target >= 1.5x: {'met' if best['speedup'] >= 1.5 else 'not met'}.")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "matched": matched, "train_seconds": train_s,
+                                                    "args": vars(args), "machine": describe_machine(),
+                                                    "seconds": seconds}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
