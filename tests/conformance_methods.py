@@ -99,7 +99,7 @@ METHODS: dict[str, Callable[[str], FewStepModule]] = {
     # multi-resolution cascade on digits.
     "lowdiff": lambda teacher: __import__("lit_fewstep.methods").methods.LowDiff(mlp(), sigma_data=SIGMA_D, ema_decay=0.9),
     "flow_map": lambda teacher: __import__("lit_fewstep.methods").methods.AYF(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8, second_time=True, guidance_embed=True), teacher, guide_ckpt=teacher, guidance_range=(1.0, 2.0), t_max=0.98, warmup_steps=8, init_from_teacher=False, lr=1e-3, ema_decay=0.9),  # noqa: E501
-    "caf": lambda teacher: __import__("lit_fewstep.methods").methods.CAF(mlp(), MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8, extra_channels=2), pairs_path=pairs_path(teacher), velocity_iterations=7, lr=1e-3, ema_decay=0.9),  # noqa: E501
+    "caf": lambda teacher: __import__("lit_fewstep.methods").methods.CAF(mlp(), MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8, extra_channels=2), pairs_path=pairs_path(teacher), velocity_iterations=4, acceleration_iterations=4, adversarial_iterations=None, discriminator_hidden=16, lr=1e-3, ema_decay=0.9),  # noqa: E501
     "caf_2rf": lambda teacher: __import__("lit_fewstep.methods").methods.CAF(mlp(), None, pairs_path=pairs_path(teacher), h=1.0, lr=1e-3, ema_decay=0.9),  # noqa: E501
     "analog_bits": lambda teacher: __import__("lit_fewstep.methods").methods.AnalogBits(MLP(dim=8, hidden=32, depth=2, emb_dim=16, num_classes=8, extra_channels=8), num_levels=16, low=-3.0, high=3.0, steps=10, lr=1e-3, ema_decay=0.9),  # noqa: E501
 }

@@ -229,3 +229,23 @@ def test_linear_pairs_start_from_the_noise_on_the_teachers_own_path():
     edm = load_teacher("lit_fewstep/assets/edm_tree.pt")
     with pytest.raises(ValueError, match="^path: 'linear'"):
         make_pairs(edm, 4, nfe=1, path="linear")
+
+
+# ----------------------------------------------------------------------------------------------- adversarial stage
+def test_adversarial_stage_alternates_and_its_fake_is_the_one_step_estimate():
+    mlp = lambda extra=0: MLP(dim=2, hidden=8, depth=1, emb_dim=8, extra_channels=extra)  # noqa: E731
+    model = CAF(mlp(), mlp(2), velocity_iterations=3, acceleration_iterations=4, adversarial_iterations=6,
+                ema_decay=0.0)
+    assert [s.name for s in model.stages] == ["velocity", "acceleration", "adversarial"]
+    active = {k: [p.name for p in model.phases if p.active(k)] for k in range(12)}
+    assert active[2] == ["velocity"] and active[3] == ["acceleration"] and active[6] == ["acceleration"]
+    assert [active[k] for k in range(7, 12)] == [["discriminator"], ["adversarial"], ["discriminator"],
+                                                 ["adversarial"], ["discriminator"]]
+    x0, x1, v0 = one_pair(5)
+    exact = exact_caf(x0, x1, v0)
+    # the generator's fake x̂_1 = x0 + v0 + a(x0, 0, v0) / 2 is x1 on the exact fields, whatever v0 is
+    torch.testing.assert_close(exact.one_step_estimate(x0, None), x1, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="^adversarial_iterations:"):
+        CAF(mlp(), mlp(2), adversarial_iterations=5)  # the acceleration stage never ends
+    with pytest.raises(ValueError, match="^generator_every:"):
+        CAF(mlp(), mlp(2), acceleration_iterations=3, adversarial_iterations=5, generator_every=1)

@@ -17,7 +17,9 @@ package's linear path runs the other way: x_t = (1 - t) x + t z with data at t =
 the path's noise z and CAF's x_1 its data x. Losses and networks stay in tau; the samplers run on the package's
 time grid through `diffusion.solvers` (`ConstantAccelerationStep` converts; 2-RF is Euler in tau).
 
-Not here: the paper's optional LPIPS term on x̂_1 and the adversarial third stage (see docs/caf.md).
+Stage 3 (optional, `adversarial_iterations`): adversarial fine-tuning of the acceleration net, hinge GAN with a
+`DiscriminatorHead` on the data itself (the official code: a projected discriminator on frozen pretrained features,
+not available offline). Not here: the paper's optional LPIPS term on x̂_1 (see docs/caf.md).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from torch import Tensor, nn
 from ..data.pairs import load_pairs
 from ..diffusion.paths import _bcast
 from ..diffusion.solvers import ConstantAccelerationStep, NFECounter, run_steps, uniform_times
+from ..nets.heads import DiscriminatorHead
 from .base import FewStepModule, Phase, Stage
+from .ctm import adaptive_weight, last_layer
+from .dmd import frozen
 
 __all__ = ["CAF", "CAFNets", "caf_path", "caf_acceleration", "caf_estimate", "caf_pseudo_huber"]
 
@@ -138,6 +143,10 @@ class CAF(FewStepModule):
             1000).
         clip: clamp samples to [-clip, clip] at the end (official: 1 for images); None for toy data.
         lr, weight_decay: AdamW (official 1e-4, 1e-5).
+        adversarial_iterations: length of the optional stage 3 after the acceleration stage (0: none; None: until
+            the trainer stops; needs a finite `acceleration_iterations`). The acceleration net (lr `gan_lr`, official
+            2e-5) steps on every `generator_every`-th iteration of the stage (official 2), the discriminator (lr
+            `discriminator_lr`, official 1e-3) on the others; `discriminator_hidden` is its width.
     """
 
     generator_name = "flow"
@@ -146,6 +155,8 @@ class CAF(FewStepModule):
                  pairs_path: str | None = None, h: float = 1.5, ivc: bool = True, velocity_iterations: int = 1000,
                  acceleration_iterations: int | None = None, loss: str = "pseudo_huber", batch_size: int = 0,
                  time_levels: int = 1000, clip: float | None = None, lr: float = 1e-4, weight_decay: float = 1e-5,
+                 adversarial_iterations: int | None = 0, gan_lr: float = 2e-5, discriminator_lr: float = 1e-3,
+                 generator_every: int = 2, discriminator_hidden: int = 64,
                  ema_decay: float = 0.9999, grad_clip: float = 0.0, nonfinite: str = "stop",
                  max_consecutive_skips: int = 100):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
@@ -166,10 +177,22 @@ class CAF(FewStepModule):
             raise ValueError(f"batch_size: must be >= 0 (0: the data module's), got {batch_size}.")
         if acceleration_net is not None:
             self._check_acceleration_net(velocity_net, acceleration_net, ivc)
+        adversarial = adversarial_iterations is None or adversarial_iterations != 0
+        if adversarial and (acceleration_net is None or acceleration_iterations is None):
+            raise ValueError("adversarial_iterations: the adversarial stage fine-tunes the acceleration net after its "
+                             "stage; give an acceleration_net and a finite acceleration_iterations (or set it to 0).")
+        if adversarial_iterations is not None and adversarial_iterations < 0:
+            raise ValueError(f"adversarial_iterations: must be >= 0 (0: none) or null, got {adversarial_iterations}.")
+        if not isinstance(generator_every, int) or generator_every < 2:
+            raise ValueError(f"generator_every: must be an integer >= 2 (the discriminator steps in between; "
+                             f"official 2), got {generator_every!r}.")
         self.pairs_path, self.h, self.ivc = pairs_path, float(h), bool(ivc)
         self.velocity_iterations, self.acceleration_iterations = velocity_iterations, acceleration_iterations
         self.loss, self.batch_size, self.time_levels, self.clip = loss, int(batch_size), time_levels, clip
+        self.adversarial_iterations, self.generator_every = adversarial_iterations, generator_every
         self.flow = CAFNets(velocity_net, acceleration_net, self.ivc)
+        self.discriminator = (DiscriminatorHead(self.flow.in_channels, discriminator_hidden, self.flow.num_classes)
+                              if adversarial else None)
         velocity = Phase("velocity", "velocity_loss", ("flow.velocity",), lr=lr, weight_decay=weight_decay,
                          updates_ema=True)
         if acceleration_net is None:
@@ -178,11 +201,22 @@ class CAF(FewStepModule):
             V = velocity_iterations
             accel = Phase("acceleration", "acceleration_loss", ("flow.acceleration",), lr=lr,
                           weight_decay=weight_decay, updates_ema=True)
-            self.set_stages([
+            stages = [
                 Stage("velocity", 0, V, [velocity]),
                 Stage("acceleration", V, None if acceleration_iterations is None else V + acceleration_iterations,
                       [accel], on_enter="begin_acceleration"),
-            ])
+            ]
+            if adversarial:
+                G = V + acceleration_iterations
+                # official g_learning_period: the generator every 2nd iteration, the discriminator on the others
+                discriminator = [Phase("discriminator", "discriminator_loss", ("discriminator",), every=generator_every,
+                                       start=s, lr=discriminator_lr, weight_decay=weight_decay)
+                                 for s in range(generator_every - 1)]
+                generator = Phase("adversarial", "adversarial_loss", ("flow.acceleration",), every=generator_every,
+                                  start=generator_every - 1, lr=gan_lr, weight_decay=weight_decay, updates_ema=True)
+                stages.append(Stage("adversarial", G, None if adversarial_iterations is None
+                                    else G + adversarial_iterations, [*discriminator, generator]))
+            self.set_stages(stages)
         self.init_ema()
 
     @staticmethod
@@ -270,6 +304,38 @@ class CAF(FewStepModule):
             v0 = velocity(x0, _vec(0.0, x0), class_labels=y)
         x_tau = caf_path(x0, x1, v0, tau)
         return self.distance(self.flow.a(x_tau, tau, v0, y), caf_acceleration(x0, x1, v0)).mean()
+
+    def one_step_estimate(self, x0: Tensor, y: Tensor | None) -> Tensor:
+        """x̂_1 = x_0 + v_0 + a(x_0, 0, v_0) / 2 (CAF Eq. 9 from tau = 0 to 1), v_0 = sg(v(x_0, 0)): the fake of stage 3."""
+        tau = _vec(0.0, x0)
+        with torch.no_grad(), _eval_mode(self.flow.velocity) as velocity:
+            v0 = velocity(x0, tau, class_labels=y)
+        return caf_estimate(x0, tau, v0, self.flow.a(x0, tau, v0, y))
+
+    def discriminate(self, x: Tensor, y: Tensor | None) -> Tensor:
+        return self.discriminator(x, y if self.discriminator.num_classes > 0 else None)
+
+    def adversarial_loss(self, batch) -> Tensor:
+        """Stage 3, generator: L_CAF + lambda (-D(x̂_1)), lambda = ||grad_W L_CAF|| / (||grad_W L_G|| + 1e-4) at the
+        acceleration net's last layer, clamped to [0.01, 10] (official)."""
+        loss_caf = self.acceleration_loss(batch)
+        x0, _, y = self.draw_pairs(batch)
+        with frozen(self.discriminator):
+            loss_g = -self.discriminate(self.one_step_estimate(x0, y), y).mean()
+        weight = adaptive_weight(loss_caf, loss_g, last_layer(self.flow.acceleration), clamp=(0.01, 10.0))
+        if self._trainer is not None:
+            self.log("train/gan_weight", weight.float(), on_step=True, on_epoch=False)
+        return loss_caf + weight * loss_g
+
+    def discriminator_loss(self, batch) -> Tensor:
+        """Stage 3, discriminator: hinge, relu(1 - D(real)) + relu(1 + D(x̂_1)); real = the data module's batch."""
+        x, cond = self.split_batch(batch)
+        x0, _, y = self.draw_pairs(batch)
+        with torch.no_grad():
+            fake = self.one_step_estimate(x0, y)
+        real_y = cond.class_labels if self.num_classes > 0 else None
+        return (torch.relu(1.0 - self.discriminate(x, real_y)).mean()
+                + torch.relu(1.0 + self.discriminate(fake, y)).mean())
 
     def begin_acceleration(self) -> None:
         """Stage 2 starts from the EMA velocity (official: stage 2 loads the EMA weights of stage 1). Copied into the
