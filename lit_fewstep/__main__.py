@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "metrics of a checkpoint at several NFE: evaluate --ckpt PATH --nfe 1 2 4 --num N",
     "pairs": "a teacher's ODE pairs for DMD's regression loss: pairs --teacher PATH --num N --nfe 35 --out FILE.pt",
     "convert": "a diffusers teacher as one .safetensors file: convert --from diffusers SRC --out teacher.safetensors",
+    "benchmark": "the leaderboard, every method at equal NFE (from a checkout): benchmark --data tree digits",
 }
 
 HELP = "\n".join([

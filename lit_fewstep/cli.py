@@ -129,7 +129,21 @@ def convert_main(argv: list[str]) -> Path:
     return out
 
 
-TOOLS = {"sample": sample_main, "evaluate": evaluate_main, "pairs": pairs_main, "convert": convert_main}
+def benchmark_main(argv: list[str]) -> dict:
+    """The leaderboard (`benchmarks/leaderboard.py`), which lives in the repository, not in the installed package."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "leaderboard.py"
+    if not script.is_file():
+        raise ValueError(f"benchmark: needs a checkout of the repository ({script} not found); run it from a clone.")
+    root = str(script.parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.leaderboard import main as leaderboard_main
+
+    return leaderboard_main(argv)
+
+
+TOOLS = {"sample": sample_main, "evaluate": evaluate_main, "pairs": pairs_main, "convert": convert_main,
+         "benchmark": benchmark_main}
 
 
 class FewStepTrainer(Trainer):
@@ -167,6 +181,10 @@ class FewStepTrainer(Trainer):
     def convert(self):
         """A diffusers teacher as one .safetensors file: convert --from diffusers SRC --out teacher.safetensors."""
         raise RuntimeError("run `python -m lit_fewstep convert --help`")
+
+    def benchmark(self):
+        """The leaderboard, every method at equal NFE (from a checkout): benchmark --data tree digits."""
+        raise RuntimeError("run `python -m lit_fewstep benchmark --help`")
 
 
 class FewStepCLI(LightningCLI):

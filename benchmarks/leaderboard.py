@@ -1,0 +1,358 @@
+"""One leaderboard: every method of the zoo on the same data, from the same shipped teacher, scored by one evaluator
+at equal network evaluations (NFE 1, 2, 4, 8), beside the teacher itself with training-free solvers.
+
+    OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --data tree            # train what is not cached, score, report
+    OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --data digits --only cd dmd2
+    python benchmarks/leaderboard.py --collect                                # the report from cached scores only
+    python -m lit_fewstep benchmark --data tree                               # the same, from a checkout
+
+Budget: every method trains with its own CPU config, `configs/<method>/<data>.yaml`, as shipped (the iterations and
+the training wall time are in each row; `--steps N` sets one optimizer-step budget for all). Each trained model is
+cached under `benchmarks/runs/leaderboard/<data>/<method>-<hash>/` where the hash covers the config file, the
+overrides and the seed; scores are cached beside it, so a rerun (or a run stopped and started again) trains and
+scores only what changed. Scores are medians over `--seeds` sampling seeds (2,000 samples each); a method that
+cannot sample at an NFE (a fixed-step generator) shows "–" there; a method without a config for the data is
+listed as "not yet".
+
+Output: `benchmarks/results/leaderboard.md` and `.json` (command, seeds, machine, git commit, per-row train time
+and images/s; both data sets, whichever were run last), and figures `leaderboard_<data>_nfe.svg` (quality vs NFE,
+teachers' solvers dashed) and `leaderboard_<data>_time.svg` (quality at 1 NFE vs training time). SLURM: one method
+per array task, then `--collect` (`benchmarks/slurm/leaderboard.sbatch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.run import exact_command, git_state, machine  # noqa: E402
+
+# Every method of the zoo, in the order of the table. Teachers are rows of their own (TEACHER_SOLVERS).
+METHODS = ["cd", "ct", "ict", "scd", "sct", "dmd", "dmd2", "msd", "ctm", "guided_distillation", "flow_map", "caf",
+           "analog_bits", "lowdiff"]
+# Conformance-registry entries that are ablations of a method above, reported with it rather than as rows of their own.
+VARIANTS = {"caf_2rf": "2-rectified flow on CAF's couplings: benchmarks/results/caf.md"}
+TEACHER = {"tree": "lit_fewstep/assets/edm_tree.pt", "digits": "lit_fewstep/assets/edm_digits.pt"}
+TEACHER_SOLVERS = ["heun", "euler", "dpmpp_2m", "unipc"]
+NFES = [1, 2, 4, 8]
+PRIMARY = {"tree": "sw2", "digits": "fid"}
+PAIRS = {"dmd": "pairs_path"}  # methods whose config reads teacher ODE pairs made by `python -m lit_fewstep pairs`
+CACHE = ROOT / "benchmarks" / "runs" / "leaderboard"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ------------------------------------------------------------------------------------------------ entries
+def config_path(method: str, data: str) -> Path | None:
+    path = ROOT / "configs" / method / f"{data}.yaml"
+    return path if path.is_file() else None
+
+
+def entry_key(method: str, data: str, seed: int, overrides: list[str]) -> str:
+    """The cache key of a trained model: its config file, the overrides and the seed."""
+    text = config_path(method, data).read_bytes() + json.dumps([overrides, seed]).encode()
+    return f"{method}-{hashlib.sha256(text).hexdigest()[:10]}"
+
+
+def ensure_pairs(method: str, data: str) -> list[str]:
+    """DMD's regression pairs (35-NFE Heun of the teacher), made once into the cache; returns the fit override."""
+    if method not in PAIRS:
+        return []
+    out = CACHE / data / "pairs.pt"
+    if not out.exists():
+        from lit_fewstep.data.pairs import main as pairs_main
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pairs_main(["--teacher", TEACHER[data], "--num", "4096" if data == "tree" else "2048", "--nfe", "35",
+                    "--out", str(out)])
+    return [f"--model.init_args.{PAIRS[method]}", str(out.relative_to(ROOT))]
+
+
+def train_cached(method: str, data: str, seed: int, steps: int | None, hardware: list[str]) -> tuple[Path, dict]:
+    """The exported model of `method` on `data` (trained now unless cached) and its training record."""
+    from benchmarks.run import train
+
+    overrides = (["--trainer.max_steps", str(steps)] if steps else []) + hardware
+    overrides += ensure_pairs(method, data)
+    key = entry_key(method, data, seed, overrides)
+    folder = CACHE / data / key
+    model, record_file = folder / "model.pt", folder / "train.json"
+    if model.exists() and record_file.exists():
+        return model, json.loads(record_file.read_text())
+    entry = {"config": str(config_path(method, data).relative_to(ROOT)), "fit_args": overrides}
+    exported, seconds, command = train(entry, f"leaderboard/{data}/fits", seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(exported, model)
+    record = {"train_wall_s": seconds, "command": command, "key": key}
+    record_file.write_text(json.dumps(record))
+    return model, record
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def score_model(module, evaluator, nfes: list[int], seeds: list[int], num: int, options: dict) -> dict[int, dict]:
+    """{nfe: metrics} with every metric the median over sampling seeds; NFEs the model cannot take are skipped."""
+    from lit_fewstep.methods.sampling import draw
+
+    rows = {}
+    for nfe in nfes:
+        if module.max_nfe is not None and nfe > module.max_nfe:
+            continue
+        per_seed, rates, spent = [], [], None
+        for seed in seeds:
+            x, _, spent, seconds = draw(module, num, nfe, seed, None, True, 1000, **options)
+            per_seed.append(evaluator.score(x))
+            rates.append(num / seconds)
+        metrics = {k: statistics.median(s[k] for s in per_seed) for k in per_seed[0]}
+        primary = "fid" if evaluator.is_image else "sw2"
+        metrics[f"{primary}_per_seed"] = [s[primary] for s in per_seed]
+        rows[nfe] = {**metrics, "nfe_spent": spent, "samples_per_s": statistics.median(rates)}
+    return rows
+
+
+def scored(name: str, data: str, path: Path, evaluator, seeds: list[int], num: int, nfes: list[int],
+           options: dict, cache_file: Path) -> dict:
+    """Scores of one model, cached in `cache_file` (keyed by the model's hash, seeds, num and options)."""
+    from lit_fewstep.utils.checkpoint import load_module
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    key = json.dumps([digest, seeds, num, nfes, options], sort_keys=True)
+    if cache_file.exists():
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key:
+            return cached
+    module = load_module(str(path)).eval()
+    rows = score_model(module, evaluator, nfes, seeds, num, options)
+    result = {"key": key, "name": name, "data": data, "model": f"{path.relative_to(ROOT)} sha256:{digest}",
+              "iterations": int(module.iteration) if hasattr(module, "iteration") else None,
+              "rows": {str(k): v for k, v in rows.items()}}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def evaluator_for(data: str, seed: int):
+    """The one evaluator of a data set: the teacher's recorded data module (else configs/edm/<data>.yaml's)."""
+    from benchmarks.run import datamodule_of
+    from lit_fewstep.evaluation import Evaluator
+    from lit_fewstep.utils.checkpoint import load_module
+
+    datamodule = datamodule_of(load_module(TEACHER[data]), {"config": f"configs/edm/{data}.yaml"})
+    return Evaluator(datamodule, num_reference=10000, seed=seed)
+
+
+def run(data: str, methods: list[str], seeds: list[int], num: int, steps: int | None, train_seed: int,
+        hardware: list[str] = ()) -> dict:
+    evaluator = evaluator_for(data, train_seed)
+    table = {"teachers": [], "methods": []}
+    jobs = [("teacher", s) for s in TEACHER_SOLVERS] + [("method", m) for m in methods]
+    for k, (kind, name) in enumerate(jobs, 1):
+        print(f"[{k}/{len(jobs)}] {data}: {kind} {name}", flush=True)
+        if kind == "teacher":
+            nfes = NFES + ([35] if name == "heun" else [])
+            result = scored(f"teacher ({name})", data, ROOT / TEACHER[data], evaluator, seeds, num, nfes,
+                            {"solver": name}, CACHE / data / f"teacher-{name}.scores.json")
+            table["teachers"].append({**result, "solver": name})
+            continue
+        if config_path(name, data) is None:
+            table["methods"].append({"name": name, "data": data, "missing": f"no configs/{name}/{data}.yaml yet"})
+            continue
+        try:
+            path, record = train_cached(name, data, train_seed, steps, list(hardware))
+            result = scored(name, data, path, evaluator, seeds, num, NFES, {},
+                            path.parent / "scores.json")
+        except (RuntimeError, ValueError, OSError) as err:  # one method failing must not stop the suite
+            table["methods"].append({"name": name, "data": data, "missing": f"failed: {str(err).splitlines()[0][:200]}"})
+            continue
+        table["methods"].append({**result, **record})
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown(data: str, table: dict, seeds: list[int], num: int) -> list[str]:
+    primary = PRIMARY[data]
+    reference = next(t for t in table["teachers"] if t["solver"] == "heun")["rows"]["35"][primary]
+    best_free_4 = min(t["rows"]["4"][primary] for t in table["teachers"])
+    lines = [f"## {data}", "",
+             f"Primary metric: {primary} (lower is better), median over sampling seeds {seeds}, {num} samples each. "
+             f"Teacher reference: Heun at 35 NFE, {primary} {reference:.4g}; best training-free solver at 4 NFE: "
+             f"{best_free_4:.4g}. Ratios are to the 35-NFE reference.", "",
+             f"| model | {primary} @1 | @2 | @4 | @8 | ratio @1 | ratio @4 | beats best free solver @4 at 1 NFE | "
+             f"iterations | train s | images/s @1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def row(name, result, train_s="–", iterations="–"):
+        values = [result["rows"].get(str(n), {}).get(primary) for n in NFES]
+        one = values[0]
+        ratio1 = one / reference if one is not None else None
+        ratio4 = values[2] / reference if values[2] is not None else None
+        beats = "–" if one is None else ("yes" if one < best_free_4 else "no")
+        rate = result["rows"].get("1", {}).get("samples_per_s")
+        return (f"| {name} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(ratio1)} | {_fmt(ratio4)} | {beats} "
+                f"| {iterations} | {train_s} | {_fmt(rate)} |")
+
+    for t in table["teachers"]:
+        lines.append(row(f"teacher, {t['solver']} (no training)", t))
+    for m in table["methods"]:
+        if "missing" in m:
+            lines.append(f"| {m['name']} | not yet ({m['missing']}) |" + " |" * 10)
+        else:
+            lines.append(row(m["name"], m, _fmt(m.get("train_wall_s")), _fmt(m.get("iterations"))))
+    lines.append("")
+    commands = [m["command"] for m in table["methods"] if m.get("command")]
+    if commands:
+        lines += ["Trained with:", "```", *commands, "```", ""]
+    return lines
+
+
+def svg_lines(series: dict[str, list[tuple[float, float]]], dashed: set[str], title: str, xlabel: str, ylabel: str,
+              log_x: bool = True, log_y: bool = True) -> str:
+    """A small self-contained SVG line chart (no plotting library is a dependency of this package)."""
+    W, H, L, R, T, B = 760, 460, 70, 210, 40, 50
+    points = [p for pts in series.values() for p in pts if p[1] is not None and p[1] > 0 and p[0] > 0]
+    if not points:
+        return "<svg xmlns='http://www.w3.org/2000/svg'/>"
+    fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
+    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    x0, x1 = min(fx(p[0]) for p in points), max(fx(p[0]) for p in points)
+    y0, y1 = min(fy(p[1]) for p in points), max(fy(p[1]) for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def X(v):
+        return L + (fx(v) - x0) / (x1 - x0) * (W - L - R)
+
+    def Y(v):
+        return H - B - (fy(v) - y0) / (y1 - y0) * (H - T - B)
+
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+              "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354"]
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{W}' height='{H}' font-family='sans-serif' font-size='11'>",
+           "<rect width='100%' height='100%' fill='white'/>",
+           f"<text x='{W / 2}' y='20' text-anchor='middle' font-size='14'>{title}</text>",
+           f"<line x1='{L}' y1='{H - B}' x2='{W - R}' y2='{H - B}' stroke='black'/>",
+           f"<line x1='{L}' y1='{T}' x2='{L}' y2='{H - B}' stroke='black'/>",
+           f"<text x='{(L + W - R) / 2}' y='{H - 12}' text-anchor='middle'>{xlabel}</text>",
+           f"<text x='16' y='{(T + H - B) / 2}' transform='rotate(-90 16 {(T + H - B) / 2})' text-anchor='middle'>"
+           f"{ylabel}</text>"]
+    for v in sorted({p[0] for p in points}):
+        out.append(f"<text x='{X(v):.1f}' y='{H - B + 15}' text-anchor='middle'>{v:g}</text>")
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        value = y0 + frac * (y1 - y0)
+        shown = 10 ** value if log_y else value
+        ypix = H - B - frac * (H - T - B)
+        out.append(f"<text x='{L - 6}' y='{ypix + 4:.1f}' text-anchor='end'>{shown:.3g}</text>")
+    for i, (name, pts) in enumerate(series.items()):
+        pts = [p for p in pts if p[1] is not None and p[1] > 0 and p[0] > 0]
+        if not pts:
+            continue
+        color = colors[i % len(colors)]
+        dash = " stroke-dasharray='5,4'" if name in dashed else ""
+        path = " ".join(f"{X(px):.1f},{Y(py):.1f}" for px, py in pts)
+        out.append(f"<polyline points='{path}' fill='none' stroke='{color}' stroke-width='2'{dash}/>")
+        out += [f"<circle cx='{X(px):.1f}' cy='{Y(py):.1f}' r='3' fill='{color}'/>" for px, py in pts]
+        ly = T + 14 * i
+        out.append(f"<line x1='{W - R + 10}' y1='{ly}' x2='{W - R + 30}' y2='{ly}' stroke='{color}' stroke-width='2'"
+                   f"{dash}/><text x='{W - R + 35}' y='{ly + 4}'>{name}</text>")
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def figures(data: str, table: dict) -> list[str]:
+    primary = PRIMARY[data]
+    nfe_series, dashed = {}, set()
+    for t in table["teachers"]:
+        name = f"teacher {t['solver']}"
+        nfe_series[name] = [(n, t["rows"].get(str(n), {}).get(primary)) for n in NFES]
+        dashed.add(name)
+    time_series = {}
+    for m in table["methods"]:
+        if "missing" in m:
+            continue
+        nfe_series[m["name"]] = [(n, m["rows"][str(n)][primary]) for n in NFES if str(n) in m["rows"]]
+        if m.get("train_wall_s") and "1" in m["rows"]:
+            time_series[m["name"]] = [(m["train_wall_s"], m["rows"]["1"][primary])]
+    names = []
+    for suffix, series, xlabel, log_x in (("nfe", nfe_series, "NFE", True), ("time", time_series, "training wall time (s)", True)):
+        path = RESULTS / f"leaderboard_{data}_{suffix}.svg"
+        title = f"{data}: {primary} vs {'NFE' if suffix == 'nfe' else 'training time (1 NFE)'}"
+        path.write_text(svg_lines(series, dashed if suffix == "nfe" else set(), title, xlabel, primary, log_x))
+        names.append(path.name)
+    return names
+
+
+def write_report(tables: dict[str, dict], args, started: str, seconds: float) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS / "leaderboard.json"
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {}
+    merged = {**previous.get("tables", {}), **tables}
+    runs = {**previous.get("runs", {}), **{data: {"command": exact_command(), "machine": machine(), "git": git_state(),
+                                                    "started": started, "wall_s": seconds, "seeds": args.seeds,
+                                                    "num": args.num} for data in tables}}
+    lines = ["# Leaderboard", "",
+             "Every method from the same shipped EDM teacher, one evaluator (`lit_fewstep.evaluation.Evaluator`), at equal "
+             "NFE; the teacher itself with training-free solvers as the no-training baseline. Written by "
+             "`benchmarks/leaderboard.py` (budgets and caching: its docstring).", ""]
+    for data, table in merged.items():
+        info = runs.get(data, {})
+        lines += [f"- {data}: `{info.get('command')}`; machine: {info.get('machine')}; git {info.get('git')}; "
+                  f"started {info.get('started')}, {info.get('wall_s', 0):.0f} s"]
+    lines.append("")
+    for data, table in merged.items():
+        lines += markdown(data, table, runs[data]["seeds"], runs[data]["num"])
+        lines += [f"![{name}]({name})" for name in figures(data, table)] + [""]
+    out = RESULTS / "leaderboard.md"
+    out.write_text("\n".join(lines) + "\n")
+    json_path.write_text(json.dumps({"tables": merged, "runs": runs}, indent=1, default=lambda v: None))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python benchmarks/leaderboard.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", nargs="+", default=["tree"], choices=sorted(TEACHER))
+    parser.add_argument("--only", nargs="+", default=None, choices=METHODS, help="these methods only")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampling seeds (medians over them)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--num", type=int, default=2000, help="samples per score")
+    parser.add_argument("--steps", type=int, default=None, help="one trainer.max_steps for every method")
+    parser.add_argument("--collect", action="store_true", help="no training: the report from what is cached")
+    parser.add_argument("--accelerator", default=None, help="passed to fit as --trainer.accelerator (e.g. gpu)")
+    parser.add_argument("--devices", default=None, help="passed to fit as --trainer.devices")
+    parser.add_argument("--no_report", action="store_true", help="train and score only (SLURM array tasks)")
+    args = parser.parse_args(argv)
+    hardware = [*(["--trainer.accelerator", args.accelerator] if args.accelerator else []),
+                *(["--trainer.devices", str(args.devices)] if args.devices else [])]
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    start = time.perf_counter()
+    methods = args.only or METHODS
+    tables = {}
+    for data in args.data:
+        if args.collect:
+            methods = [m for m in methods if any((CACHE / data).glob(f"{m}-*/scores.json"))]
+        tables[data] = run(data, methods, args.seeds, args.num, args.steps, args.seed, hardware)
+    if args.no_report:
+        return tables
+    out = write_report(tables, args, started, time.perf_counter() - start)
+    print(f"wrote {out}")
+    return tables
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,73 @@
+"""benchmarks/leaderboard.py: cache keys, the report's arithmetic and its figures (no training here)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from conftest import ROOT
+from benchmarks import leaderboard as lb
+
+
+def _rows(values: dict[int, float], rate: float = 100.0) -> dict:
+    return {str(n): {"sw2": v, "samples_per_s": rate} for n, v in values.items()}
+
+
+def table() -> dict:
+    teachers = [{"solver": "heun", "rows": {**_rows({1: 0.6, 2: 0.6, 4: 0.2, 8: 0.5}), "35": {"sw2": 0.05}}},
+                {"solver": "dpmpp_2m", "rows": _rows({1: 0.6, 2: 0.6, 4: 0.15, 8: 0.1})}]
+    methods = [{"name": "cd", "rows": _rows({1: 0.1, 2: 0.08, 4: 0.07, 8: 0.06}), "train_wall_s": 60.0,
+                "iterations": 1500, "command": "python -m lit_fewstep fit --config configs/cd/tree.yaml"},
+               {"name": "dmd2", "rows": _rows({1: 0.2}), "train_wall_s": 90.0, "iterations": 1000},
+               {"name": "lowdiff", "missing": "no configs/lowdiff/tree.yaml yet"}]
+    return {"teachers": teachers, "methods": methods}
+
+
+def test_rows_state_ratios_to_the_reference_and_the_free_solver_comparison():
+    lines = lb.markdown("tree", table(), [0, 1, 2], 2000)
+    text = "\n".join(lines)
+    assert "Heun at 35 NFE, sw2 0.05" in text and "best training-free solver at 4 NFE: 0.15" in text
+    cd = next(line for line in lines if line.startswith("| cd |"))
+    # sw2 at 1/2/4/8, ratio @1 = 0.1 / 0.05, ratio @4 = 0.07 / 0.05, 0.1 < 0.15 beats the best free solver at 4 NFE
+    assert cd.split(" | ")[1:9] == ["0.1", "0.08", "0.07", "0.06", "2", "1.4", "yes", "1500"]
+    dmd2 = next(line for line in lines if line.startswith("| dmd2 |"))
+    assert dmd2.split(" | ")[1:8] == ["0.2", "–", "–", "–", "4", "–", "no"]  # a one-step generator: no @2..@8
+    assert any(line.startswith("| lowdiff | not yet") for line in lines)
+
+
+def test_figures_are_well_formed_svg_with_one_line_per_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(lb, "RESULTS", tmp_path)
+    names = lb.figures("tree", table())
+    assert names == ["leaderboard_tree_nfe.svg", "leaderboard_tree_time.svg"]
+    nfe = ET.parse(tmp_path / names[0]).getroot()
+    lines = [e for e in nfe.iter() if e.tag.endswith("polyline")]
+    assert len(lines) == 4  # two teacher solvers (dashed) + cd + dmd2; lowdiff is not yet there
+    assert sum("stroke-dasharray" in e.attrib for e in lines) == 2
+    assert len([e for e in ET.parse(tmp_path / names[1]).getroot().iter() if e.tag.endswith("circle")]) == 2
+
+
+def test_the_cache_key_follows_the_config_the_overrides_and_the_seed():
+    key = lb.entry_key("cd", "tree", 0, [])
+    assert key == lb.entry_key("cd", "tree", 0, []) and key.startswith("cd-")
+    assert key != lb.entry_key("cd", "tree", 1, [])
+    assert key != lb.entry_key("cd", "tree", 0, ["--trainer.max_steps", "10"])
+    assert lb.config_path("cd", "tree") == ROOT / "configs" / "cd" / "tree.yaml"
+    assert lb.config_path("cd", "nowhere") is None
+
+
+def test_every_method_of_the_zoo_is_a_row():
+    """Every method in the conformance registry (teachers apart: they are the reference rows) has a leaderboard row."""
+    from conformance_methods import METHODS
+
+    missing = set(METHODS) - {"edm", "flow_matching"} - set(lb.VARIANTS) - set(lb.METHODS)
+    assert not missing, f"add them to benchmarks/leaderboard.py's METHODS (or VARIANTS): {missing}"
+
+
+@pytest.mark.parametrize("argv", [["benchmark", "--help"]])
+def test_the_cli_runs_the_leaderboard_from_a_checkout(argv, capsys):
+    from lit_fewstep.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0 and "--collect" in capsys.readouterr().out
