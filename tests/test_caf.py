@@ -249,3 +249,21 @@ def test_adversarial_stage_alternates_and_its_fake_is_the_one_step_estimate():
         CAF(mlp(), mlp(2), adversarial_iterations=5)  # the acceleration stage never ends
     with pytest.raises(ValueError, match="^generator_every:"):
         CAF(mlp(), mlp(2), acceleration_iterations=3, adversarial_iterations=5, generator_every=1)
+
+
+def test_ema_warms_up_like_the_official_one_and_restarts_with_each_stage():
+    """decay_n = min(ema_decay, 1 - (1 + n)^(-2/3)) at the n-th update of a stage (n from 0: the first copies)."""
+    net = lambda extra=0: MLP(dim=2, hidden=8, depth=1, emb_dim=8, extra_channels=extra)  # noqa: E731
+    model = CAF(net(), net(2), velocity_iterations=3, ema_decay=0.9)
+    raw, ema = model.flow.velocity.out.bias, model.ema.velocity.out.bias
+    expected = ema.detach().clone()
+    for n in range(4):
+        with torch.no_grad():
+            raw.add_(1.0)
+        model.update_ema()
+        decay = min(0.9, 1.0 - (1.0 + n) ** (-2 / 3))
+        expected = decay * expected + (1 - decay) * raw.detach()
+        torch.testing.assert_close(ema, expected, rtol=1e-6, atol=1e-6)
+    assert int(model.ema_stage_updates) == 4
+    model.begin_acceleration()
+    assert int(model.ema_stage_updates) == 0 and torch.equal(raw, ema)  # stage 2 starts from the EMA velocity

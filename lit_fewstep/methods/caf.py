@@ -143,6 +143,9 @@ class CAF(FewStepModule):
             1000).
         clip: clamp samples to [-clip, clip] at the end (official: 1 for images); None for toy data.
         lr, weight_decay: AdamW (official 1e-4, 1e-5).
+        ema_warmup_power: the official EMA (ema-pytorch) warms up: decay min(ema_decay, 1 - (1 + n)^(-power)) at the
+            n-th update of the current stage (power 2/3, its default; n restarts when a stage begins, as the official
+            stages build a new EMA). 0: the constant `ema_decay` from the first update.
         adversarial_iterations: length of the optional stage 3 after the acceleration stage (0: none; None: until
             the trainer stops; needs a finite `acceleration_iterations`). The acceleration net (lr `gan_lr`, official
             2e-5) steps on every `generator_every`-th iteration of the stage (official 2), the discriminator (lr
@@ -156,7 +159,7 @@ class CAF(FewStepModule):
                  acceleration_iterations: int | None = None, loss: str = "pseudo_huber", batch_size: int = 0,
                  time_levels: int = 1000, clip: float | None = None, lr: float = 1e-4, weight_decay: float = 1e-5,
                  adversarial_iterations: int | None = 0, gan_lr: float = 2e-5, discriminator_lr: float = 1e-3,
-                 generator_every: int = 2, discriminator_hidden: int = 64,
+                 generator_every: int = 2, discriminator_hidden: int = 64, ema_warmup_power: float = 2 / 3,
                  ema_decay: float = 0.9999, grad_clip: float = 0.0, nonfinite: str = "stop",
                  max_consecutive_skips: int = 100):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
@@ -189,7 +192,12 @@ class CAF(FewStepModule):
         self.pairs_path, self.h, self.ivc = pairs_path, float(h), bool(ivc)
         self.velocity_iterations, self.acceleration_iterations = velocity_iterations, acceleration_iterations
         self.loss, self.batch_size, self.time_levels, self.clip = loss, int(batch_size), time_levels, clip
+        if ema_warmup_power < 0:
+            raise ValueError(f"ema_warmup_power: must be >= 0 (0: no warm-up; official 2/3), got {ema_warmup_power}.")
         self.adversarial_iterations, self.generator_every = adversarial_iterations, generator_every
+        self.ema_warmup_power = float(ema_warmup_power)
+        # EMA updates since the current stage began (the warm-up restarts with each stage); saved, so resume is exact
+        self.register_buffer("ema_stage_updates", torch.zeros((), dtype=torch.long))
         self.flow = CAFNets(velocity_net, acceleration_net, self.ivc)
         self.discriminator = (DiscriminatorHead(self.flow.in_channels, discriminator_hidden, self.flow.num_classes)
                               if adversarial else None)
@@ -215,7 +223,8 @@ class CAF(FewStepModule):
                 generator = Phase("adversarial", "adversarial_loss", ("flow.acceleration",), every=generator_every,
                                   start=generator_every - 1, lr=gan_lr, weight_decay=weight_decay, updates_ema=True)
                 stages.append(Stage("adversarial", G, None if adversarial_iterations is None
-                                    else G + adversarial_iterations, [*discriminator, generator]))
+                                    else G + adversarial_iterations, [*discriminator, generator],
+                                    on_enter="begin_adversarial"))
             self.set_stages(stages)
         self.init_ema()
 
@@ -342,6 +351,24 @@ class CAF(FewStepModule):
         trained slot too, so the EMA of the (now fixed) velocity net stays that network."""
         if self.ema is not None:
             self.flow.velocity.load_state_dict(self.ema.velocity.state_dict())
+        self.ema_stage_updates.zero_()
+
+    def begin_adversarial(self) -> None:
+        self.ema_stage_updates.zero_()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """The base class's EMA update with the official warm-up of the decay (see `ema_warmup_power`)."""
+        self.ema_stage_updates += 1
+        if not self.ema_warmup_power:
+            return super().update_ema()
+        constant = self.ema_decay
+        n = int(self.ema_stage_updates) - 1  # the first update of a stage copies the weights (decay 0)
+        self.ema_decay = min(constant, 1.0 - (1.0 + n) ** -self.ema_warmup_power)
+        try:
+            super().update_ema()
+        finally:
+            self.ema_decay = constant
 
     # ------------------------------------------------------------------------------------------- sampling
     def _sample(self, noise: Tensor, class_labels: Tensor | None, nfe: int, net: nn.Module) -> tuple[Tensor, int]:
