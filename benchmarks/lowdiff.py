@@ -3,8 +3,8 @@
 Two models of the same UNet (same widths, the cascade's net has one more input channel and a 2-row resolution
 embedding) are trained for the same iterations and batch size on class-conditional 16x16 digits:
 
-- the baseline, `EDMDiffusion` at 16x16, sampled with the EDM Heun sampler at several NFE;
-- `LowDiff` over 8x8 -> 16x16, sampled with (K_8, K_16) evaluations per level.
+- the baseline, `EDMDiffusion` at 16x16, sampled with the EDM Heun sampler and with Euler steps at several NFE;
+- `LowDiff` over 8x8 -> 16x16, sampled with (K_8, K_16) evaluations per level (Heun at 8x8, Euler at 16x16).
 
 Every setting draws the same number of class-conditional samples (batches of 250, one thread) and is timed batch by
 batch (images/s: the median over batches); FID uses the shipped digits classifier's features against the digits'
@@ -38,8 +38,10 @@ from lit_fewstep.metrics.fid import frechet_distance, gaussian_stats  # noqa: E4
 from lit_fewstep.nets import UNet  # noqa: E402
 from lit_fewstep.utils.machine import describe_machine  # noqa: E402
 
-BASELINE_NFE = [5, 7, 9, 13, 19, 27, 35]
-CASCADE_STEPS = [(5, 1), (5, 2), (7, 3), (9, 3), (13, 3), (19, 3), (25, 5)]
+# the baseline with Heun (EDM's sampler) and with Euler (better than Heun at a handful of steps)
+BASELINE = [("heun", 7), ("heun", 9), ("heun", 13), ("heun", 19), ("heun", 27), ("heun", 35),
+            ("euler", 3), ("euler", 5), ("euler", 9), ("euler", 17)]
+CASCADE_STEPS = [(5, 1), (7, 2), (9, 2), (13, 3), (19, 3), (25, 3), (25, 5), (35, 5)]
 BATCH = 250
 
 
@@ -104,14 +106,16 @@ def main() -> None:
             models[name] = module.eval()
             print(f"{name}: trained {args.iterations} iterations in {train_s[name]:.0f} s", flush=True)
     rows = []
-    settings = [("baseline", nfe, None) for nfe in BASELINE_NFE] + [("lowdiff", sum(s), s) for s in CASCADE_STEPS]
+    baseline = [("baseline", nfe, None, solver) for solver, nfe in BASELINE]
+    cascade = [("lowdiff", sum(s), s, "heun") for s in CASCADE_STEPS]
     # interleaved (baseline, cascade, baseline, ...) so slow drifts of a shared machine hit both sides alike
-    order = [s for pair in zip(settings[:len(BASELINE_NFE)], settings[len(BASELINE_NFE):]) for s in pair]
-    order += [s for s in settings if s not in order]
-    for name, nfe, steps in order:
-        options = {} if steps is None else {"steps": list(steps)}
+    order = [s for pair in zip(baseline, cascade) for s in pair]
+    order += [s for s in baseline + cascade if s not in order]
+    for name, nfe, steps, solver in order:
+        options = {"solver": solver} if steps is None else {"steps": list(steps)}
         x, rates, spent = draw(models[name], nfe, args.num, args.seed + 1, **options)
         row = {"model": name, "nfe": spent, "steps": None if steps is None else list(steps),
+               "solver": solver if steps is None else "heun + euler",
                "images_per_s": statistics.median(rates), "fid": fid(x)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -120,7 +124,7 @@ def main() -> None:
         ok = [b for b in rows if b["model"] == "baseline" and b["fid"] <= row["fid"]]
         best = max(ok, key=lambda b: b["images_per_s"]) if ok else None
         matched.append({"steps": row["steps"], "fid": row["fid"], "images_per_s": row["images_per_s"],
-                        "baseline_nfe": None if best is None else best["nfe"],
+                        "baseline_nfe": None if best is None else f"{best['nfe']} ({best['solver']})",
                         "baseline_fid": None if best is None else best["fid"],
                         "baseline_images_per_s": None if best is None else best["images_per_s"],
                         "speedup": None if best is None else row["images_per_s"] / best["images_per_s"]})
@@ -135,16 +139,18 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, label, marker in (("baseline", "single resolution 16x16 (EDM Heun)", "o"),
-                                ("lowdiff", "LowDiff 8 -> 16", "s")):
-        pts = sorted((r["images_per_s"], r["fid"], r) for r in rows if r["model"] == name)
+    for name, solver, label, marker in (("baseline", "heun", "single resolution 16x16, Heun", "o"),
+                                        ("baseline", "euler", "single resolution 16x16, Euler", "^"),
+                                        ("lowdiff", "heun + euler", "LowDiff 8 -> 16", "s")):
+        pts = sorted(((r["images_per_s"], r["fid"], r) for r in rows if r["model"] == name and r["solver"] == solver),
+                     key=lambda p: p[0])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
         for ips, f, r in pts:
-            tag = str(r["nfe"]) if r["steps"] is None else "+".join(map(str, r["steps"]))
+            tag = f"{r['nfe']}{r['solver'][0]}" if r["steps"] is None else "+".join(map(str, r["steps"]))
             ax.annotate(tag, (ips, f), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("images/s (one CPU thread, batch 250)")
+    ax.set_xlabel("images/s (one CPU thread, batch 250); h = Heun, e = Euler")
     ax.set_ylabel("FID (digits classifier features)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
@@ -166,10 +172,11 @@ def write(rows, matched, train_s, args, seconds, out: Path) -> None:
              f"Both: UNet model_channels={args.channels}, channel_mult [1, 2], one block per level, class-conditional; "
              f"{args.num} samples per setting, FID against the {1618} training digits at 16x16 (shipped digits "
              "classifier features). images/s: median over batches of 250 on one thread, settings interleaved.", "",
-             "| model | evaluations (8x8 + 16x16) | NFE | images/s | FID |", "|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["model"], r["nfe"])):
+             "| model | solver | evaluations (8x8 + 16x16) | NFE | images/s | FID |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["solver"], r["nfe"])):
         per = "-" if r["steps"] is None else f"{r['steps'][0]} + {r['steps'][1]}"
-        lines.append(f"| {r['model']} | {per} | {r['nfe']} | {r['images_per_s']:.0f} | {r['fid']:.2f} |")
+        lines.append(f"| {r['model']} | {r['solver']} | {per} | {r['nfe']} | {r['images_per_s']:.0f} | "
+                     f"{r['fid']:.2f} |")
     lines += ["", "At matched FID (the fastest baseline setting with an FID no worse than the cascade's):", "",
               "| cascade | FID | images/s | baseline NFE | baseline FID | baseline images/s | speed-up |",
               "|---|---|---|---|---|---|---|"]

@@ -206,3 +206,21 @@ def test_fit_on_digits_learns_and_reloads(tmp_path):
     a = module.sample(4, 6, generator=torch.Generator().manual_seed(1))
     b = loaded.sample(4, 6, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a.x, b.x) and a.nfe == b.nfe == 6 and torch.isfinite(a.x).all()
+
+
+def test_upper_levels_use_their_own_solver():
+    torch.manual_seed(0)
+    module = randomized(LowDiff(unet(), resolutions=[8, 16], steps=[3, 3], upper_solver="heun"))
+    noise, low_noise = torch.randn(4, 1, 16, 16), torch.randn(4, 1, 8, 8)
+    y = torch.arange(4)
+    heun, _ = module.cascade(noise, y, (3, 3), module.model, noises=[low_noise])
+    module.upper_solver = "euler"
+    euler, _ = module.cascade(noise, y, (3, 3), module.model, noises=[low_noise])
+    assert torch.equal(heun[0], euler[0]) and not torch.allclose(heun[1], euler[1])  # only the top level changed
+    from lit_fewstep.diffusion.solvers import sample_edm_heun
+
+    expected = sample_edm_heun(lambda x, t: module.model.x0(x, t, class_labels=y, extra=upsample(euler[0], 16)),
+                               noise, 3, method="euler")
+    torch.testing.assert_close(euler[1], expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="^upper_solver: choose one of"):
+        LowDiff(unet(), resolutions=[8, 16], upper_solver="rk4")

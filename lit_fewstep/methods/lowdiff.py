@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..data.cascade import UPSAMPLE_MODES, check_cascade, downsample, upsample
 from ..diffusion.guidance import guided_x0
 from ..diffusion.paths import EDMPath
-from ..diffusion.solvers import NFECounter, lognormal_sigmas, sample_edm_heun
+from ..diffusion.solvers import ODE_SOLVERS, NFECounter, lognormal_sigmas, sample_edm_heun
 from .base import Samples
 from .diffusion import EDMDiffusion
 
@@ -66,13 +66,18 @@ class LowDiff(EDMDiffusion):
         condition_sigma_max: training noise on the condition, sigma_c ~ U[0, condition_sigma_max] per sample.
         level_weights: weight of each level's loss (default: equal; the loss is their weighted mean).
         upsample_mode: "nearest" or "bilinear", how a level's result is brought up to the next size.
+        upper_solver: the ODE step of the levels above the first ("euler" by default; the first level uses the
+            `solver` sampling option, Heun by default). With the few evaluations an upper level gets, Heun's grid
+            ends with a corrector from sigma_max straight into sigma_min, which multiplies the denoiser's small
+            inconsistencies by sigma_max / sigma_min; Euler has no corrector (measured in docs/lowdiff.md).
         sigma_data, P_mean, P_std, label_dropout, guidance_scale, lr, betas, weight_decay, ema_decay, grad_clip,
         nonfinite, max_consecutive_skips: as in `EDMDiffusion`.
     """
 
     def __init__(self, net: nn.Module, resolutions: Sequence[int] | None = None, steps: Sequence[int] | None = None,
                  condition_sigma_max: float = 0.1, level_weights: Sequence[float] | None = None,
-                 upsample_mode: str = "nearest", sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2,
+                 upsample_mode: str = "nearest", upper_solver: str = "euler", sigma_data: float = 0.5,
+                 P_mean: float = -1.2, P_std: float = 1.2,
                  label_dropout: float = 0.1, guidance_scale: float = 1.0, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.999,
                  grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100):
@@ -96,6 +101,9 @@ class LowDiff(EDMDiffusion):
         if upsample_mode not in UPSAMPLE_MODES:
             raise ValueError(f"upsample_mode: choose one of {list(UPSAMPLE_MODES)}, got {upsample_mode!r}.")
         self.upsample_mode = upsample_mode
+        if upper_solver not in ODE_SOLVERS:
+            raise ValueError(f"upper_solver: choose one of {list(ODE_SOLVERS)}, got {upper_solver!r}.")
+        self.upper_solver = upper_solver
         self._sampling_generator: torch.Generator | None = None
 
     @staticmethod
@@ -184,7 +192,8 @@ class LowDiff(EDMDiffusion):
     def cascade(self, noise: Tensor, class_labels: Tensor | None, steps: Sequence[int], net: nn.Module,
                 guidance_scale: float | Tensor | None = None, solver: str = "heun", condition_sigma: float = 0.0,
                 noises: Sequence[Tensor] | None = None) -> tuple[list[Tensor], list[int]]:
-        """Run the cascade: level k gets `steps[k]` evaluations (guided ones count twice) of the EDM sampler.
+        """Run the cascade: level k gets `steps[k]` evaluations (guided ones count twice) of the EDM sampler
+        (`solver` at the first level, `upper_solver` above it).
 
         noise: unit Gaussian at the top resolution; the lower levels draw theirs (or take `noises`, one per level
         below the top, low to high). Returns every level's result (low to high) and the evaluations each spent.
@@ -207,7 +216,7 @@ class LowDiff(EDMDiffusion):
                 extra["extra"] = c
             x0_fn = lambda x_t, t, extra=extra, counter=counter: guided_x0(  # noqa: E731
                 net, x_t, t, class_labels, scale, path=edm, counter=counter, **extra)
-            lower = sample_edm_heun(x0_fn, z, nfe_k, method=solver)
+            lower = sample_edm_heun(x0_fn, z, nfe_k, method=solver if k == 0 else self.upper_solver)
             results.append(lower)
             spent.append(counter.count)
         return results, spent
