@@ -1,4 +1,4 @@
-"""Align Your Flow (Sabour, Fidler & Kreis 2025): flow maps distilled from a flow-matching teacher. Notes: docs/flow_map.md.
+"""Align Your Flow (Sabour, Fidler & Kreis 2025): flow maps distilled from a teacher. Notes: docs/flow_map.md.
 
 Linear path x_t = (1 - t) x + t z (t = 0 data, t = 1 noise). One network F_theta(x_t, t, s) (a net built with
 ``second_time=True``, `PreconditionedNet(net, "flow_map")`) gives the flow map in the "Euler" parameterization
