@@ -238,3 +238,28 @@ def test_trained_student_at_w0_is_the_conditional_model_on_1d_gaussians():
     assert gap > 0.3  # guidance moves the target a lot here ...
     assert (at_w0 - conditional).abs().mean() < 0.1 * gap  # ... and the student at w = 0 is the conditional model
     assert (at_w1 - guided).abs().mean() < 0.1 * gap
+
+
+def test_sample_command_takes_stochastic(tmp_path, capsys):
+    """`sample --stochastic true` is `sample(stochastic=True)`; a model without that sampler says so in one line."""
+    import numpy as np
+
+    from lit_fewstep.cli import main
+
+    module = tree_module()
+    path = tmp_path / "student.pt"
+    module.export(str(path))
+    common = ["sample", "--ckpt", str(path), "--nfe", "4", "--num", "16", "--seed", "5", "--class_labels", "1"]
+    outs = {}
+    for flag in ("true", "false"):
+        main([*common, "--stochastic", flag, "--out", str(tmp_path / f"{flag}.npz")])
+        outs[flag] = np.load(tmp_path / f"{flag}.npz")["samples"]
+    main([*common, "--out", str(tmp_path / "default.npz")])
+    assert np.array_equal(outs["false"], np.load(tmp_path / "default.npz")["samples"])  # DDIM by default
+    assert not np.allclose(outs["true"], outs["false"])
+    stochastic = module.sample(16, 4, class_labels=torch.ones(16, dtype=torch.long),
+                               generator=torch.Generator().manual_seed(5), stochastic=True)
+    assert stochastic.x.shape == outs["true"].shape
+    with pytest.raises(ValueError, match=r"^stochastic: EDMDiffusion takes no 'stochastic' option"):
+        main(["sample", "--ckpt", TREE, "--nfe", "4", "--num", "4", "--stochastic", "true",
+              "--out", str(tmp_path / "t.npz")])

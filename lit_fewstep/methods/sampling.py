@@ -81,7 +81,10 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=1000)
     parser.add_argument("--guidance_scale", type=finite_float, nargs="+", default=None,
                         help="CFG scale (1 = none; default: the model's): one for all samples, or one per sample")
-    parser.add_argument("--solver", choices=SOLVERS, default=None, help="ODE solver of a teacher (default: heun; dpmpp_2m and unipc: one evaluation per step)")
+    parser.add_argument("--solver", choices=SOLVERS, default=None,
+                        help="ODE solver of a teacher (default: heun; dpmpp_2m and unipc: one evaluation per step)")
+    parser.add_argument("--stochastic", type=parse_bool, default=None,
+                        help="Meng et al.'s stochastic N-step sampler instead of DDIM (guided distillation students)")
     parser.add_argument("--guide", default=None, metavar="PATH",
                         help="autoguidance: a worse model of the same task (smaller / shorter-trained) guides this one "
                              "at --guidance_scale (Karras et al. 2024); counts two evaluations per guided step")
@@ -112,6 +115,8 @@ def sampling_options(args: argparse.Namespace, num: int | None = None) -> dict:
         options["solver"] = args.solver
     if getattr(args, "gamma", None) is not None:
         options["gamma"] = args.gamma
+    if getattr(args, "stochastic", None) is not None:
+        options["stochastic"] = args.stochastic
     if getattr(args, "guide", None):
         options["guide"] = load_for_sampling(args.guide, args.device, args.trust_checkpoint, field="--guide",
                                              allow_modules=args.allow_module)
