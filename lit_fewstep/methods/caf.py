@@ -167,13 +167,15 @@ class CAF(FewStepModule):
         if not (isinstance(h, (int, float)) and h > 0 and math.isfinite(h)):
             raise ValueError(f"h: the initial-velocity scale must be a positive number (official 1.5), got {h!r}.")
         if acceleration_net is None and h != 1:
-            raise ValueError(f"h: without an acceleration net the model is 2-rectified flow, which needs h = 1; got {h}.")
+            raise ValueError(f"h: without an acceleration net the model is 2-rectified flow, which needs h = 1; "
+                             f"got {h}.")
         if loss not in LOSSES:
             raise ValueError(f"loss: choose one of {LOSSES}, got {loss!r}.")
         if not isinstance(velocity_iterations, int) or velocity_iterations < 1:
             raise ValueError(f"velocity_iterations: must be an integer >= 1, got {velocity_iterations!r}.")
         if acceleration_iterations is not None and acceleration_iterations < 1:
-            raise ValueError(f"acceleration_iterations: must be >= 1 or null (until the end), got {acceleration_iterations}.")
+            raise ValueError(f"acceleration_iterations: must be >= 1 or null (until the end), "
+                             f"got {acceleration_iterations}.")
         if not isinstance(time_levels, int) or time_levels < 1:
             raise ValueError(f"time_levels: must be an integer >= 1 (official 1000), got {time_levels!r}.")
         if batch_size < 0:
@@ -240,7 +242,8 @@ class CAF(FewStepModule):
             raise ValueError(f"acceleration_net: with ivc the net reads v_0 as extra input channels; set its "
                              f"extra_channels to {channels} (got {extra}), or ivc: false.")
         if not ivc and extra != 0:
-            raise ValueError(f"acceleration_net: without ivc the net sees no v_0; set its extra_channels to 0 (got {extra}).")
+            raise ValueError(f"acceleration_net: without ivc the net sees no v_0; set its extra_channels to 0 "
+                             f"(got {extra}).")
 
     @property
     def is_rectified_flow(self) -> bool:
@@ -315,7 +318,7 @@ class CAF(FewStepModule):
         return self.distance(self.flow.a(x_tau, tau, v0, y), caf_acceleration(x0, x1, v0)).mean()
 
     def one_step_estimate(self, x0: Tensor, y: Tensor | None) -> Tensor:
-        """x̂_1 = x_0 + v_0 + a(x_0, 0, v_0) / 2 (CAF Eq. 9 from tau = 0 to 1), v_0 = sg(v(x_0, 0)): the fake of stage 3."""
+        """x̂_1 = x_0 + v_0 + a(x_0, 0, v_0) / 2 (CAF Eq. 9 from tau = 0 to 1), v_0 = sg(v(x_0, 0)): stage 3's fake."""
         tau = _vec(0.0, x0)
         with torch.no_grad(), _eval_mode(self.flow.velocity) as velocity:
             v0 = velocity(x0, tau, class_labels=y)
