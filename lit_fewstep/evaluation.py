@@ -1,7 +1,8 @@
 """`evaluate`: sample a checkpoint at several NFE through its own `sample()` API and score it.
 
 Toy data: sliced W2, MMD, exact NLL (where the toy has a density), k-NN precision/recall, against
-fresh samples of the exact distribution. Images: FID and precision/recall on the features of a
+fresh samples of the exact distribution; for the discrete ``grid`` toy also ``token_tv``, the exact total variation
+between the samples' cells and the true probability table. Images: FID and precision/recall on the features of a
 feature network (the shipped digits classifier for digits; InceptionV3 from a local weights file
 otherwise), against the training split.
 """
@@ -18,6 +19,7 @@ import torch
 import yaml
 from lightning.pytorch import LightningDataModule
 
+from .methods.analog_bits import token_total_variation
 from .methods.sampling import add_checkpoint_arguments, draw, load_for_sampling, sampling_options
 from .metrics import MMD, ExactNLL, PrecisionRecall, SlicedWasserstein2, load_digits_features, make_fid
 from .utils.args import check_writable, positive_int
@@ -106,6 +108,9 @@ class Evaluator:
                 nll = ExactNLL(self.log_prob, **_LOCAL)
                 nll.update(fake)
                 out["nll"] = float(nll.compute())
+            distribution = self.datamodule.distribution
+            if hasattr(distribution, "probs") and hasattr(distribution, "cell_index"):  # atomic toy (grid): exact table
+                out["token_tv"] = token_total_variation(distribution.cell_index(fake), distribution.probs)
             pr = PrecisionRecall(**_LOCAL)
         pr.update(fake=fake, real=self.real)
         precision, recall = pr.compute().tolist()

@@ -239,3 +239,16 @@ def test_nearest_bit_accuracy_reference_values():
     one_bit = codec.dequantize(torch.tensor([[1, 0]]))  # 01 00 vs 00 00: one of four bits wrong
     assert nearest_bit_accuracy(codec, one_bit, ref) == {"bit_accuracy": 0.75, "exact_match": 0.0,
                                                          "token_accuracy": 0.5}
+
+
+def test_evaluator_scores_the_grid_toy_by_exact_token_tv():
+    from lit_fewstep.data import Toy2DDataModule
+    from lit_fewstep.evaluation import Evaluator
+
+    evaluator = Evaluator(Toy2DDataModule("grid", batch_size=64, num_train=256, num_val=64), num_reference=500)
+    grid = evaluator.datamodule.distribution
+    exact, _ = grid.sample(3000, torch.Generator().manual_seed(5))
+    assert evaluator.score(exact)["token_tv"] < 0.07  # sampling alone: ~0.04 at 3,000 points
+    shifted = exact.clone()
+    shifted[:, 0] += 2 * grid.extent / grid.cells  # one cell right: impossible cells (but the clamped last column)
+    assert evaluator.score(shifted)["token_tv"] > 0.7
