@@ -572,6 +572,30 @@ class FewStepModule(Configurable, L.LightningModule):
         u = self.rand(shape, like.float() if not like.is_floating_point() else like, generator, shared)
         return (low + (u.double() * (high - low)).floor().long()).clamp_(low, high - 1)
 
+    # ----------------------------------------------------------------------------- teacher pairs
+    def hold_pairs(self, pairs: dict, field: str = "pairs_path") -> None:
+        """Keep a teacher's (noise, sample[, label]) pairs (`data.pairs.load_pairs`) as buffers that checkpoints do
+        not hold (the file is read again at load), after checking them against this model's data and conditioning.
+        Used by DMD's regression loss and CAF's couplings; `random_pairs` draws from them."""
+        shape = tuple(pairs["noise"].shape[1:])
+        if shape != tuple(self.data_shape):
+            raise ValueError(f"{field}: pairs of shape {shape} but the networks make {tuple(self.data_shape)}; "
+                             "make pairs with a teacher of this data.")
+        if (pairs.get("labels") is None) != (self.num_classes == 0):
+            raise ValueError(f"{field}: class labels of the pairs do not match the (un)conditional networks; make "
+                             "pairs with a teacher of the same conditioning.")
+        device = self.iteration.device
+        self.register_buffer("pair_noise", pairs["noise"].float().to(device), persistent=False)
+        self.register_buffer("pair_x", pairs["x"].float().to(device), persistent=False)
+        labels = pairs.get("labels")
+        self.register_buffer("pair_labels", None if labels is None else labels.long().to(device), persistent=False)
+
+    def random_pairs(self, n: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(noise, sample, labels or None) of `n` pairs drawn uniformly with the module's resumable RNG."""
+        index = self.randint(0, self.pair_x.shape[0], (n,), self.pair_x)
+        labels = None if self.pair_labels is None else self.pair_labels[index]
+        return self.pair_noise[index], self.pair_x[index], labels
+
     def on_fit_start(self) -> None:
         if int(self.iteration) == 0:  # a fresh run takes the seed of seed_everything; a resumed one keeps its own
             self.rng_seed.fill_(int(os.environ.get("PL_GLOBAL_SEED", 0)))

@@ -261,19 +261,7 @@ class CAF(FewStepModule):
         if self.pairs_path is None:
             raise ValueError("pairs_path: CAF trains on teacher couplings; make them with `python -m "
                              "lit_fewstep.data.pairs --teacher TEACHER.pt --num N --path linear --out FILE.pt`.")
-        pairs = load_pairs(self.pairs_path, field="pairs_path")
-        shape = tuple(pairs["noise"].shape[1:])
-        if shape != tuple(self.data_shape):
-            raise ValueError(f"pairs_path: pairs of shape {shape} but the networks make {tuple(self.data_shape)}; "
-                             "make pairs with a teacher of this data.")
-        if (pairs.get("labels") is None) != (self.num_classes == 0):
-            raise ValueError("pairs_path: class labels of the pairs do not match the (un)conditional networks; make "
-                             "pairs with a teacher of the same conditioning.")
-        device = self.iteration.device
-        self.register_buffer("pair_noise", pairs["noise"].float().to(device), persistent=False)
-        self.register_buffer("pair_x", pairs["x"].float().to(device), persistent=False)
-        labels = pairs.get("labels")
-        self.register_buffer("pair_labels", None if labels is None else labels.long().to(device), persistent=False)
+        self.hold_pairs(load_pairs(self.pairs_path, field="pairs_path"))
 
     def configure_model(self) -> None:
         self.prepare()
@@ -282,10 +270,8 @@ class CAF(FewStepModule):
         """(x_0, x_1, labels) of `batch_size` random pairs (the data batch only sets the count); resumable draws."""
         x, _ = self.split_batch(batch)
         n = self.batch_size or x.shape[0]
-        index = self.randint(0, self.pair_x.shape[0], (n,), self.pair_x)
-        labels = None if self.pair_labels is None else self.pair_labels[index]
-        x0, x1 = self.pair_noise[index].to(x.dtype), self.pair_x[index].to(x.dtype)
-        return x0, x1, labels
+        x0, x1, labels = self.random_pairs(n)
+        return x0.to(x.dtype), x1.to(x.dtype), labels
 
     def draw_times(self, like: Tensor) -> Tensor:
         # official: tau = k / 1000, k uniform in {0, ..., 1000} with both ends (not U(0, 1))

@@ -232,21 +232,10 @@ class DMD(FewStepModule):
 
     def _load_pairs(self) -> None:
         pairs = load_pairs(self.pairs_path, field="pairs_path")
-        shape = tuple(pairs["noise"].shape[1:])
-        if shape != tuple(self.data_shape):
-            raise ValueError(f"pairs_path: pairs of shape {shape} but the generator makes {tuple(self.data_shape)}; "
-                             "make pairs with this teacher.")
         if abs(float(pairs["sigma_max"]) - self.generator_sigmas[0]) > 1e-6:
             raise ValueError(f"pairs_path: pairs start at sigma_max={pairs['sigma_max']} but conditioning_sigma="
                              f"{self.generator_sigmas[0]}; set conditioning_sigma to {pairs['sigma_max']}.")
-        if (pairs.get("labels") is None) != (self.num_classes == 0):
-            raise ValueError("pairs_path: class labels of the pairs do not match the (un)conditional generator; "
-                             "make pairs with this teacher.")
-        device = self.sigma_grid.device
-        self.register_buffer("pair_noise", pairs["noise"].float().to(device), persistent=False)
-        self.register_buffer("pair_x", pairs["x"].float().to(device), persistent=False)
-        labels = pairs.get("labels")
-        self.register_buffer("pair_labels", None if labels is None else labels.long().to(device), persistent=False)
+        self.hold_pairs(pairs)
 
     @property
     def init_config(self) -> dict:
@@ -333,9 +322,7 @@ class DMD(FewStepModule):
         """DMD Eq. 9: L_reg = E_(z, y) d(G(z), y) on the teacher's ODE pairs, d = `reg_distance` (LPIPS in the
         paper; "l2": mean squared error per sample), averaged over `reg_batch_size` random pairs."""
         n = self.reg_batch_size or 64
-        index = self.randint(0, self.pair_x.shape[0], (n,), self.pair_x)
-        z, target = self.pair_noise[index], self.pair_x[index]
-        labels = None if self.pair_labels is None else self.pair_labels[index]
+        z, target, labels = self.random_pairs(n)
         sigma = torch.full((n,), self.generator_sigmas[0], device=z.device)
         x = self.G.x0_from(_bcast(sigma, z) * z, sigma, self.edm, class_labels=labels)
         return consistency_distance(x, target, self.reg_distance, lpips=self.lpips).mean()
