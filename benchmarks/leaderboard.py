@@ -340,10 +340,10 @@ def main(argv=None):
                 *(["--trainer.devices", str(args.devices)] if args.devices else [])]
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     start = time.perf_counter()
-    methods = args.only or METHODS
     tables = {}
     for data in args.data:
-        if args.collect:
+        methods = args.only or METHODS
+        if args.collect:  # per data set: what is cached for it
             methods = [m for m in methods if any((CACHE / data).glob(f"{m}-*/scores.json"))]
         tables[data] = run(data, methods, args.seeds, args.num, args.steps, args.seed, hardware)
     if args.no_report:
