@@ -1,6 +1,7 @@
 """Record every tree config's golden losses into tests/golden_losses.json.
 
-    python tests/make_golden_losses.py
+    python tests/make_golden_losses.py              # the reference records (on the reference CPU: see golden.py)
+    python tests/make_golden_losses.py --this-cpu   # add this processor's records to `other_cpus`, nothing else
 
 Per method: the config, iterations, seed, overrides, library versions, and every `train/*_loss` value logged
 in the first iterations, as `float.hex` strings (bit-exact), with the iteration each value was logged at.
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning  # noqa: E402
 import torch  # noqa: E402
 
-from golden import ITERATIONS, SEED, record, tree_configs  # noqa: E402
+from golden import ITERATIONS, SEED, cpu_model, record, tree_configs  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "golden_losses.json"
 
@@ -47,6 +48,11 @@ def main() -> Path:
             "loss_iterations": rec.loss_iterations,
         }
         print(f"{method}: " + ", ".join(f"{name} x{len(v)}" for name, v in rec.losses.items()), file=sys.stderr)
+    if "--this-cpu" in sys.argv[1:]:
+        data = json.loads(OUT.read_text())
+        data.setdefault("other_cpus", {})[cpu_model()] = {
+            "environment": env, "methods": {m: {"losses": r["losses"]} for m, r in methods.items()}}
+        return _write(data)
     data = {
         "about": "Per-phase (and component) losses logged as train/*_loss in the first iterations of every "
                  "configs/<method>/tree.yaml on CPU, 1 thread, seed 0, recorded before the core refactor by "
@@ -55,6 +61,10 @@ def main() -> Path:
         "environment": env,
         "methods": methods,
     }
+    return _write(data)
+
+
+def _write(data: dict) -> Path:
     text = json.dumps(data, indent=1)
     # one line per list of values
     text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)

@@ -1,7 +1,8 @@
 """Record what every shipped asset samples (`tests/golden_samples.json`), before a refactor of samplers or
 preconditioning, so `tests/test_golden_samples.py` can show the refactor leaves every array bit-identical.
 
-    python tests/make_golden_samples.py
+    python tests/make_golden_samples.py              # the reference records (on the reference CPU: see golden.py)
+    python tests/make_golden_samples.py --this-cpu   # add this processor's records to `other_cpus`, nothing else
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ def key(asset: str, nfe: int, options: dict) -> str:
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     records = {key(a, n, o): draw(a, n, o) for a, cases in CASES.items() for n, o in cases}
+    if "--this-cpu" in sys.argv[1:]:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from golden import cpu_model
+
+        data = json.loads(OUT.read_text())
+        data.setdefault("other_cpus", {})[cpu_model()] = {"about": {"torch": torch.__version__}, "samples": records}
+        OUT.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"added {len(records)} records for {cpu_model()} to {OUT}")
+        return
     OUT.write_text(json.dumps({"about": {"seed": SEED, "num": NUM, "torch": torch.__version__}, "samples": records},
                               indent=1) + "\n")
     print(f"wrote {len(records)} records to {OUT}")
