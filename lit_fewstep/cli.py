@@ -203,6 +203,13 @@ class FewStepCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--export_format", choices=("pt", "safetensors"), default="pt",
                             help="format of the exported model (model.pt, or model.safetensors: no pickle)")
+        parser.add_argument("--compile", type=bool, default=False,
+                            help="torch.compile the networks (FewStepModule.compile_networks; networks differentiated "
+                                 "with forward-mode JVPs stay eager: docs/precision.md)")
+
+    def before_fit(self) -> None:
+        if self.config[self.subcommand].get("compile"):
+            self.model.compile_networks()
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would re-parse the model config from the checkpoint's `hyper_parameters`, letting a file

@@ -174,6 +174,34 @@ def _count_network_rows(module: nn.Module):
     return rows, handles
 
 
+class PrecisionProbe(Callback):
+    """Under bf16-mixed: records every loss (dtype, finite, whether autocast was on), the output dtypes of the module's
+    networks (hooks registered after the module's own, so they see what leaves a network) and whether any linear
+    layer inside actually ran in bfloat16 (else the check would check nothing)."""
+
+    def __init__(self):
+        self.losses: list[tuple[str, bool, torch.dtype, bool]] = []
+        self.outputs: dict[str, set] = {}
+        self.half_inside = False
+
+    def on_train_start(self, trainer, pl_module):
+        for phase in pl_module.phases:
+            original = getattr(pl_module, phase.loss)
+
+            def spied(*args, _original=original, _name=phase.name, **kwargs):
+                loss = _original(*args, **kwargs)
+                self.losses.append((_name, torch.is_autocast_enabled("cpu"), loss.dtype, bool(torch.isfinite(loss))))
+                return loss
+
+            setattr(pl_module, phase.loss, spied)
+        for name, child in pl_module.named_children():
+            child.register_forward_hook(lambda m, a, out, _name=name: self.outputs.setdefault(_name, set()).update(
+                t.dtype for t in (out if isinstance(out, (tuple, list)) else (out,)) if torch.is_tensor(t)))
+        for module in pl_module.modules():
+            if isinstance(module, nn.Linear):
+                module.register_forward_hook(lambda m, a, out: setattr(self, "half_inside", self.half_inside or out.dtype == torch.bfloat16))
+
+
 def _nan_loss(batch, *args, **kwargs):
     return torch.tensor(float("nan"), requires_grad=True)
 
@@ -198,6 +226,19 @@ class TestConformance:
             if any(phase.active(k) for k in range(FIT_ITERATIONS)):
                 loss = run.trainer.callback_metrics.get(f"train/{phase.name}_loss")
                 assert loss is not None and math.isfinite(float(loss)), (phase.name, loss)
+
+    def test_bf16_mixed_keeps_float32_between_networks(self, name, tmp_path):
+        """bf16 autocast inside the networks, float32 outside them (FewStepModule's precision policy): every loss and
+        every network output is float32, parameters and EMAs stay float32, and the layers really ran in bfloat16."""
+        probe = PrecisionProbe()
+        module, _ = fit(lambda: build(name), tmp_path, FIT_ITERATIONS, [probe], precision="bf16-mixed")
+        assert int(module.iteration) == FIT_ITERATIONS
+        assert probe.half_inside, "no layer ran in bfloat16: autocast was off"
+        assert probe.losses and all(autocast for _, autocast, _, _ in probe.losses)
+        assert all(dtype == torch.float32 and finite for _, _, dtype, finite in probe.losses), probe.losses
+        half_outputs = {net: dtypes for net, dtypes in probe.outputs.items() if dtypes - {torch.float32, torch.long}}
+        assert not half_outputs, f"networks handing half-precision tensors to the method: {half_outputs}"
+        assert all(t.dtype == torch.float32 for t in module.state_dict().values() if t.is_floating_point())
 
     def test_sample_spends_exactly_the_requested_nfe(self, name, tmp_path_factory):
         module = fitted(name, tmp_path_factory).module

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning, split_batch
+from ..diffusion.precond import PreconditionedNet
 from ..teachers.formats import external_teacher, specialize
 from ..utils.checkpoint import FORMAT_KEY, atomic_save, load_module, save_safetensors
 from ..utils.config import Configurable
@@ -54,6 +55,42 @@ warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but
 # - deprecations inside Lightning's and torchdata's own code (lightning/pytorch/utilities/_pytree.py, set_vital)
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+# ----------------------------------------------------------------------------------------------- mixed precision
+# The precision policy of every method, decided here once (docs/precision.md). Under `--trainer.precision bf16-mixed`
+# or `16-mixed` Lightning runs each training step inside torch.autocast: the networks' matrix products and
+# convolutions run in half precision, which is where the time goes. Everything *between* networks stays float32,
+# because the papers' arithmetic there does not survive 8 (bf16) or 11 (fp16) significant bits: EDM's skip
+# c_skip x + c_out F at sigma = 80, sCM's tangent g and its normalisation g / (||g|| + c) built from a JVP, the
+# losses and their reductions over a batch, GAN logits, the samplers' updates. So every network's output (and its
+# JVP tangent) is cast to float32 where it leaves the network; parameters, optimizer states and EMAs are float32
+# (mixed, not true, half precision). Half-precision types only: a float64 run stays float64.
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _to_float32(output):
+    if torch.is_tensor(output):
+        return output.float() if output.dtype in _HALF else output
+    if isinstance(output, (tuple, list)):
+        return type(output)(_to_float32(o) for o in output)
+    if isinstance(output, dict):
+        return {k: _to_float32(v) for k, v in output.items()}
+    return output
+
+
+def _float32_output_hook(module: nn.Module, args, output):
+    return _to_float32(output)
+
+
+def float32_outputs(network: nn.Module) -> nn.Module:
+    """Cast the half-precision outputs of `network`, and of the raw network inside each of its preconditioners (the
+    preconditioning then runs in float32), to float32. Idempotent (a mark travels with deep copies, as the hook does)."""
+    for module in [network, *(m.net for m in network.modules() if isinstance(m, PreconditionedNet))]:
+        if not getattr(module, "_float32_outputs", False):
+            module.register_forward_hook(_float32_output_hook)
+            module._float32_outputs = True
+    return network
 
 
 class _QuietLightning(logging.Filter):
@@ -215,6 +252,9 @@ class FewStepModule(Configurable, L.LightningModule):
     optional_state_keys: tuple[str, ...] = ("iteration", "skipped_steps", "rng_seed", "ema_updates", "stage_entered")
     generator_name = "generator"
     max_nfe: int | None = None
+    # Submodules `compile_networks` leaves eager: the networks a method differentiates in forward mode
+    # (torch.func.jvp through a compiled module hits an internal assert in torch 2.14 with conv + GroupNorm).
+    eager_networks: tuple[str, ...] = ()
 
     @property
     def default_nfe(self) -> int:
@@ -253,6 +293,7 @@ class FewStepModule(Configurable, L.LightningModule):
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("stage_entered", torch.full((), -1, dtype=torch.long))
         self._draws = 0
+        self._compile_options: dict | None = None  # set by compile_networks
 
     # ----------------------------------------------------------------------------- networks
     @property
@@ -342,8 +383,37 @@ class FewStepModule(Configurable, L.LightningModule):
         like = next(self.generator.parameters(), None) if self.generator_name in self._modules else None
         module = module.to(device=self.device if like is None else like.device,
                            dtype=None if like is None else like.dtype)
-        setattr(self, name, module.requires_grad_(False).eval())
+        for sub in module.modules():  # a deep copy of a compiled network would still run the original's weights
+            sub._compiled_call_impl = None
+        setattr(self, name, float32_outputs(module.requires_grad_(False).eval()))
+        if self._compile_options is not None:
+            self._compile(module)
         return module
+
+    # ----------------------------------------------------------------------------- torch.compile
+    def compile_networks(self, **options) -> list[str]:
+        """`torch.compile` the networks in place (``nn.Module.compile``: checkpoints keep their keys): every
+        preconditioned network and every other network held directly by the module (heads, discriminators), except
+        `eager_networks`; frozen networks loaded later are compiled as they load. `options` go to torch.compile.
+        Returns the names compiled. The CLI's ``--compile true`` calls it before fit."""
+        self._compile_options = dict(options)
+        compiled = []
+        for name, network in self.named_children():
+            compiled += self._compile(network, name)
+        return compiled
+
+    def _compile(self, network: nn.Module, prefix: str = "") -> list[str]:
+        eager = tuple(self.eager_networks)
+        if prefix in eager:
+            return []
+        names = [f"{prefix}.{n}".strip(".") for n, m in network.named_modules() if isinstance(m, PreconditionedNet)]
+        names = [n for n in names if not n.startswith(tuple(f"{e}." for e in eager))]
+        if not names and any(True for _ in network.parameters()):
+            names = [prefix]  # a plain network (a GAN head): compiled whole
+        for name in names:
+            module = network if name == prefix else network.get_submodule(name[len(prefix) + 1:] if prefix else name)
+            module.compile(**self._compile_options)
+        return names
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -470,7 +540,11 @@ class FewStepModule(Configurable, L.LightningModule):
         # it: max_steps (optimizer steps) is then reached at the scheduled iteration, skips or not.
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-            opt.step()
+            if self._grad_scaler is None:
+                opt.step()
+            else:  # the scaler refuses a step without gradients: count the step as Lightning's step() would
+                opt._on_before_step()
+                opt._on_after_step()
 
     def training_step(self, batch, batch_idx):
         # Dropout draws from torch's global RNG, which checkpoints do not hold: run the iteration on a global RNG
@@ -498,9 +572,12 @@ class FewStepModule(Configurable, L.LightningModule):
                     continue
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
-                bad = next((f"{net}.{n}" for net in phase.network_paths for n, p in self.get_submodule(net).named_parameters()
-                            if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+                self.manual_backward(loss.float())
+                # Under 16-mixed the gradients are loss-scaled and overflow now and then by design: the grad scaler
+                # then skips the step and lowers the scale. Only without one is a non-finite gradient an error.
+                bad = None if self._grad_scaler is not None else next(
+                    (f"{net}.{n}" for net in phase.network_paths for n, p in self.get_submodule(net).named_parameters()
+                     if p.grad is not None and not torch.isfinite(p.grad).all()), None)
                 if bad is not None:
                     self._nonfinite(f"gradient of {bad}", phase, *opts)
                     continue
@@ -510,9 +587,7 @@ class FewStepModule(Configurable, L.LightningModule):
                     if phase.warmup:
                         for group in opt.param_groups:
                             group["lr"] = lr
-                    if self.grad_clip > 0:
-                        self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-                    opt.step()
+                    opt.step()  # clipped in on_before_optimizer_step
                 if phase.updates_ema:
                     self.update_ema()
                 self.log(f"train/{phase.name}_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
@@ -533,6 +608,17 @@ class FewStepModule(Configurable, L.LightningModule):
                     f"{int(self.iteration) - 1}) skipped a non-finite step, {int(self.skipped_steps)} skipped in all; "
                     f"stopped ({self._saved_state()}). Lower the learning rate or enable grad_clip; "
                     "max_consecutive_skips sets this limit.")
+
+    @property
+    def _grad_scaler(self):
+        """The fp16 loss scaler of a 16-mixed run (None otherwise)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this inside opt.step(), after a 16-mixed run's gradients are unscaled: clipping here
+        # bounds the true gradient norm in every precision (before opt.step it would clip the scaled gradients).
+        if self.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     # ----------------------------------------------------------------------------- randomness
     # Training noise comes from generators keyed by (seed, iteration, draw index), and each DDP rank
@@ -737,6 +823,12 @@ class FewStepModule(Configurable, L.LightningModule):
         return callbacks
 
     def setup(self, stage: str) -> None:
+        precision = str(getattr(self._trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
+        if precision in ("16-true", "bf16-true"):
+            raise ValueError(f"trainer.precision: {precision!r} keeps parameters, optimizer states and EMAs in half "
+                             "precision, which the methods need in float32; use bf16-mixed or 16-mixed.")
+        for network in self.children():  # frozen networks loaded later get it in _attach_frozen
+            float32_outputs(network)
         # Fails now, not at the first checkpoint, if an argument cannot be recorded; logged as the run's
         # hyper-parameters (hparams.yaml, TensorBoard), under "model" so no key clashes with the data module's.
         self.save_hyperparameters({"model": self.init_config}, logger=True)

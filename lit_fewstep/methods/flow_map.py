@@ -81,6 +81,7 @@ class AYF(FewStepModule):
             guidance) embeddings' last layers start at zero, so F(x, t, s) = v_teacher(x, t) at the start.
         lr, betas, weight_decay, ema_decay, grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule`.
     """
+    eager_networks = ("student",)  # differentiated by torch.func.jvp: never compiled (FewStepModule.compile_networks)
 
     generator_name = "student"
     default_nfe = 1  # the one-step jump t_max -> 0; any N works (N NFE)

@@ -20,7 +20,7 @@ dF_theta-/dt is the total derivative along the PF-ODE, a forward-mode JVP (`trig
   conversion) and the velocity from `predictions.convert_prediction` - no path math in this file.
 - sCT: dx_t/dt = cos(t) z' - sin(t) x, the conditional velocity (`GaussianPath.velocity`).
 
-The JVP path is eager (torch.compile of jvp hits a torch 2.14 internal assert with conv + GroupNorm) and the
+The JVP path is eager (torch.compile of jvp hits a torch 2.14 internal assert with conv + GroupNorm: `eager_networks`) and the
 nets use explicit attention (the CPU SDPA kernel has no forward-mode AD). Dropout: the JVP pass and the
 gradient pass replay the same RNG state, so both see the same masks.
 """
@@ -112,6 +112,7 @@ class SCM(ConsistencyFamily):
         prior_weighting: multiply the regression term by 1 / (sigma_d tan t) (FastGen's default; off in the paper's form).
         lr, betas, weight_decay, ema_decay, grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule`.
     """
+    eager_networks = ("student",)  # differentiated by torch.func.jvp: never compiled (FewStepModule.compile_networks)
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, P_mean: float = -1.0, P_std: float = 1.4,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, tangent_norm: str = "l2", tangent_c: float = 0.1,
