@@ -25,16 +25,62 @@ from torch import Tensor, nn
 from ..diffusion.paths import _bcast
 from ..diffusion.precond import PreconditionedNet
 from ..nets.heads import DiscriminatorHead
-from .base import Phase
+from .base import Phase, load_teacher
 from .dmd import DMD2
 
-__all__ = ["MSD", "Routed", "contiguous_partition"]
+__all__ = ["MSD", "Routed", "contiguous_partition", "kmeans_partition", "teacher_class_means"]
 
 
 def contiguous_partition(num_classes: int, num_students: int) -> list[list[int]]:
     """Classes 0..C-1 split into K contiguous groups of sizes differing by at most one."""
     bounds = torch.linspace(0, num_classes, num_students + 1).round().long().tolist()
     return [list(range(bounds[k], bounds[k + 1])) for k in range(num_students)]
+
+
+def kmeans_partition(points: Tensor, num_groups: int, iterations: int = 100, seed: int = 0) -> list[list[int]]:
+    """Classes grouped by Lloyd's k-means of one point per class (row c of `points` stands for class c), the way
+    MSD clusters its conditions (prompt embeddings for text): similar classes share a student. k-means++ seeding
+    from `seed`; a group left empty takes the class farthest from its center among groups of two or more classes,
+    so every student gets at least one class. Groups are returned ordered by their smallest class."""
+    if not 1 <= num_groups <= points.shape[0]:
+        raise ValueError(f"num_students: k-means needs 1..{points.shape[0]} groups for {points.shape[0]} classes, "
+                         f"got {num_groups}.")
+    x = points.flatten(1).double()
+    g = torch.Generator().manual_seed(seed)
+    centers = x[torch.randint(x.shape[0], (1,), generator=g)]
+    while centers.shape[0] < num_groups:  # k-means++: next center drawn with probability ~ squared distance
+        d2 = torch.cdist(x, centers).min(1).values ** 2
+        centers = torch.cat([centers, x[torch.multinomial(d2 + 1e-30, 1, generator=g)]])
+
+    def assigned(centers: Tensor) -> Tensor:
+        assign = torch.cdist(x, centers).argmin(1)
+        for k in range(num_groups):
+            if not (assign == k).any():  # empty group: take the farthest class of a group with >= 2 classes
+                shared = torch.bincount(assign, minlength=num_groups)[assign] >= 2
+                distance = torch.where(shared, (x - centers[assign]).norm(dim=1), -1.0)
+                assign[distance.argmax()] = k
+        return assign
+
+    assign = assigned(centers)
+    for _ in range(iterations):
+        new = assigned(torch.stack([x[assign == k].mean(0) for k in range(num_groups)]))
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return sorted(sorted(torch.nonzero(assign == k).flatten().tolist()) for k in range(num_groups))
+
+
+@torch.no_grad()
+def teacher_class_means(teacher: nn.Module, num_classes: int, shape: tuple[int, ...], draws: int = 64,
+                        sigma: float = 80.0, seed: int = 0) -> Tensor:
+    """E[x0 | c] for every class from the teacher alone: at a noise level far above the data's scale the ideal
+    denoiser D(x + sigma eps, sigma, c) has forgotten x and returns the class mean; averaged over `draws` draws.
+    Shape (num_classes, *shape)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(draws)
+    x_t = sigma * torch.randn((labels.shape[0], *shape), generator=g)
+    x0 = teacher.x0(x_t, torch.full((labels.shape[0],), sigma), class_labels=labels)
+    return x0.reshape(num_classes, draws, *shape).mean(1)
 
 
 class Routed(nn.Module):
@@ -101,14 +147,18 @@ class MSD(DMD2):
 
     Args:
         num_students: K; the classes are split into K contiguous groups unless `partition` is given.
-        partition: K lists of class labels, every class exactly once (e.g. [[0, 1, 2], [3, 4, 5], ...]).
+        partition: K lists of class labels, every class exactly once (e.g. [[0, 1, 2], [3, 4, 5], ...]); or
+            "kmeans": k-means of the teacher's class means (`teacher_class_means`), similar classes to one student.
+            A trained student records the groups it used, so it reloads without the teacher.
         student_net: architecture of every student; default (None) the teacher's, initialised from its weights.
             Any other architecture starts from scratch: give it `tsm_iterations`.
         tsm_iterations: teacher-score-matching warm-up iterations (only the students train); DMD2's generator and
             critic phases start after it.
+        tsm_lr: learning rate of the warm-up (default: `lr`); it trains a diffusion model from scratch, which can
+            take a larger step than distillation.
     """
 
-    def __init__(self, teacher_ckpt: str, num_students: int = 4, partition: list[list[int]] | None = None,
+    def __init__(self, teacher_ckpt: str, num_students: int = 4, partition: list[list[int]] | str | None = None,
                  student_net: nn.Module | None = None, tsm_iterations: int = 0, preconditioning: str | None = None,
                  sigma_data: float | None = None, generator_sigmas: Sequence[float] = (80.0,),
                  backward_simulation: bool = True, generator_every: int = 5, gan_generator_weight: float = 3e-3,
@@ -116,11 +166,15 @@ class MSD(DMD2):
                  real_guidance_scale: float = 1.0, dm_step_range: Sequence[float] = (0.02, 0.98),
                  dm_reduction: str = "mean", lr: float = 2e-6, betas: Sequence[float] = (0.9, 0.999),
                  weight_decay: float = 0.01, ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop",
-                 max_consecutive_skips: int = 100):
+                 max_consecutive_skips: int = 100, tsm_lr: float | None = None):
         if not isinstance(num_students, int) or num_students < 1:
             raise ValueError(f"num_students: must be an integer >= 1, got {num_students!r}.")
+        if isinstance(partition, str) and partition != "kmeans":
+            raise ValueError(f"partition: give K lists of class labels or 'kmeans', got {partition!r}.")
         if tsm_iterations < 0:
             raise ValueError(f"tsm_iterations: must be >= 0, got {tsm_iterations}.")
+        if tsm_lr is not None and not tsm_lr > 0:
+            raise ValueError(f"tsm_lr: must be > 0 (or None for lr), got {tsm_lr}.")
         # Plain attributes read by _build_generator / _build_critic while DMD2.__init__ builds the networks.
         self.num_students, self.partition_arg = num_students, partition
         super().__init__(teacher_ckpt, student_net, preconditioning, sigma_data, generator_sigmas, backward_simulation,
@@ -139,7 +193,8 @@ class MSD(DMD2):
         if self.tsm_iterations > 0:
             for phase in self.phases:
                 phase.start = self.tsm_iterations
-            self.phases.insert(0, Phase("tsm", "tsm_loss", generator.networks, separate=True, lr=generator.lr,
+            self.phases.insert(0, Phase("tsm", "tsm_loss", generator.networks, separate=True,
+                                        lr=generator.lr if tsm_lr is None else float(tsm_lr),
                                         betas=generator.betas, weight_decay=generator.weight_decay,
                                         updates_ema=True, stop=self.tsm_iterations))
 
@@ -152,6 +207,10 @@ class MSD(DMD2):
             raise ValueError(f"num_students: {self.num_students} students for {num_classes} classes; "
                              f"use at most {num_classes}.")
         partition = self.partition_arg or contiguous_partition(num_classes, self.num_students)
+        if partition == "kmeans":
+            teacher = load_teacher(self.teacher_ckpt, field_name="teacher_ckpt")
+            means = teacher_class_means(teacher, num_classes, self._teacher_data_shape(teacher))
+            partition = kmeans_partition(means, self.num_students)
         flat = sorted(c for group in partition for c in group)
         if len(partition) != self.num_students or flat != list(range(num_classes)) or any(not g for g in partition):
             raise ValueError(f"partition: need {self.num_students} non-empty groups holding every class 0..{num_classes - 1} "
@@ -160,6 +219,24 @@ class MSD(DMD2):
         for k, group in enumerate(partition):
             route[torch.tensor(group)] = k
         return route
+
+    @staticmethod
+    def _teacher_data_shape(teacher: nn.Module) -> tuple[int, ...]:
+        res = getattr(teacher.net, "img_resolution", None)
+        return (teacher.net.in_channels,) if res is None else (teacher.net.in_channels, res, res)
+
+    @property
+    def partition(self) -> list[list[int]]:
+        """The class groups in use, student by student."""
+        return [torch.nonzero(self.G.route == k).flatten().tolist() for k in range(self.num_students)]
+
+    @property
+    def init_config(self) -> dict:
+        """DMD2's record of the architecture, and a k-means partition as the groups it found."""
+        config = super().init_config
+        if isinstance(config["init_args"].get("partition"), str):
+            config["init_args"]["partition"] = self.partition
+        return config
 
     def _build_generator(self, net: nn.Module, preconditioning: str, sigma_data: float) -> None:
         route = self._routing(int(getattr(net, "num_classes", 0)))

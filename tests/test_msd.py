@@ -1,0 +1,150 @@
+"""Multi-Student Distillation (issue 20): per-student optimizers and clipping during real training, routing at
+sampling (also after a reload without the teacher), and the k-means partition of the classes.
+(Construction, TSM warm-up and error messages: tests/test_dmd.py; the conformance suite covers MSD too.)"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lit_fewstep.data import Toy2DDataModule
+from lit_fewstep.methods import MSD, EDMDiffusion
+from lit_fewstep.methods.base import load_teacher
+from lit_fewstep.methods.msd import kmeans_partition, teacher_class_means
+from lit_fewstep.nets import MLP
+from lit_fewstep.utils.checkpoint import load_checkpoint, load_module
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def eight_class_teacher(tmp_path_factory) -> str:
+    torch.manual_seed(1)
+    teacher = EDMDiffusion(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8), sigma_data=1.0, ema_decay=0.0)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    path = tmp_path_factory.mktemp("teachers") / "eight.pt"
+    teacher.export(str(path))
+    return str(path)
+
+
+def trainer(tmp_path, max_steps, callbacks=()):
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                     num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks))
+
+
+def student_parameters(model: MSD, k: int) -> set[int]:
+    """Everything student k owns: its generator, fake score and GAN head."""
+    nets = [model.G.members[k], model.fake_score.members[k], model.head.members[k]]
+    return {id(p) for net in nets for p in net.parameters()}
+
+
+def test_each_students_optimizer_only_changes_that_student(eight_class_teacher, tmp_path):
+    """Through a real fit (mixed-class batches, TTUR, GAN): every optimizer step moves parameters of one student
+    only, every student is moved, each optimizer's Adam state covers exactly one student's parameters, and the
+    gradient clip is per student: with a tiny clip each student's clipped gradient has norm exactly `grad_clip`
+    (one joint clip over K students would leave each student a share, sum of squares = clip^2)."""
+    clip = 1e-6
+    model = MSD(eight_class_teacher, num_students=2, generator_every=2, gan_generator_weight=0.1, lr=1e-3,
+                grad_clip=clip, ema_decay=0.0)
+    owners = [student_parameters(model, k) for k in range(2)]
+    everything = [p for net in (model.G, model.fake_score, model.head) for p in net.parameters()]
+    steps, norms = [], []
+
+    class Watch(L.Callback):
+        def on_train_start(self, trainer, module):
+            for opt in trainer.optimizers:
+                opt.register_step_pre_hook(self.before)
+                opt.register_step_post_hook(self.after)
+
+        def before(self, opt, args, kwargs):
+            self.snapshot = [p.detach().clone() for p in everything]
+
+        def after(self, opt, args, kwargs):
+            changed = {id(p) for p, old in zip(everything, self.snapshot) if not torch.equal(p, old)}
+            steps.append(changed)
+
+    clip_gradients = model.on_before_optimizer_step
+
+    def clipped(optimizer):  # the module clips here, inside opt.step, just before the update
+        clip_gradients(optimizer)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    model.on_before_optimizer_step = clipped
+    data = Toy2DDataModule(name="eight_gaussians", batch_size=32, num_train=640)
+    iterations = 6  # critic every iteration, generator at 0, 2, 4; one optimizer per student each
+    trainer(tmp_path, model.optimizer_steps_for(iterations), [Watch()]).fit(model, data)
+    assert int(model.iteration) == iterations and len(steps) == 2 * (6 + 3)
+    moved = [0, 0]
+    for changed in steps:
+        assert changed, "an optimizer step changed nothing"
+        owner = [k for k in range(2) if changed & owners[k]]
+        assert len(owner) == 1 and changed <= owners[owner[0]], "one optimizer step changed two students"
+        moved[owner[0]] += 1
+    assert moved == [9, 9]
+    for opt in model.trainer.optimizers:
+        state = {id(p) for p in opt.state}
+        assert any(state <= owners[k] for k in range(2)) and state
+    assert norms == pytest.approx([clip] * len(norms), rel=1e-3)
+
+
+def test_kmeans_partition_groups_nearby_classes():
+    # classes c sit near cluster c % 3: the groups are {0, 3, 6}, {1, 4, 7}, {2, 5}, whatever the seed
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = centers[torch.arange(8) % 3] + 0.1 * torch.randn(8, 2, generator=g)
+    for seed in range(5):
+        assert kmeans_partition(points, 3, seed=seed) == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    # duplicated points still give K non-empty groups
+    groups = kmeans_partition(torch.zeros(5, 3), 3)
+    assert len(groups) == 3 and all(groups) and sorted(c for grp in groups for c in grp) == list(range(5))
+    with pytest.raises(ValueError, match="num_students: k-means needs 1..5 groups"):
+        kmeans_partition(torch.zeros(5, 3), 6)
+
+
+def test_teacher_class_means_are_the_data_class_means():
+    """At sigma = 80 the shipped tree teacher's denoiser returns E[x0 | c]: its class means match the data's."""
+    teacher = load_teacher(str(ROOT / "lit_fewstep" / "assets" / "edm_tree.pt"))
+    means = teacher_class_means(teacher, 2, (2,), draws=256)
+    data = Toy2DDataModule(name="tree", batch_size=256)
+    data.setup("fit")
+    x, y = data.reference_samples(20000, seed=0)
+    truth = torch.stack([x[y == c].mean(0) for c in range(2)])
+    assert (means - truth).norm(dim=1).max() < 0.1 * truth.norm(dim=1).min() + 0.05
+    assert (truth[0] - truth[1]).norm() > 0.3  # the check separates the classes
+
+
+def test_kmeans_students_route_every_class_to_their_student_after_reload(eight_class_teacher, tmp_path):
+    model = MSD(eight_class_teacher, num_students=3, partition="kmeans", ema_decay=0.0)
+    teacher = load_teacher(eight_class_teacher)
+    expected = kmeans_partition(teacher_class_means(teacher, 8, (2,)), 3)
+    assert sorted(model.partition) == expected
+    path = tmp_path / "msd.pt"
+    model.export(str(path))
+    assert load_checkpoint(path)["lit_fewstep"]["config"]["init_args"]["partition"] == model.partition
+    # the recorded groups, not the teacher, define the routing of a reloaded student
+    teacher_file = tmp_path / "moved_teacher.pt"
+    import shutil
+    shutil.move(eight_class_teacher, teacher_file)
+    try:
+        loaded = load_module(path)
+    finally:
+        shutil.move(teacher_file, eight_class_teacher)
+    assert torch.equal(loaded.G.route, model.G.route)
+    seen = {k: [] for k in range(3)}
+    for k, student in enumerate(loaded.G.members):
+        student.register_forward_hook(lambda mod, args, kwargs, out, k=k: seen[k].append(kwargs["class_labels"]),
+                                      with_kwargs=True)
+    labels = torch.arange(8).repeat(4)
+    out = loaded.sample(32, 1, class_labels=labels, generator=torch.Generator().manual_seed(0))
+    assert out.nfe == 1
+    for k, group in enumerate(loaded.partition):
+        assert len(seen[k]) == 1  # one forward per student per step
+        assert sorted(seen[k][0].tolist()) == sorted(c for c in labels.tolist() if c in group)
+    with pytest.raises(ValueError, match="partition: give K lists of class labels or 'kmeans'"):
+        MSD(eight_class_teacher, num_students=2, partition="kmean")
