@@ -27,6 +27,7 @@ Use from another benchmark:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -42,6 +43,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from lit_fewstep.methods.base import float32_jvp  # noqa: E402
 
 __all__ = ["sampling_throughput", "training_step_ratio", "format_timing"]
 
@@ -205,7 +208,7 @@ def _replay_seconds(net: nn.Module, call: _Call, repeats: int, device: torch.dev
 
                 primals = tuple(args[i].detach() for i in floats)
                 with torch.no_grad():
-                    torch.func.jvp(f, primals, tuple(torch.ones_like(x) for x in primals))
+                    float32_jvp(f, primals, tuple(torch.ones_like(x) for x in primals))  # as the methods run it
         elif call.output_grad and call.grad_enabled:
             def fn():
                 with torch.enable_grad():
@@ -239,22 +242,25 @@ def networks_of(module) -> dict[str, nn.Module]:
 
 
 def training_step_ratio(module, datamodule, steps: int = 20, warmup: int = 5, repeats: int = 5,
-                        accelerator: str = "auto") -> dict:
+                        accelerator: str = "auto", precision: str = "32-true") -> dict:
     """Median training-step time, median floor (its network passes alone) and median ratio; see module doc.
 
-    Trains `module` for warmup + steps batches (its weights change: pass a copy you can spare).
+    Trains `module` for warmup + steps batches (its weights change: pass a copy you can spare). Under a mixed
+    `precision` the passes are replayed under the same autocast as the step.
     """
     recorder = _Recorder(warmup, steps)
     # the recorder stops the fit after warmup + steps batches (max_steps would count optimizer steps, which differ
     # from batches for multi-phase methods); epochs roll over as needed
     trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=-1, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[recorder])
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[recorder], precision=precision)
     trainer.fit(module, datamodule)
     if len(recorder.steps) < steps:
         raise RuntimeError(f"timing: only {len(recorder.steps)} measured steps; the loader has too few batches "
                            f"for warmup={warmup} + steps={steps}.")
     device = module.device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)
+                if precision.endswith("-mixed") else contextlib.nullcontext())
     cache: dict[int, float] = {}
     floors, ratios, calls_per_step = [], [], []
     for step in recorder.steps:
@@ -262,7 +268,8 @@ def training_step_ratio(module, datamodule, steps: int = 20, warmup: int = 5, re
         for call in step.calls:
             key = id(call)
             if key not in cache:
-                cache[key] = _replay_seconds(call.module, call, repeats, device)
+                with autocast:
+                    cache[key] = _replay_seconds(call.module, call, repeats, device)
             floor += cache[key]
         floors.append(floor)
         ratios.append(step.seconds / floor if floor > 0 else float("nan"))

@@ -88,3 +88,21 @@ def test_every_suite_entry_points_at_existing_files():
         for entry in entries:
             assert (ROOT / entry["config"]).exists(), (suite, entry["config"])
             assert entry.get("teacher") in (None, "self") or (ROOT / entry["teacher"]).exists(), (suite, entry)
+
+
+def test_gpu_smoke_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu/smoke.py end to end on the CPU in bf16-mixed for a JVP method on a convolutional network (sCD)
+    and DMD2: a row per method with its throughput, the step/passes ratio, and the targets it can judge."""
+    from benchmarks.gpu import smoke
+
+    out = tmp_path / "smoke.md"
+    result = smoke.main(["--accelerator", "cpu", "--methods", "cd", "scd", "dmd2", "--iterations", "2", "--steps", "1",
+                         "--batch", "8", "--out", str(out)])
+    assert not result["skipped"], result["skipped"]
+    text = out.read_text()
+    for method in ("cd", "scd", "dmd2"):
+        row = result["rows"][method]
+        assert row["iterations"] == 2 and row["nfe"] == 1 and row["images_per_s"] > 0 and row["ratio"] > 0
+        assert f"| {method} |" in text
+    assert "DMD2 step / its network passes" in text and "sCD step / CD step" in text
+    assert (tmp_path / "smoke.json").exists()

@@ -83,6 +83,14 @@ def _float32_output_hook(module: nn.Module, args, output):
     return _to_float32(output)
 
 
+def float32_jvp(fn, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]):
+    """`torch.func.jvp` with autocast off and float32 primals and tangents: forward-mode derivatives run in float32
+    in every precision. (Under autocast the forward-mode rule of a convolution meets a half-precision weight with a
+    float32 tangent and fails; and sCM's / AYF's tangents are differences of nearly equal terms.)"""
+    with torch.autocast(primals[0].device.type, enabled=False):
+        return torch.func.jvp(fn, tuple(_to_float32(p) for p in primals), tuple(_to_float32(t) for t in tangents))
+
+
 def float32_outputs(network: nn.Module) -> nn.Module:
     """Cast the half-precision outputs of `network`, and of the raw network inside each of its preconditioners (the
     preconditioning then runs in float32), to float32. Idempotent (a mark travels with deep copies, as the hook does)."""

@@ -47,7 +47,7 @@ from ..diffusion.paths import _bcast
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.predictions import convert_prediction
 from ..diffusion.solvers import NFECounter, TwoTimeJump, run_steps, uniform_times
-from .base import FewStepModule, Phase
+from .base import FewStepModule, Phase, float32_jvp
 from .consistency import same_dropout_masks
 from .scm import SCM, TANGENT_NORMS, normalize_tangent
 
@@ -230,8 +230,8 @@ class AYF(FewStepModule):
         (v, 1, 0) in (x_t, t, s). No gradient."""
         net = self.student if net is None else net
         with torch.no_grad():
-            F_minus, dF_dt = torch.func.jvp(lambda x_, t_, s_: self.F(net, x_, t_, s_, y, lam), (x_t, t, s),
-                                            (v, torch.ones_like(t), torch.zeros_like(s)))
+            F_minus, dF_dt = float32_jvp(lambda x_, t_, s_: self.F(net, x_, t_, s_, y, lam), (x_t, t, s),
+                                         (v, torch.ones_like(t), torch.zeros_like(s)))
         return F_minus, (F_minus - v) + r * _bcast(t - s, x_t) * dF_dt
 
     def lmd_tangent(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None, lam: Tensor | None, r: float = 1.0,
@@ -240,7 +240,7 @@ class AYF(FewStepModule):
         (a JVP in s; `velocity(x, s)` defaults to the teacher's, evaluated at s >= t_eps). No gradient."""
         net = self.student if net is None else net
         with torch.no_grad():
-            F_minus, dF_ds = torch.func.jvp(lambda s_: self.F(net, x_t, t, s_, y, lam), (s,), (torch.ones_like(s),))
+            F_minus, dF_ds = float32_jvp(lambda s_: self.F(net, x_t, t, s_, y, lam), (s,), (torch.ones_like(s),))
             f_minus = net.precond.jump(F_minus, x_t, t, s)
             s_eval = s.clamp_min(self.t_eps)
             v_f = (velocity(f_minus, s_eval) if velocity is not None

@@ -36,7 +36,7 @@ from ..diffusion.paths import _bcast
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.predictions import convert_prediction
 from ..nets.embeddings import positional_embedding
-from .base import Phase
+from .base import Phase, float32_jvp
 from .consistency import ConsistencyFamily, same_dropout_masks
 
 __all__ = ["AdaptiveWeight", "trigflow_jvp", "scm_tangent", "normalize_tangent", "SCM", "SCD", "SCT"]
@@ -71,7 +71,7 @@ def trigflow_jvp(F_fn, x_t: Tensor, t: Tensor, dxdt: Tensor) -> tuple[Tensor, Te
     (sCM Sec. 4.2; FastGen's sCM does the same) so the JVP stays finite near t = pi/2.
     """
     cs = torch.cos(t) * torch.sin(t)
-    return torch.func.jvp(F_fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
+    return float32_jvp(F_fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
 
 
 def scm_tangent(F_minus: Tensor, cs_dF_dt: Tensor, dxdt: Tensor, x_t: Tensor, t: Tensor, sigma_data: float,
