@@ -36,6 +36,21 @@ def test_rows_state_ratios_to_the_reference_and_the_free_solver_comparison():
     assert any(line.startswith("| lowdiff | not yet") for line in lines)
 
 
+def test_the_readme_results_are_rewritten_between_their_markers_only(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n## Results\n{lb.README_START}\nold table\n{lb.README_END}\n\n## Next\nkept\n")
+    monkeypatch.setattr(lb, "README", readme)
+    runs = {"tree": {"seeds": [0, 1, 2], "num": 2000, "machine": "CPU X; 2 cores", "git": "abc123"}}
+    assert lb.update_readme({"tree": table()}, runs)
+    text = readme.read_text()
+    assert text.startswith("# title\n\n## Results\n") and text.endswith("\n\n## Next\nkept\n") and "old table" not in text
+    cd = next(line for line in text.splitlines() if line.startswith("| tree | cd |"))
+    assert cd.split(" | ")[2:8] == ["sw2", "0.1", "0.08", "0.07", "0.06", "2 |"]  # 0.1 / the 35-NFE reference 0.05
+    assert "not yet: lowdiff" in text and "leaderboard_tree_nfe.svg" in text
+    readme.write_text("# no markers\n")
+    assert not lb.update_readme({"tree": table()}, runs) and readme.read_text() == "# no markers\n"
+
+
 def test_figures_are_well_formed_svg_with_one_line_per_model(tmp_path, monkeypatch):
     monkeypatch.setattr(lb, "RESULTS", tmp_path)
     names = lb.figures("tree", table())
