@@ -117,8 +117,8 @@ def supported_nfes(module: FewStepModule) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------- training
 def trainer(root, iterations: int, callbacks=(), **kw) -> FewStepTrainer:
     """A quiet CPU trainer that stops after `iterations` iterations (validation once per epoch, one batch)."""
-    kw = {"logger": False, "enable_checkpointing": False, **kw}
-    return FewStepTrainer(accelerator="cpu", devices=1, max_steps=-1, max_epochs=-1, enable_progress_bar=False,
+    kw = {"logger": False, "enable_checkpointing": False, "accelerator": "cpu", **kw}
+    return FewStepTrainer(devices=1, max_steps=-1, max_epochs=-1, enable_progress_bar=False,
                           enable_model_summary=False, default_root_dir=str(root), num_sanity_val_steps=0,
                           check_val_every_n_epoch=1, limit_val_batches=1,
                           callbacks=[*callbacks, StopAtIteration(iterations)], **kw)

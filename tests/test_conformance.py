@@ -190,7 +190,8 @@ class PrecisionProbe(Callback):
 
             def spied(*args, _original=original, _name=phase.name, **kwargs):
                 loss = _original(*args, **kwargs)
-                self.losses.append((_name, torch.is_autocast_enabled("cpu"), loss.dtype, bool(torch.isfinite(loss))))
+                autocast = torch.is_autocast_enabled(loss.device.type)
+                self.losses.append((_name, autocast, loss.dtype, bool(torch.isfinite(loss))))
                 return loss
 
             setattr(pl_module, phase.loss, spied)
@@ -199,7 +200,8 @@ class PrecisionProbe(Callback):
                 t.dtype for t in (out if isinstance(out, (tuple, list)) else (out,)) if torch.is_tensor(t)))
         for module in pl_module.modules():
             if isinstance(module, nn.Linear):
-                module.register_forward_hook(lambda m, a, out: setattr(self, "half_inside", self.half_inside or out.dtype == torch.bfloat16))
+                module.register_forward_hook(
+                    lambda m, a, out: setattr(self, "half_inside", self.half_inside or out.dtype == torch.bfloat16))
 
 
 def _nan_loss(batch, *args, **kwargs):
@@ -239,6 +241,19 @@ class TestConformance:
         half_outputs = {net: dtypes for net, dtypes in probe.outputs.items() if dtypes - {torch.float32, torch.long}}
         assert not half_outputs, f"networks handing half-precision tensors to the method: {half_outputs}"
         assert all(t.dtype == torch.float32 for t in module.state_dict().values() if t.is_floating_point())
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU machine (benchmarks/gpu/)")
+    def test_trains_and_samples_on_cuda_in_bf16_mixed(self, name, tmp_path):
+        """The bf16 check above on a GPU, then sampling there at every supported NFE with the exact count."""
+        probe = PrecisionProbe()
+        module, _ = fit(lambda: build(name), tmp_path, FIT_ITERATIONS, [probe], accelerator="gpu",
+                        precision="bf16-mixed")
+        assert int(module.iteration) == FIT_ITERATIONS and probe.half_inside
+        assert all(autocast and dtype == torch.float32 and finite for _, autocast, dtype, finite in probe.losses)
+        module = module.cuda().eval()
+        for nfe in supported_nfes(module):
+            out = module.sample(16, nfe, generator=torch.Generator().manual_seed(nfe))  # noise drawn on the CPU
+            assert out.nfe == nfe and out.x.device.type == "cuda" and torch.isfinite(out.x).all()
 
     def test_sample_spends_exactly_the_requested_nfe(self, name, tmp_path_factory):
         module = fitted(name, tmp_path_factory).module
