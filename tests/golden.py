@@ -27,6 +27,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from conftest import StopAtIteration
+from lit_fewstep.utils.machine import cpu_name
+from lit_fewstep.utils.runs import working_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -48,23 +50,10 @@ REFERENCE_CPU = "AMD EPYC"
 CROSS_CPU_RTOL = 1e-4
 
 
-def cpu_model() -> str:
-    """The processor's model name (/proc/cpuinfo), or platform.processor() where there is no such file."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def records_for_this_cpu(golden: dict, section: str) -> tuple[dict, bool, str]:
     """(records, exact, where): the golden `section` recorded on this processor (compare bit-exactly), or the
     reference records to compare within CROSS_CPU_RTOL."""
-    model = cpu_model()
+    model = cpu_name()
     if model.startswith(REFERENCE_CPU):
         return golden[section], True, f"reference records ({REFERENCE_CPU})"
     if model in golden.get("other_cpus", {}):
@@ -93,17 +82,6 @@ class Recording:
     losses: dict[str, list[float]] = field(default_factory=dict)
     # the module's iteration counter when each value was logged (same shape as `losses`)
     loss_iterations: dict[str, list[int]] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def _chdir(path: Path):
-    """contextlib.chdir, which Python 3.10 lacks: the configs name files relative to the repository root."""
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def _overrides(config: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
@@ -135,7 +113,7 @@ def record(method_config: str, iterations: int = ITERATIONS, seed: int = SEED) -
 
     torch.set_num_threads(1)
     config = config_path(method_config)
-    with tempfile.TemporaryDirectory(prefix="golden_") as tmp, _chdir(ROOT):
+    with tempfile.TemporaryDirectory(prefix="golden_") as tmp, working_directory(ROOT):
         workdir = Path(tmp)
         extra, described = _overrides(config, workdir)
         L.seed_everything(seed, verbose=False)

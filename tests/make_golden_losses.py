@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning  # noqa: E402
 import torch  # noqa: E402
 
-from golden import ITERATIONS, SEED, cpu_model, record, tree_configs  # noqa: E402
+from golden import ITERATIONS, SEED, record, tree_configs  # noqa: E402
+from lit_fewstep.utils.machine import cpu_name  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "golden_losses.json"
 
@@ -50,7 +51,7 @@ def main() -> Path:
         print(f"{method}: " + ", ".join(f"{name} x{len(v)}" for name, v in rec.losses.items()), file=sys.stderr)
     if "--this-cpu" in sys.argv[1:]:
         data = json.loads(OUT.read_text())
-        data.setdefault("other_cpus", {})[cpu_model()] = {
+        data.setdefault("other_cpus", {})[cpu_name()] = {
             "environment": env, "methods": {m: {"losses": r["losses"]} for m, r in methods.items()}}
         return _write(data)
     data = {

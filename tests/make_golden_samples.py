@@ -46,13 +46,12 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     records = {key(a, n, o): draw(a, n, o) for a, cases in CASES.items() for n, o in cases}
     if "--this-cpu" in sys.argv[1:]:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from golden import cpu_model
+        from lit_fewstep.utils.machine import cpu_name
 
         data = json.loads(OUT.read_text())
-        data.setdefault("other_cpus", {})[cpu_model()] = {"about": {"torch": torch.__version__}, "samples": records}
+        data.setdefault("other_cpus", {})[cpu_name()] = {"about": {"torch": torch.__version__}, "samples": records}
         OUT.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"added {len(records)} records for {cpu_model()} to {OUT}")
+        print(f"added {len(records)} records for {cpu_name()} to {OUT}")
         return
     OUT.write_text(json.dumps({"about": {"seed": SEED, "num": NUM, "torch": torch.__version__}, "samples": records},
                               indent=1) + "\n")

@@ -41,6 +41,7 @@ import yaml  # noqa: E402
 
 from benchmarks.run import exact_command, git_state, machine  # noqa: E402
 from benchmarks.timing import sampling_throughput, training_step_ratio  # noqa: E402
+from lit_fewstep.utils.runs import working_directory  # noqa: E402
 
 METHODS = ["edm", "flow_matching", "cd", "ct", "ict", "scd", "sct", "dmd", "dmd2", "msd", "ctm", "guided_distillation",
            "caf", "flow_map", "analog_bits", "lowdiff"]
@@ -111,7 +112,7 @@ def build(method: str, overrides: dict):
 
 def measure(method: str, args, device: torch.device, workdir: Path) -> dict:
     L.seed_everything(0, verbose=False)
-    with _cwd(ROOT):
+    with working_directory(ROOT):
         module, datamodule = build(method, pairs_override(method, workdir, args.pairs_num, device))
     clock = BatchClock(args.iterations)
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=-1, max_epochs=-1,
@@ -133,16 +134,6 @@ def measure(method: str, args, device: torch.device, workdir: Path) -> dict:
             "iterations_per_s": clock.iterations_per_s(), "peak_gib": peak, "step_s": timing["step_s"],
             "floor_s": timing["floor_s"], "ratio": timing["ratio"], "nfe": sampling["nfe_spent"],
             "images_per_s": sampling["images_per_s"]}
-
-
-@contextlib.contextmanager
-def _cwd(path: Path):
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def teacher_throughput(args, device: torch.device) -> float:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["describe_machine"]
+__all__ = ["cpu_name", "describe_machine"]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -25,7 +26,7 @@ def describe_machine(note: str | None = None) -> str:
     """CPU model and cores, torch threads, GPU (if any), versions; `note` is appended (e.g. who shared the CPU)."""
     import lightning
 
-    parts = [f"{_cpu_name()}, {os.cpu_count()} logical cores", f"torch threads {torch.get_num_threads()}",
+    parts = [f"{cpu_name()}, {os.cpu_count()} logical cores", f"torch threads {torch.get_num_threads()}",
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"]
     if torch.cuda.is_available():
         parts.append(f"GPU {torch.cuda.get_device_name(0)}")

@@ -8,10 +8,11 @@ be made (some file systems, Windows without the privilege) it is a small text fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["LATEST", "point_latest", "resolve_run_pointer"]
+__all__ = ["LATEST", "point_latest", "resolve_run_pointer", "working_directory"]
 
 LATEST = "latest"
 
@@ -52,3 +53,14 @@ def resolve_run_pointer(path: str | os.PathLike) -> Path:
             if target and "/" not in target and "\\" not in target and target not in (".", ".."):
                 return resolve_run_pointer(Path(*parts[:i], target, *parts[i + 1:]))
     return path
+
+
+@contextlib.contextmanager
+def working_directory(path: str | os.PathLike):
+    """contextlib.chdir, which Python 3.10 lacks (configs name files relative to the repository root)."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
