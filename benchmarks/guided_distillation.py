@@ -1,0 +1,185 @@
+"""Guided distillation (Meng et al. 2023) against its classifier-free guided teacher, at every student of one fit.
+
+One fit of `configs/guided_distillation/<data>.yaml` runs stage 1 (guidance distillation) and then the progressive
+halvings 16 -> 8 -> 4 -> 2 -> 1 steps; the config keeps a checkpoint every 500 iterations, i.e. at the end of every
+stage, so the 8-, 4-, 2- and 1-step students are each evaluated from the checkpoint that ends their stage (the
+student's steps are read from the checkpoint: `current_steps(iteration - 1)`, the stage its last update belonged to).
+Every student is sampled with its own number of DDIM steps at each guidance scale, and the guided teacher (the shipped
+EDM asset the fit distilled) with 35-step Heun at the same scale (CFG: two evaluations per step).
+
+Scales are the package's EDM2 scales s (1 = no guidance); Meng et al.'s w is s - 1, so their w in {0, 1, 2, 4} is
+`--scales 1 2 3 5`. Metrics: toys against exact samples of the data (sw2 = sliced W2, nll = exact negative
+log-likelihood of the samples) and, as a check that the guidance itself was distilled, `sw2_to_teacher` (sliced W2
+between the student's samples and the guided teacher's at the same scale and seed; on the teacher's row, its samples
+against another seed's: the floor at this sample count); digits: FID on the shipped digits
+classifier's features. Medians over the sampling seeds; the claim checked is student / teacher <= 1.2 on the
+primary metric (sw2 or FID).
+
+    OMP_NUM_THREADS=1 python benchmarks/guided_distillation.py --data tree [--run DIR] [--num 5000] [--seeds 0 1 2]
+
+Without --run the fit is run first (benchmarks/run.py `train`); --run reuses the log folder of a fit
+(`.../guided_distillation_<data>/version_N`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run import PRIMARY, exact_command, git_state, load, train  # noqa: E402
+from lit_fewstep.utils.machine import describe_machine  # noqa: E402
+
+TEACHER_NFE = 35
+CLAIM = 1.2
+
+
+def students(run: Path) -> dict[int, Path]:
+    """{student steps: checkpoint} for the checkpoints that end each progressive stage (last update in that stage)."""
+    found: dict[int, tuple[int, Path]] = {}
+    for ckpt in (run / "checkpoints").glob("*step=*.ckpt"):
+        module = load(ckpt)
+        iteration = int(module.iteration)
+        steps = module.current_steps(iteration - 1)
+        if steps is not None and (steps not in found or iteration > found[steps][0]):
+            found[steps] = (iteration, ckpt)
+    if not found:
+        raise FileNotFoundError(f"--run: no checkpoint of a progressive stage under {run / 'checkpoints'}; the config "
+                                f"must keep them (ModelCheckpoint save_top_k: -1, every_n_train_steps at stage ends).")
+    return {steps: path for steps, (_, path) in sorted(found.items(), reverse=True)}
+
+
+def sliced_w2(x: torch.Tensor, y: torch.Tensor) -> float:
+    from lit_fewstep.metrics.distribution import SlicedWasserstein2
+
+    metric = SlicedWasserstein2()
+    metric.update(fake=x, real=y)
+    return float(metric.compute())
+
+
+def score(evaluator, x: torch.Tensor) -> dict:
+    """Digits: `Evaluator.score` (FID, precision / recall). Toys: only sliced W2 and the exact NLL, the two metrics
+    of the claim; the Evaluator's MMD and k-NN precision / recall cost about 40 s each per 5,000 samples here."""
+    if evaluator.is_image:
+        return evaluator.score(x)
+    return {"sw2": sliced_w2(x, evaluator.real), "nll": float(-evaluator.log_prob(x.double()).mean())}
+
+
+def evaluate(module, evaluator, nfe: int, scale: float, seeds, num: int, teacher_samples=None) -> tuple[dict, dict]:
+    """Per-seed scores and samples of `module` at `nfe` and guidance `scale`. Toys: with `teacher_samples`, also the
+    sliced W2 to the teacher's samples of the same seed; without, the teacher's own seed-to-seed value (its samples
+    against the next seed's), the floor of that column at this sample count."""
+    from lit_fewstep.methods.sampling import draw
+
+    scores, samples = {}, {}
+    for seed in seeds:
+        x, _, spent, _ = draw(module, num, nfe, seed, None, True, 1000, guidance_scale=scale)
+        scores[seed], samples[seed] = {"nfe_spent": spent, **score(evaluator, x)}, x
+        if teacher_samples is not None and not evaluator.is_image:
+            scores[seed]["sw2_to_teacher"] = sliced_w2(x, teacher_samples[seed])
+    if teacher_samples is None and not evaluator.is_image and len(seeds) > 1:
+        for seed, other in zip(seeds, seeds[1:] + seeds[:1]):
+            scores[seed]["sw2_to_teacher"] = sliced_w2(samples[seed], samples[other])
+    return scores, samples
+
+
+def median_row(per_seed: dict) -> dict:
+    keys = [k for k in next(iter(per_seed.values())) if k != "nfe_spent"]
+    return {k: statistics.median(r[k] for r in per_seed.values()) for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=["tree", "digits"], default="tree")
+    parser.add_argument("--run", default=None, help="log folder of a finished fit (default: fit now)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0], help="EDM2 scales (w + 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="students to evaluate (default: all)")
+    parser.add_argument("--num", type=int, default=5000, help="samples per score")
+    parser.add_argument("--num_reference", type=int, default=10000, help="toy reference samples")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/guided_distillation_<data>.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from lit_fewstep.evaluation import Evaluator
+    from lit_fewstep.utils.config import instantiate
+
+    start = time.time()
+    config = f"configs/guided_distillation/{args.data}.yaml"
+    fit_command = None
+    if args.run is None:
+        model, _, fit_command = train({"config": config}, "guided_distillation", 0)
+        run = model.parent
+    else:
+        run = Path(args.run)
+    found = students(run)
+    if args.steps:
+        found = {k: v for k, v in found.items() if k in args.steps}
+    first = load(next(iter(found.values())))
+    teacher = load(ROOT / first.teacher_ckpt)
+    evaluator = Evaluator(instantiate(first.data_config), num_reference=args.num_reference, seed=0)
+    primary = PRIMARY[evaluator.is_image]
+
+    rows = []
+    for scale in args.scales:
+        per_seed, teacher_x = evaluate(teacher, evaluator, TEACHER_NFE, scale, args.seeds, args.num)
+        teacher_row = {"model": "teacher (Heun)", "steps": TEACHER_NFE, "scale": scale,
+                       "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"], "per_seed": per_seed, **median_row(per_seed)}
+        rows.append(teacher_row)
+        print({k: v for k, v in teacher_row.items() if k != "per_seed"}, flush=True)
+        for steps, path in found.items():
+            per_seed, _ = evaluate(load(path), evaluator, steps, scale, args.seeds, args.num, teacher_x)
+            iterations = re.search(r"step=(\d+)", path.name).group(1)
+            row = {"model": f"student ({iterations} it)", "steps": steps,
+                   "scale": scale, "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"], "per_seed": per_seed,
+                   **median_row(per_seed), "ckpt": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)}
+            row["ratio"] = row[primary] / teacher_row[primary]
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "per_seed"}, flush=True)
+    write(rows, args, primary, run, config, fit_command, time.time() - start)
+
+
+def write(rows, args, primary, run, config, fit_command, seconds) -> None:
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"guided_distillation_{args.data}.md")
+    extra = ["nll", "sw2_to_teacher"] if primary == "sw2" else []
+    head = ["model", "steps", "NFE", "scale s (Meng w)", primary, *extra, f"{primary} / teacher's"]
+    lines = [f"# Guided distillation on {args.data}: students vs the guided teacher", "",
+             f"- command: `{exact_command()}`",
+             f"- fit: `{fit_command or 'python -m lit_fewstep fit --config ' + config}` (run folder `{run}`)",
+             f"- machine: {describe_machine()}; git {git_state()}; {seconds / 60:.1f} min"
+             f"{' including the fit' if fit_command else ' (evaluation only)'}",
+             f"- sampling seeds {args.seeds} (medians below; per-seed values in the JSON), {args.num} samples per score"
+             + (f", {args.num_reference} exact reference samples (seed 0)" if primary == "sw2" else
+                ", FID against the training split on the shipped digits classifier's features"),
+             f"- teacher: the shipped EDM asset the fit distilled, {TEACHER_NFE}-step Heun with CFG at the same scale "
+             "(two evaluations per step); students: DDIM with their own number of steps, one evaluation per step",
+             "- scales are EDM2 scales s (1 = no guidance); Meng et al.'s w = s - 1", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], str(r["steps"]), str(r["nfe_spent"]), f"{r['scale']:g} ({r['scale'] - 1:g})",
+                 f"{r[primary]:.4f}", *(f"{r[k]:.4f}" if k in r else "–" for k in extra),
+                 f"{r['ratio']:.2f}" if "ratio" in r else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    student_rows = [r for r in rows if "ratio" in r]
+    met = [r for r in student_rows if r["ratio"] <= CLAIM]
+    lines += ["", f"Within {CLAIM}x of the teacher's {primary} at the same scale: {len(met)} of {len(student_rows)} "
+              f"(student steps, scale): " + ", ".join(f"({r['steps']}, {r['scale']:g}) {r['ratio']:.2f}"
+                                                     for r in student_rows), ""]
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "command": exact_command(), "fit": fit_command,
+                                                     "run": str(run), "machine": describe_machine(),
+                                                     "git": git_state(), "seeds": args.seeds, "num": args.num},
+                                                    indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
