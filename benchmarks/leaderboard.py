@@ -316,7 +316,8 @@ def readme_section(tables: dict[str, dict], runs: dict) -> list[str]:
             values = [result["rows"].get(str(n), {}).get(primary) for n in NFES]
             ratio = None if values[0] is None else values[0] / reference
             lines.append(f"| {data} | {name} | {primary} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(ratio)} |")
-        missing = [m["name"] for m in table["methods"] if "missing" in m]
+        listed = {m["name"] for m in table["methods"]}
+        missing = [m["name"] for m in table["methods"] if "missing" in m] + [m for m in METHODS if m not in listed]
         if missing:
             lines.append(f"| {data} | not yet: {', '.join(missing)} ||||||| ")
     info = "; ".join(f"{data}: medians over sampling seeds {runs[data]['seeds']}, {runs[data]['num']} samples, "
