@@ -17,10 +17,12 @@ two sweeps does not exist; "no more outliers" is the fair side of that compariso
 
     OMP_NUM_THREADS=1 python benchmarks/autoguidance.py [--guide PATH] [--num 4000] [--seed 0]
 
-`--data digits`: the shipped digits teacher with `configs/autoguidance/digits_guide.yaml`; FID (shipped digits
-classifier features, 2000 samples) of no guidance, CFG and autoguidance over the same sweep.
+`--data digits`: the shipped digits teacher guided by `--guide` or a guide trained from `--guide_config` (default
+`configs/autoguidance/digits_guide.yaml`; `digits_guide_small.yaml` is the paper's kind, smaller and shorter-trained);
+FID (shipped digits classifier features) of no guidance, CFG and autoguidance over the sweep, median over `--seeds`.
 
-    OMP_NUM_THREADS=1 python benchmarks/autoguidance.py --data digits [--guide PATH] [--num 2000]
+    OMP_NUM_THREADS=1 python benchmarks/autoguidance.py --data digits [--guide PATH | --guide_config YAML] \\
+        [--num 5000] [--seeds 0 1 2] [--scales 1.1 1.25 1.5] [--cfg_scales 1.05 1.1]
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def train_guide(root: Path, config: str = GUIDE_CONFIG) -> Path:
     subprocess.run([sys.executable, "-m", "lit_fewstep", "fit", "--config", config,
                     "--trainer.logger.init_args.save_dir", str(run), "--trainer.enable_progress_bar", "false"],
                    cwd=ROOT, check=True)
-    return next(run.rglob("model.pt"))
+    return max(run.rglob("model.pt"), key=lambda path: path.stat().st_mtime)  # this fit's, not an older one's
 
 
 def score(x: torch.Tensor, labels: torch.Tensor, dist, exact: torch.Tensor, threshold: float) -> dict:
@@ -76,6 +78,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default benchmarks/results/autoguidance[_digits].md")
     parser.add_argument("--data", choices=["tree", "digits"], default="tree")
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="digits: the guidance scales swept")
+    parser.add_argument("--cfg_scales", type=float, nargs="+", default=None, help="digits: CFG's scales (default --scales)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="digits: sampling seeds (median; default --seed)")
+    parser.add_argument("--resume", action="store_true", help="digits: reuse the rows already in --out's JSON")
+    parser.add_argument("--guide_config", default=None, help=f"digits: the guide's config (default {DIGITS_GUIDE_CONFIG})")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.data == "digits":
@@ -176,44 +182,100 @@ def write(rows, args, guide_path, seconds, figure) -> None:
 
 
 DIGITS_SCALES = [1.25, 1.5, 2.0, 3.0]
+DIGITS_GUIDE_CONFIG = "configs/autoguidance/digits_guide.yaml"
+
+
+def describe_net(module) -> str:
+    net = module.init_config["init_args"]["net"]["init_args"]
+    return f"UNet {net['model_channels']} channels, {int(module.iteration)} iterations"
 
 
 def digits(args) -> None:
+    """FID of no guidance, CFG and autoguidance over the scale sweep; each point is the median over the sampling
+    seeds (--seeds), every seed drawing the same noise and labels for every kind and scale."""
+    import statistics
+
     from lit_fewstep.evaluation import Evaluator
     from lit_fewstep.methods.sampling import draw
 
     start = time.time()
     out = Path(args.out or ROOT / "benchmarks" / "results" / "autoguidance_digits.md")
-    config = "configs/autoguidance/digits_guide.yaml"
+    config = args.guide_config or DIGITS_GUIDE_CONFIG
+    seeds = args.seeds or [args.seed]
     guide_path = Path(args.guide) if args.guide else train_guide(ROOT / "runs" / "benchmark_autoguidance_digits", config)
     teacher = load_module(ROOT / "lit_fewstep" / "assets" / "edm_digits.pt").eval()
     guide = load_module(guide_path).eval()
     evaluator = Evaluator(teacher_data(teacher))
     rows = []
     sweep = args.scales or DIGITS_SCALES
-    for kind, scales in (("none", [1.0]), ("cfg", sweep), ("autoguidance", sweep)):
+    # autoguidance before CFG: a run stopped early (CPU time) has the method under test
+    kinds = [("none", [1.0]), ("autoguidance", sweep), ("cfg", args.cfg_scales or sweep)]
+    total = sum(len(scales) for _, scales in kinds)
+    done = finished_rows(out, args, seeds, guide_path) if args.resume else {}
+    for kind, scales in kinds:
         for scale in scales:
+            if (kind, scale) in done:
+                rows.append(done[(kind, scale)])
+                continue
             options = {"guidance_scale": scale, **({"guide": guide} if kind == "autoguidance" else {})}
-            x, _, nfe, seconds = draw(teacher, args.num, args.nfe, args.seed, None, True, 1000, **options)
-            row = {"guidance": kind, "scale": scale, "nfe": nfe, "fid": evaluator.score(x)["fid"]}
+            per_seed = {}
+            for seed in seeds:
+                x, _, nfe, _ = draw(teacher, args.num, args.nfe, seed, None, True, 1000, **options)
+                per_seed[seed] = evaluator.score(x)["fid"]
+            row = {"guidance": kind, "scale": scale, "nfe": nfe, "fid": statistics.median(per_seed.values()),
+                   "fid_per_seed": per_seed}
             rows.append(row)
             print(row, flush=True)
-    best = {kind: min((r for r in rows if r["guidance"] == kind), key=lambda r: r["fid"]) for kind in ("none", "cfg", "autoguidance")}
+            # the report is rewritten after every row: a run stopped early leaves the rows it finished
+            write_digits(rows, total, args, seeds, config, guide_path, teacher, guide, time.time() - start, out)
+    print(out.read_text())
+
+
+def finished_rows(out: Path, args, seeds, guide_path) -> dict:
+    """--resume: the rows of an earlier run of the same settings (its JSON at `out`), by (guidance, scale)."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if (old.get("num"), old.get("seeds"), old.get("guide")) != (args.num, seeds, str(guide_path)):
+        raise ValueError(f"--resume: {path} holds another run (num, seeds, guide = {old.get('num')}, "
+                         f"{old.get('seeds')}, {old.get('guide')}); pass --out elsewhere or drop --resume.")
+    rows = {}
+    for row in old["rows"]:
+        row["fid_per_seed"] = {int(k): v for k, v in row["fid_per_seed"].items()}
+        rows[(row["guidance"], row["scale"])] = row
+    return rows
+
+
+def write_digits(rows, total, args, seeds, config, guide_path, teacher, guide, seconds, out: Path) -> None:
+    kinds = list(dict.fromkeys(r["guidance"] for r in rows))
+    best = {kind: min((r for r in rows if r["guidance"] == kind), key=lambda r: r["fid"]) for kind in kinds}
+    command = (f"OMP_NUM_THREADS=1 python benchmarks/autoguidance.py --data digits"
+               f"{' --guide ' + str(args.guide) if args.guide else ''}"
+               f"{' --guide_config ' + config if args.guide_config else ''} --num {args.num} --seeds "
+               f"{' '.join(map(str, seeds))}{' --scales ' + ' '.join(map(str, args.scales)) if args.scales else ''}"
+               f"{' --cfg_scales ' + ' '.join(map(str, args.cfg_scales)) if args.cfg_scales else ''}"
+               f"{' --resume' if args.resume else ''}")
+    guide_file = guide_path.relative_to(ROOT) if guide_path.is_relative_to(ROOT) else guide_path
     lines = ["# Autoguidance vs CFG on 8x8 digits", "",
-             f"Command: `OMP_NUM_THREADS=1 python benchmarks/autoguidance.py --data digits"
-             f"{' --guide ' + str(args.guide) if args.guide else ''} --num {args.num} --seed {args.seed}"
-             f"{' --scales ' + ' '.join(map(str, args.scales)) if args.scales else ''}`  ",
-             f"Machine: {describe_machine()}; {(time.time() - start) / 60:.1f} min including training the guide.  ",
-             f"Main model: `lit_fewstep/assets/edm_digits.pt`. Guide: `{config}` (same UNet, 500 of the main model's "
-             f"4000 iterations). FID on the shipped digits classifier's features against the training split, "
-             f"{args.num} samples, {args.nfe}-NFE Heun (guided: twice the evaluations), seed {args.seed}.", "",
-             "| guidance | w | NFE | FID |", "|---|---|---|---|"]
-    lines += [f"| {r['guidance']} | {r['scale']} | {r['nfe']} | {r['fid']:.3f} |" for r in rows]
-    lines += ["", "Best of each: " + ", ".join(f"{k} {v['fid']:.3f} (w={v['scale']})" for k, v in best.items()), ""]
+             f"Command: `{command}`  ",
+             f"Machine: {describe_machine()}; {seconds / 60:.1f} min"
+             f"{' including training the guide' if not args.guide else ' (guide trained before)'}"
+             f"{'' if len(rows) == total else f'; partial: {len(rows)} of the {total} rows'}.  ",
+             f"Main model: `lit_fewstep/assets/edm_digits.pt` ({describe_net(teacher)}). Guide: `{config}` "
+             f"({describe_net(guide)}; `{guide_file}`). FID on the shipped digits classifier's features against the "
+             f"training split, {args.num} samples per score, {args.nfe}-NFE Heun (guided: twice the evaluations); "
+             f"median over sampling seeds {seeds} (each seed: the same noise and labels for every row).", "",
+             "| guidance | w | NFE | FID (median) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|---|---|" + "---|" * len(seeds)]
+    lines += [f"| {r['guidance']} | {r['scale']} | {r['nfe']} | {r['fid']:.3f} | "
+              + " | ".join(f"{r['fid_per_seed'][s]:.3f}" for s in seeds) + " |" for r in rows]
+    lines += ["", "Best of each (median): " + ", ".join(f"{k} {v['fid']:.3f} (w={v['scale']})" for k, v in best.items()),
+              ""]
     out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "machine": describe_machine(), "seed": args.seed,
-                                                     "num": args.num, "guide": str(guide_path)}, indent=1))
-    print("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "machine": describe_machine(), "seeds": seeds,
+                                                     "num": args.num, "guide": str(guide_path), "guide_config": config,
+                                                     "command": command, "complete": len(rows) == total}, indent=1))
 
 
 def teacher_data(module):
