@@ -1,0 +1,296 @@
+"""Multi-Student Distillation (issue 20): K one-step students against one, at equal compute, on CPU.
+
+    OMP_NUM_THREADS=1 python benchmarks/msd.py --data tree --iters 1500 --every 150
+    OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 700 --every 100 --tsm 0.3 --tsm_lr 1e-3 \
+        --runs one k4 k2 k4_kmeans          # --runs: a subset, in this order, added to earlier results
+    OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --speed   # images/s of all runs in one process
+    python benchmarks/msd.py --report        # benchmarks/results/msd.md from the JSONs the runs wrote
+
+Every run distills the shipped EDM teacher with DMD2's losses and settings (`benchmarks/dmd.py`'s SETTINGS, with
+`--lr`), for the same number of iterations at the same batch size. A K-student run routes each sample of the batch
+to the student owning its class, so every student sees only its classes and the K students together do the work
+of one student: equal total training compute per student-class pair, and one student forward per sample at
+sampling (equal one-step cost for same-width students).
+
+Runs (tree has 2 classes, so K <= 2 there):
+    one       DMD2, one student (MSD with K = 1 is DMD2; DMD2 keeps the baseline's sampling free of routing)
+    k2, k4    MSD, K same-width students initialised from the teacher, contiguous class groups
+    k4_kmeans MSD, K = 4, classes grouped by k-means of the teacher's class means (`partition: kmeans`)
+    half_tsm  MSD, K half-width students from scratch: teacher-score-matching warm-up (`--tsm` of the
+              iterations), then DMD2 for the rest
+    half_none the same students and iterations without the warm-up (DMD2 from scratch)
+
+Protocol: every `--every` iterations each run is scored with the module's EMA on `--num_progress` samples
+(sampling seed 0), the curve used to decide whether the single student has stopped improving. At the end each run
+is scored on `--num` samples with sampling seeds 0, 1, 2 (medians reported), then images/s of all the runs of the
+invocation are measured in the same process, interleaved over 3 rounds (median), so that load changes from other
+users hit every run alike. One process, one thread, runs one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.dmd import SEED, SETTINGS, TEACHERS, build, images_per_s, machine  # noqa: E402
+from lit_fewstep.evaluation import Evaluator  # noqa: E402
+from lit_fewstep.metrics import ExactNLL, SlicedWasserstein2  # noqa: E402
+from lit_fewstep.utils.config import instantiate  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SAMPLING_SEEDS = (0, 1, 2)
+METRICS = {"tree": ("sw2", "nll", "mmd", "precision", "recall"), "digits": ("fid", "precision", "recall")}
+HEADLINE = {"tree": "sw2", "digits": "fid"}
+HALF = {"tree": {"class_path": "lit_fewstep.nets.MLP", "init_args": dict(dim=2, hidden=64, depth=3, emb_dim=64, num_classes=2)},
+        "digits": {"class_path": "lit_fewstep.nets.UNet", "init_args": dict(img_resolution=8, in_channels=1, model_channels=16,
+                                                                            channel_mult=[1, 2], num_blocks=1,
+                                                                            attn_resolutions=[4], num_classes=10)}}
+
+
+def runs_for(data: str, lr: float, tsm: float, tsm_lr: float | None) -> list[dict]:
+    s = SETTINGS[data]
+    dmd2 = dict(s["common"], **s["gan"], generator_every=5, lr=lr)
+    k_max = 2 if data == "tree" else 4
+    runs = [dict(name="one", cls="DMD2", kw=dict(dmd2), students=1)]
+    runs += [dict(name=f"k{k}", cls="MSD", kw=dict(dmd2, num_students=k), students=k) for k in (2, 4) if k <= k_max]
+    if data == "digits":
+        runs.append(dict(name="k4_kmeans", cls="MSD", kw=dict(dmd2, num_students=4, partition="kmeans"), students=4))
+    runs += [dict(name="half_tsm", cls="MSD", kw=dict(dmd2, num_students=k_max, student_net=HALF[data], tsm_iterations=tsm,
+                                                      tsm_lr=tsm_lr),
+                  students=k_max),
+             dict(name="half_none", cls="MSD", kw=dict(dmd2, num_students=k_max, student_net=HALF[data], tsm_iterations=0),
+                  students=k_max)]
+    return runs
+
+
+class Progress(L.Callback):
+    """Headline metric of the module's EMA every `every` iterations (one sampling seed)."""
+
+    def __init__(self, evaluator: Evaluator, data: str, every: int, num: int):
+        self.evaluator, self.data, self.every, self.num = evaluator, data, every, num
+        self.rows: list[dict] = []
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        iteration = int(pl_module.iteration)
+        if iteration % self.every == 0:
+            metrics = scored(pl_module, self.evaluator, self.num, SEED, quick=True)
+            row = {"iteration": iteration, "train_s": round(time.perf_counter() - self.start, 1), **metrics}
+            self.rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+@torch.no_grad()
+def scored(model, evaluator: Evaluator, num: int, seed: int, quick: bool = False) -> dict:
+    """Metrics of `num` one-step samples drawn with sampling seed `seed`. quick (progress curves): the tree's SW2
+    and NLL only (its MMD and precision/recall against 10,000 references take seconds per call)."""
+    was_training = model.training
+    model.eval()
+    x = model.sample(num, 1, generator=torch.Generator().manual_seed(seed)).x
+    model.train(was_training)
+    if quick and getattr(evaluator, "log_prob", None) is not None:
+        sw2 = SlicedWasserstein2(sync_on_compute=False)
+        sw2.update(fake=x, real=evaluator.real)
+        nll = ExactNLL(evaluator.log_prob, sync_on_compute=False)
+        nll.update(x)
+        return {"sw2": float(sw2.compute()), "nll": float(nll.compute())}
+    return evaluator.score(x)
+
+
+def plateau(curve: list[dict], key: str, window: int = 3, tol: float = 0.05) -> int | None:
+    """First checkpoint after which the metric stopped improving: the best of the next `window` checkpoints is not
+    `tol` (relative) below the best up to it. None when the curve never flattened."""
+    values = [row[key] for row in curve]
+    for i in range(len(values) - window):
+        if min(values[i + 1:i + 1 + window]) > (1 - tol) * min(values[:i + 1]):
+            return curve[i]["iteration"]
+    return None
+
+
+def train(run: dict, data: str, iters: int, evaluator: Evaluator, every: int, num_progress: int):
+    L.seed_everything(SEED, verbose=False)
+    run = dict(run, iters=iters)
+    start = time.perf_counter()
+    model = build(run, data, None)
+    progress = Progress(evaluator, data, every, num_progress)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=model.optimizer_steps_for(iters), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[progress],
+                        default_root_dir=f"/tmp/lit_fewstep_msd_bench/{data}_{run['name']}")
+    trainer.fit(model, instantiate(SETTINGS[data]["data"]))
+    return model.eval(), {"iterations": int(model.iteration), "optimizer_steps": int(trainer.global_step),
+                          "train_s": round(time.perf_counter() - start, 1), "curve": progress.rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=["tree", "digits"])
+    parser.add_argument("--runs", nargs="+", default=None, help="subset of run names (default: all)")
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--tsm", type=float, default=0.5, help="fraction of the iterations spent in the TSM warm-up")
+    parser.add_argument("--tsm_lr", type=float, default=None, help="learning rate of the warm-up (default: --lr)")
+    parser.add_argument("--num", type=int, default=None, help="samples per final score (default: 2000 digits, 5000 tree)")
+    parser.add_argument("--num_progress", type=int, default=1000)
+    parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
+    parser.add_argument("--speed", action="store_true",
+                        help="only re-measure images/s of the runs in msd_{data}.json, all in this process")
+    args = parser.parse_args()
+    if args.report:
+        write_report()
+        return
+    if args.data is None:
+        parser.error("--data: give tree or digits (or --report)")
+    torch.set_num_threads(1)
+    if args.speed:
+        measure_speed(args.data)
+        return
+    data = args.data
+    iters = args.iters or SETTINGS[data]["iters"]
+    num = args.num or (2000 if data == "digits" else 5000)
+    out = RESULTS / f"msd_{data}.json"
+    evaluator = Evaluator(instantiate(SETTINGS[data]["data"]), num_reference=10000, seed=SEED)
+    command = "OMP_NUM_THREADS=1 python benchmarks/msd.py " + " ".join(sys.argv[1:])
+    header = {"data": data, "command": command,
+              "machine": machine(), "iters": iters, "lr": args.lr, "tsm_fraction": args.tsm, "tsm_lr": args.tsm_lr,
+              "num": num,
+              "num_progress": args.num_progress, "every": args.every, "settings": {
+                  k: SETTINGS[data][k] for k in ("data", "common", "gan")}, "load_start": os.getloadavg()[0]}
+    before = json.loads(out.read_text()) if out.exists() and args.runs is not None else {}
+    earlier = before.get("results", [])
+    header["commands"] = before.get("commands", [before["command"]] if before else []) + [command]
+    results, models = [], {}
+    runs = {run["name"]: run for run in runs_for(data, args.lr, args.tsm, args.tsm_lr)}
+    for name in args.runs or runs:  # in the order given
+        if name not in runs:
+            parser.error(f"--runs: no run {name!r} for {data}; choose from {', '.join(runs)}")
+        run = runs[name]
+        if isinstance(run["kw"].get("tsm_iterations"), float):
+            run["kw"]["tsm_iterations"] = int(run["kw"]["tsm_iterations"] * iters)
+        model, info = train(run, data, iters, evaluator, args.every, args.num_progress)
+        per_seed = [scored(model, evaluator, num, seed) for seed in SAMPLING_SEEDS]
+        info.update(name=run["name"], method=run["cls"], students=run["students"], command=command,
+                    kw={k: v for k, v in run["kw"].items() if k != "student_net"},
+                    width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
+                    partition=[sorted(int(c) for c in (model.G.route == k).nonzero().flatten()) for k in
+                               range(run["students"])] if run["cls"] == "MSD" else None,
+                    per_seed=per_seed, median={k: statistics.median(s[k] for s in per_seed) for k in METRICS[data]},
+                    # measured now in case the invocation is stopped; replaced by the interleaved rounds at the end
+                    images_per_s=statistics.median(images_per_s(model, 1) for _ in range(3)), speed="alone")
+        print(f"[{data}] {run['name']}: {json.dumps(info['median'])} ({info['train_s']:.0f} s)", flush=True)
+        results.append(info)
+        models[run["name"]] = model
+        out.write_text(json.dumps({**header, "results": merged(earlier, results)}, indent=1))
+    # images/s, all runs interleaved over 3 rounds
+    speeds = {name: [] for name in models}
+    for _ in range(3):
+        for name, model in models.items():
+            speeds[name].append(images_per_s(model, 1))
+    for info in results:
+        info["images_per_s"] = statistics.median(speeds[info["name"]])
+        info["images_per_s_rounds"], info["speed"] = speeds[info["name"]], "interleaved"
+    header["load_end"] = os.getloadavg()[0]
+    out.write_text(json.dumps({**header, "results": merged(earlier, results)}, indent=1))
+    write_report()
+
+
+def measure_speed(data: str, rounds: int = 5) -> None:
+    """images/s of every run's architecture and routing, all in one process, interleaved over `rounds` rounds
+    (median), so that load from other users hits every run alike. The models are rebuilt untrained: the time of
+    a one-step forward does not depend on the weights."""
+    out = RESULTS / f"msd_{data}.json"
+    r = json.loads(out.read_text())
+    runs = {run["name"]: run for run in runs_for(data, r["lr"], 0.0, None)}
+    models = {x["name"]: build(dict(runs[x["name"]], iters=1), data, None).eval() for x in r["results"]}
+    speeds = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            speeds[name].append(images_per_s(model, 1))
+    for x in r["results"]:
+        x["images_per_s"], x["images_per_s_rounds"] = statistics.median(speeds[x["name"]]), speeds[x["name"]]
+        x["speed"] = "speed pass"
+    r["speed_command"] = f"OMP_NUM_THREADS=1 python benchmarks/msd.py --data {data} --speed"
+    r["speed_load"] = os.getloadavg()[0]
+    out.write_text(json.dumps(r, indent=1))
+    write_report()
+
+
+def merged(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """Runs of an earlier invocation (--runs subset) kept unless re-done now; their images/s were measured then."""
+    names = {x["name"] for x in new}
+    return [x for x in earlier if x["name"] not in names] + new
+
+
+def write_report() -> None:
+    lines = ["# Multi-Student Distillation: K students vs one (issue 20)", ""]
+    for data in ("tree", "digits"):
+        path = RESULTS / f"msd_{data}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        keys, head = METRICS[data], HEADLINE[data]
+        commands = r.get("commands") or [r["command"]]
+        lines += [f"## {data}", "", "Commands (one after another; a later `--runs` subset adds its runs to the table):", "",
+                  *[f"    {c}" for c in commands], ""]
+        if "speed_command" in r:
+            lines += [f"images/s: `{r['speed_command']}` (load {r['speed_load']:.1f}): every run's architecture and routing "
+                      "rebuilt in one process (a one-step forward's time does not depend on the weights), 2,000 "
+                      "one-step samples per measure, 1 thread, 5 interleaved rounds, median.", ""]
+        lines += [
+                  f"Machine: {r['machine']}; load average (1 min) {r['load_start']:.1f} at the start, "
+                  f"{r.get('load_end', float('nan')):.1f} at the end. Training seed {SEED}; sampling seeds "
+                  f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds. "
+                  f"Iterations per run in the table, batch {r['settings']['data']['init_args']['batch_size']}, "
+                  f"lr {r['lr']}, settings {r['settings']['common']} (lr overridden), GAN {r['settings']['gan']}, "
+                  "TTUR 5.", "",
+                  "| run | students | partition | width | iterations | optimizer steps | "
+                  + " | ".join(f"{k} (median)" for k in keys) + f" | {head} per seed | images/s | train s |",
+                  "|---|---|---|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
+        for x in r["results"]:
+            width = x["width"] if isinstance(x["width"], str) else (
+                f"hidden {x['width']['hidden']}" if "hidden" in x["width"] else f"channels {x['width']['model_channels']}")
+            tsm = x["kw"].get("tsm_iterations", 0)
+            width += f", TSM {tsm} it at lr {x['kw'].get('tsm_lr') or x['kw']['lr']}" if tsm else (", from scratch" if x["name"].startswith("half") else "")
+            partition = "-" if x["partition"] is None else " ".join("{" + ",".join(map(str, g)) + "}" for g in x["partition"])
+            ips = f"{x['images_per_s']:.0f}" if "images_per_s" in x else "n/a"
+            lines.append(f"| {x['name']} | {x['students']} | {partition} | {width} | {x['iterations']} | "
+                         f"{x['optimizer_steps']} | " + " | ".join(f"{x['median'][k]:.4g}" for k in keys) + " | "
+                         + ", ".join(f"{s[head]:.4g}" for s in x["per_seed"]) + f" | {ips} | {x['train_s']:.0f} |")
+        lines += ["", f"Progress ({head}, module EMA, sampling seed 0, {r['num_progress']} samples):", "",
+                  "| iteration | " + " | ".join(x["name"] for x in r["results"]) + " |",
+                  "|---|" + "---|" * len(r["results"])]
+        iterations = sorted({row["iteration"] for x in r["results"] for row in x["curve"]})
+        for it in iterations:
+            cells = []
+            for x in r["results"]:
+                v = [row[head] for row in x["curve"] if row["iteration"] == it]
+                cells.append(f"{v[0]:.4g}" if v else "")
+            lines.append(f"| {it} | " + " | ".join(cells) + " |")
+        one = next((x for x in r["results"] if x["name"] == "one"), None)
+        if one is not None:
+            stop = plateau(one["curve"], head)
+            lines += ["", f"Single student stopped improving (rule: the best {head} of the next 3 checkpoints is not "
+                          f"5% below the best so far): " + (f"at iteration {stop}." if stop else "never within the run.")]
+        lines.append("")
+    # the hand-written reading below the tables survives regeneration
+    path = RESULTS / "msd.md"
+    old = path.read_text() if path.exists() else ""
+    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
+    path.write_text("\n".join(lines) + "\n" + reading)
+
+
+if __name__ == "__main__":
+    main()
