@@ -182,6 +182,23 @@ def test_optimizer_steps_per_phase_follow_the_schedule(toy_teacher, tmp_path, cl
     assert counts == expected
 
 
+def test_critic_lr_sets_the_critics_step_size_only(toy_teacher, tmp_path):
+    """Two learning rates: Adam's first step moves every parameter with a gradient by about its lr (m / sqrt(v) =
+    sign g), so after one iteration (generator and critic both step) the largest change of the fake score is
+    critic_lr and that of the generator lr."""
+    model = DMD2(toy_teacher, lr=1e-4, critic_lr=1e-2, weight_decay=0.0, gan_generator_weight=0.0, grad_clip=0.0)
+    model.prepare()
+    perturb(model.fake_score, 0.2, seed=1)  # mu_fake != mu_real: the DM gradient is non-zero from the start
+    before = {name: [p.detach().clone() for p in getattr(model, name).parameters()] for name in ("G", "fake_score")}
+    tiny_trainer(tmp_path, 2).fit(model, Toy2DDataModule(name="tree", batch_size=32, num_train=640))
+    assert int(model.iteration) == 1
+    moved = {name: max(float((p - q).abs().max()) for p, q in zip(getattr(model, name).parameters(), before[name]))
+             for name in before}
+    assert moved["fake_score"] == pytest.approx(1e-2, rel=1e-3)
+    assert moved["G"] == pytest.approx(1e-4, rel=1e-3)
+    assert DMD2(toy_teacher, lr=3e-4).phases[1].lr == 3e-4  # default: the paper's single learning rate
+
+
 # ------------------------------------------------------------------------------------------------ multi-step
 SIGMAS = (80.0, 2.0, 0.5)
 
@@ -276,6 +293,44 @@ def test_pairs_command_and_regression_loss(toy_teacher, tmp_path):
     assert torch.isfinite(loss) and loss > 0
 
 
+def test_dmd2_regression_adds_lambda_reg_times_dmds_loss(toy_teacher, tmp_path):
+    """DMD2 with pairs_path: L_G = L_DM + lambda_G L_GAN + lambda_reg L_reg, the first two terms unchanged (same
+    weights and noise as without pairs); the pairs must start at generator_sigmas[0]."""
+    out = tmp_path / "pairs.pt"
+    pairs_main(["--teacher", toy_teacher, "--num", "40", "--nfe", "5", "--out", str(out), "--batch_size", "16"])
+    models = []
+    for pairs in (None, str(out)):
+        torch.manual_seed(0)  # the same GAN head
+        model = DMD2(toy_teacher, gan_generator_weight=0.1, pairs_path=pairs, reg_weight=0.5, reg_batch_size=40)
+        model.prepare()
+        perturb(model.G, 0.2, seed=1)
+        perturb(model.fake_score, 0.2, seed=2)
+        models.append(model)
+    plain, regressed = models
+    assert not plain.uses_regression and regressed.uses_regression
+    logged = {}
+    regressed._log = lambda name, value: logged.setdefault(name, value)
+    loss, expected = regressed.generator_loss(toy_batch(8)), plain.generator_loss(toy_batch(8))
+    assert float(logged["reg_loss"]) > 0
+    torch.testing.assert_close(loss, expected + 0.5 * logged["reg_loss"])
+    with pytest.raises(ValueError, match=r"pairs start at sigma_max=80.0 but generator_sigmas\[0\]=40.0"):
+        DMD2(toy_teacher, generator_sigmas=(40.0,), pairs_path=str(out)).prepare()
+
+
+def test_dmd2_reg_pairs_are_the_teachers_ode_from_the_generators_input(toy_teacher, tmp_path):
+    """reg_pairs: the pairs are made when training starts, from generator_sigmas[0] * z (here 2.5, not 80), so the
+    regression target of G(2.5 z) is the teacher's ODE solution from that same point."""
+    model = DMD2(toy_teacher, generator_sigmas=(2.5,), reg_pairs=24, reg_pairs_nfe=5)
+    assert model.uses_regression
+    model.prepare()
+    expected = make_pairs(load_teacher(toy_teacher), 24, nfe=5, sigma_max=2.5)
+    torch.testing.assert_close(model.pair_noise, expected["noise"])
+    torch.testing.assert_close(model.pair_x, expected["x"])
+    assert not torch.allclose(expected["x"], make_pairs(load_teacher(toy_teacher), 24, nfe=5)["x"])  # 80 differs
+    with pytest.raises(ValueError, match="pairs_path, reg_pairs: give a pairs file or a number"):
+        DMD2(toy_teacher, pairs_path=str(tmp_path / "p.pt"), reg_pairs=8)
+
+
 def test_lpips_regression_is_the_papers_distance_and_trains_the_generator(image_teacher, tmp_path):
     """DMD Eq. 9 with d = LPIPS (reg_distance="lpips", a local VGG16 file): L_reg = mean_i LPIPS(G(z_i), y_i), and its
     gradient reaches the generator only."""
@@ -327,6 +382,8 @@ def test_errors_name_the_field(toy_teacher, tmp_path):
         DMD2(toy_teacher, generator_sigmas=(1.0, 2.0))
     with pytest.raises(ValueError, match="generator_every: must be >= 1"):
         DMD2(toy_teacher, generator_every=0)
+    with pytest.raises(ValueError, match="critic_lr: must be > 0"):
+        DMD2(toy_teacher, critic_lr=0.0)
     with pytest.raises(ValueError, match="net: the generator has num_classes=0 but the teacher"):
         DMD2(toy_teacher, net=MLP(dim=2, hidden=32, depth=2, emb_dim=16), preconditioning="edm",
              sigma_data=1.0).prepare()

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.pairs import load_pairs
+from ..data.pairs import load_pairs, make_pairs
 from ..diffusion.guidance import guided_x0
 from ..diffusion.paths import EDMPath, _bcast, convert
 from ..diffusion.precond import PreconditionedNet
@@ -114,6 +114,7 @@ class DMD(FewStepModule):
     unsaved_prefixes = ("teacher.", "lpips.")
     # Only the generator (and its EMA) is needed to sample: `export` drops the critic, checkpoints keep it.
     critic_prefixes: tuple[str, ...] = ("fake_score.", "head.")
+    first_sigma_field = "conditioning_sigma"  # the setting that must equal the pairs' sigma_max
 
     def __init__(self, teacher_ckpt: str, net: nn.Module | None = None, preconditioning: str | None = None,
                  sigma_data: float | None = None, conditioning_sigma: float = 80.0, real_guidance_scale: float = 1.0,
@@ -127,17 +128,7 @@ class DMD(FewStepModule):
                          max_consecutive_skips=max_consecutive_skips)
         self._init_common(teacher_ckpt, net, preconditioning, sigma_data, (conditioning_sigma,), real_guidance_scale,
                           dm_step_range, dm_reduction)
-        if reg_weight < 0 or reg_batch_size < 0:
-            raise ValueError(f"reg_weight, reg_batch_size: must be >= 0, got {reg_weight}, {reg_batch_size}.")
-        self.pairs_path, self.reg_weight, self.reg_batch_size = pairs_path, float(reg_weight), int(reg_batch_size)
-        self.uses_regression = pairs_path is not None and reg_weight > 0
-        if reg_distance not in REG_DISTANCES:
-            raise ValueError(f"reg_distance: choose one of {REG_DISTANCES}, got {reg_distance!r}.")
-        if reg_distance == "lpips" and self.uses_regression and not lpips_weights:
-            raise ValueError("lpips_weights: reg_distance 'lpips' needs a local LPIPS-VGG weights file; give "
-                             "lpips_weights: PATH or set reg_distance: l2.")
-        self.reg_distance, self.lpips_weights = reg_distance, lpips_weights
-        self.lpips: LPIPS | None = None  # built by `prepare` from the local file, never saved
+        self._init_regression(pairs_path, reg_weight, reg_batch_size, reg_distance, lpips_weights)
         self.phases = [
             Phase("generator", "generator_loss", ("G",), lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                   updates_ema=True),
@@ -145,6 +136,25 @@ class DMD(FewStepModule):
         ]
 
     # ======================================================================================= construction
+    def _init_regression(self, pairs_path, reg_weight, reg_batch_size, reg_distance, lpips_weights,
+                         reg_pairs: int = 0, reg_pairs_nfe: int = 15) -> None:
+        """Settings of L_reg (DMD Eq. 9), shared by DMD and DMD2; the pairs load (or are made) in `prepare`."""
+        if reg_weight < 0 or reg_batch_size < 0 or reg_pairs < 0 or reg_pairs_nfe < 1:
+            raise ValueError(f"reg_weight, reg_batch_size, reg_pairs: must be >= 0 and reg_pairs_nfe >= 1, got "
+                             f"{reg_weight}, {reg_batch_size}, {reg_pairs}, {reg_pairs_nfe}.")
+        if pairs_path is not None and reg_pairs > 0:
+            raise ValueError("pairs_path, reg_pairs: give a pairs file or a number of pairs to make, not both.")
+        self.pairs_path, self.reg_weight, self.reg_batch_size = pairs_path, float(reg_weight), int(reg_batch_size)
+        self.reg_pairs, self.reg_pairs_nfe = int(reg_pairs), int(reg_pairs_nfe)
+        self.uses_regression = (pairs_path is not None or self.reg_pairs > 0) and reg_weight > 0
+        if reg_distance not in REG_DISTANCES:
+            raise ValueError(f"reg_distance: choose one of {REG_DISTANCES}, got {reg_distance!r}.")
+        if reg_distance == "lpips" and self.uses_regression and not lpips_weights:
+            raise ValueError("lpips_weights: reg_distance 'lpips' needs a local LPIPS-VGG weights file; give "
+                             "lpips_weights: PATH or set reg_distance: l2.")
+        self.reg_distance, self.lpips_weights = reg_distance, lpips_weights
+        self.lpips: LPIPS | None = None  # built by `prepare` from the local file, never saved
+
     def _init_common(self, teacher_ckpt, net, preconditioning, sigma_data, generator_sigmas, real_guidance_scale,
                      dm_step_range, dm_reduction) -> None:
         """Shared by DMD, DMD2 and MSD: generator, (maybe) teacher + critic, noise grids, EMA."""
@@ -231,10 +241,15 @@ class DMD(FewStepModule):
         self.prepare()
 
     def _load_pairs(self) -> None:
+        if self.pairs_path is None:  # `reg_pairs`: the teacher's ODE from the generator's own input scale, seeded
+            self.hold_pairs(make_pairs(self.teacher, self.reg_pairs, nfe=self.reg_pairs_nfe,
+                                       sigma_max=self.generator_sigmas[0]), field="reg_pairs")
+            return
         pairs = load_pairs(self.pairs_path, field="pairs_path")
         if abs(float(pairs["sigma_max"]) - self.generator_sigmas[0]) > 1e-6:
-            raise ValueError(f"pairs_path: pairs start at sigma_max={pairs['sigma_max']} but conditioning_sigma="
-                             f"{self.generator_sigmas[0]}; set conditioning_sigma to {pairs['sigma_max']}.")
+            field = self.first_sigma_field
+            raise ValueError(f"pairs_path: pairs start at sigma_max={pairs['sigma_max']} but {field}="
+                             f"{self.generator_sigmas[0]}; set {field} to {pairs['sigma_max']}.")
         self.hold_pairs(pairs)
 
     @property
@@ -327,6 +342,16 @@ class DMD(FewStepModule):
         x = self.G.x0_from(_bcast(sigma, z) * z, sigma, self.edm, class_labels=labels)
         return consistency_distance(x, target, self.reg_distance, lpips=self.lpips).mean()
 
+    def with_regression(self, loss: Tensor, batch) -> Tensor:
+        """loss + lambda_reg L_reg when a pair set is given (else loss unchanged); logs train/reg_loss."""
+        if not self.uses_regression:
+            return loss
+        if self.reg_batch_size == 0:
+            self.reg_batch_size = int(self._unpack(batch)[0].shape[0])
+        reg = self.regression_loss()
+        self._log("reg_loss", reg)
+        return loss + self.reg_weight * reg
+
     def _log(self, name: str, value: Tensor) -> None:
         if self._trainer is not None:
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False)
@@ -334,16 +359,11 @@ class DMD(FewStepModule):
     # ======================================================================================= phases
     def generator_loss(self, batch) -> Tensor:
         """DMD Eq. 10 (final objective): L_G = L_DM + lambda_reg L_reg; the fake score sees no gradient."""
-        if self.uses_regression and self.reg_batch_size == 0:
-            self.reg_batch_size = int(self._unpack(batch)[0].shape[0])
         with frozen(self.fake_score):
             x, y = self.generate(batch, grad=True)
             loss = self.distribution_matching_loss(x, y)
             self._log("dm_loss", loss)
-            if self.uses_regression:
-                reg = self.regression_loss()
-                self._log("reg_loss", reg)
-                loss = loss + self.reg_weight * reg
+            loss = self.with_regression(loss, batch)
         self._fresh = (x.detach(), y)
         return loss
 
@@ -385,7 +405,9 @@ class DMD(FewStepModule):
 class DMD2(DMD):
     """Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024). Differences from `DMD`:
 
-    1. no regression loss and no pair set;
+    1. no regression loss and no pair set (by default: `pairs_path` or `reg_pairs` adds DMD's L_reg on the first
+       generator step, outside the paper; a cheap signal early in training, when the fake score has not yet learnt the
+       generator's distribution and L_DM is near zero);
     2. two time-scale update rule: the critic (fake score + GAN head) steps every iteration, the generator on
        every `generator_every`-th (5 in the paper), both with the same learning rate;
     3. GAN: `head` classifies `fake_score`'s bottleneck features of real and generated images, both
@@ -406,6 +428,13 @@ class DMD2(DMD):
         gan_generator_weight: lambda_G (3e-3 ImageNet 64 with "mean"); 0 disables the GAN (and the head's loss).
         gan_critic_weight: lambda_D (1e-2), added to the fake-score loss.
         gan_step_range: fractions of the Karras grid from which the GAN's noise levels are drawn (whole grid).
+        pairs_path, reg_weight, reg_batch_size, reg_distance, lpips_weights: DMD's regression loss (see `DMD`);
+            pairs_path None (default): none. The pairs must start at generator_sigmas[0].
+        reg_pairs, reg_pairs_nfe: instead of a file, make this many pairs when training starts (the teacher's EDM
+            Heun ODE with reg_pairs_nfe evaluations from generator_sigmas[0] * z, seed 0; not saved, made again on
+            resume), so their cost is inside the fit's time. 0 (default): none.
+        critic_lr: learning rate of the critic (fake score + head); None: `lr`, as in the paper. A faster critic
+            tracks the moving generator in fewer steps (two time-scale learning rates, Heusel et al. 2017).
     """
 
     def __init__(self, teacher_ckpt: str, net: nn.Module | None = None, preconditioning: str | None = None,
@@ -415,26 +444,33 @@ class DMD2(DMD):
                  real_guidance_scale: float = 1.0, dm_step_range: Sequence[float] = (0.02, 0.98),
                  dm_reduction: str = "mean", lr: float = 2e-6, betas: Sequence[float] = (0.9, 0.999),
                  weight_decay: float = 0.01, ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop",
-                 max_consecutive_skips: int = 100):
+                 max_consecutive_skips: int = 100, critic_lr: float | None = None, pairs_path: str | None = None,
+                 reg_weight: float = 0.25, reg_batch_size: int = 0, reg_distance: str = "l2",
+                 lpips_weights: str | None = None, reg_pairs: int = 0, reg_pairs_nfe: int = 15):
         FewStepModule.__init__(self, ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if generator_every < 1:
             raise ValueError(f"generator_every: must be >= 1 (critic steps per generator step), got {generator_every}.")
+        if critic_lr is not None and not critic_lr > 0:
+            raise ValueError(f"critic_lr: must be > 0 (or null for lr), got {critic_lr}.")
         if gan_generator_weight < 0 or gan_critic_weight < 0:
             raise ValueError("gan_generator_weight, gan_critic_weight: must be >= 0.")
         self.uses_gan = gan_generator_weight > 0
         self.gan_generator_weight, self.gan_critic_weight = float(gan_generator_weight), float(gan_critic_weight)
         self.gan_step_range = tuple(float(v) for v in gan_step_range)
         self.backward_simulation = bool(backward_simulation)
-        self.uses_regression = False
+        self._init_regression(pairs_path, reg_weight, reg_batch_size, reg_distance, lpips_weights, reg_pairs,
+                              reg_pairs_nfe)
         self._init_common(teacher_ckpt, net, preconditioning, sigma_data, generator_sigmas, real_guidance_scale,
                           dm_step_range, dm_reduction)
         self.phases = [
             Phase("generator", "generator_loss", ("G",), every=generator_every, lr=lr, betas=tuple(betas),
                   weight_decay=weight_decay, updates_ema=True),
-            Phase("critic", "critic_loss", ("fake_score", "head") if self.uses_gan else ("fake_score",), lr=lr,
-                  betas=tuple(betas), weight_decay=weight_decay),
+            Phase("critic", "critic_loss", ("fake_score", "head") if self.uses_gan else ("fake_score",),
+                  lr=lr if critic_lr is None else float(critic_lr), betas=tuple(betas), weight_decay=weight_decay),
         ]
+
+    first_sigma_field = "generator_sigmas[0]"
 
     def _build_critic(self, teacher: PreconditionedNet) -> None:
         super()._build_critic(teacher)
@@ -502,7 +538,8 @@ class DMD2(DMD):
 
     # ------------------------------------------------------------------------------------- phases
     def generator_loss(self, batch) -> Tensor:
-        """DMD2 Sec. 4: L_G = L_DM + lambda_G L_GAN(G); critic (fake score and head) frozen: no gradient reaches it."""
+        """DMD2 Sec. 4: L_G = L_DM + lambda_G L_GAN(G) (+ lambda_reg L_reg with `pairs_path`); critic (fake score
+        and head) frozen: no gradient reaches it."""
         with frozen(self.fake_score, self.head):
             x, y = self.generate(batch, grad=True)
             loss = self.distribution_matching_loss(x, y)
@@ -511,6 +548,7 @@ class DMD2(DMD):
                 gan = self.gan_generator_loss(x, y)
                 self._log("gan_g_loss", gan)
                 loss = loss + self.gan_generator_weight * gan
+            loss = self.with_regression(loss, batch)
         self._fresh = (x.detach(), y)
         return loss
 
