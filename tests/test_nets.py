@@ -305,7 +305,9 @@ def test_defaults_keep_parameters_and_computation(name, config):
     x, t, kw = inputs(net)
     with torch.no_grad():
         out = net(x, t, **kw).double()
-    assert out.sum().item() == pytest.approx(total, rel=1e-6, abs=1e-6)
+    # a signed sum cancels (66.9 out of an absolute sum of 1,807 for unet16): its rounding, which differs between
+    # CPUs' kernels, scales with the absolute sum
+    assert out.sum().item() == pytest.approx(total, abs=1e-6 * total_abs)
     assert out.abs().sum().item() == pytest.approx(total_abs, rel=1e-6)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
 import torch
@@ -54,7 +56,12 @@ class DiscriminatorHead(Configurable, nn.Module):
         # A 4x4/stride-2 kernel needs >= 2 pixels with padding 1; on a size-1 axis pad 2 instead, so
         # exactly one tap (the centre) sees the pixel.
         padding = tuple(1 if n >= 2 else 2 for n in features.shape[-2:])
-        h = F.conv2d(features, self.conv.weight, self.conv.bias, stride=2, padding=padding)
+        # That padded 1x1 case runs in float32 under autocast: torch 2.14's bf16 CPU kernel for it returns a NaN
+        # weight gradient now and then (1 run in 30-40 here; never on 2x2 or larger maps). It is a tiny layer.
+        one_pixel = 2 in padding and torch.is_autocast_enabled(features.device.type)
+        with torch.autocast(features.device.type, enabled=False) if one_pixel else contextlib.nullcontext():
+            h = F.conv2d(features.float() if one_pixel else features, self.conv.weight, self.conv.bias, stride=2,
+                         padding=padding)
         pooled = F.silu(self.norm(h)).mean(dim=(2, 3))  # [B, hidden]
         logits = self.fc(pooled).squeeze(1)
         labels = check_class_labels(class_labels, self.num_classes, features.shape[0], features.device)
