@@ -215,15 +215,15 @@ def digits(args) -> None:
     for kind, scales in kinds:
         for scale in scales:
             if (kind, scale) in done:
-                rows.append(done[(kind, scale)])
-                continue
-            options = {"guidance_scale": scale, **({"guide": guide} if kind == "autoguidance" else {})}
-            per_seed = {}
-            for seed in seeds:
-                x, _, nfe, _ = draw(teacher, args.num, args.nfe, seed, None, True, 1000, **options)
-                per_seed[seed] = evaluator.score(x)["fid"]
-            row = {"guidance": kind, "scale": scale, "nfe": nfe, "fid": statistics.median(per_seed.values()),
-                   "fid_per_seed": per_seed}
+                row = done[(kind, scale)]
+            else:
+                options = {"guidance_scale": scale, **({"guide": guide} if kind == "autoguidance" else {})}
+                per_seed = {}
+                for seed in seeds:
+                    x, _, nfe, _ = draw(teacher, args.num, args.nfe, seed, None, True, 1000, **options)
+                    per_seed[seed] = evaluator.score(x)["fid"]
+                row = {"guidance": kind, "scale": scale, "nfe": nfe, "fid": statistics.median(per_seed.values()),
+                       "fid_per_seed": per_seed}
             rows.append(row)
             print(row, flush=True)
             # the report is rewritten after every row: a run stopped early leaves the rows it finished
