@@ -371,10 +371,11 @@ def _dry_run_teacher(config: str, tmp_path):
 @pytest.mark.parametrize("config", ["configs/dmd2/cifar10_edm.yaml", "configs/dmd2/cifar10_ddpm.yaml",
                                     "configs/scd/cifar10_edm.yaml", "configs/scd/cifar10_ddpm.yaml"])
 def test_gpu_scale_config_dry_run(config, tmp_path):
-    """3 iterations of the config on CPU, with a random-weight teacher of the real architecture and a fake CIFAR-10."""
+    """2 iterations of the config on CPU (every phase steps in each), with a random-weight teacher of the real
+    architecture and a fake CIFAR-10; then the export and its picture, as a real run ends."""
     teacher = _dry_run_teacher(config, tmp_path)
-    steps = ["--trainer.max_steps", "6", "--model.init_args.generator_every", "1"] if "dmd2" in config else \
-        ["--trainer.max_steps", "3"]
+    steps = ["--trainer.max_steps", "4", "--model.init_args.generator_every", "1"] if "dmd2" in config else \
+        ["--trainer.max_steps", "2"]
     out = _run("fit", "--config", str(ROOT / config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                "--trainer.strategy", "auto", "--trainer.precision", "32-true", *steps,
                "--trainer.callbacks", "null", "--trainer.enable_progress_bar", "false",
