@@ -395,7 +395,7 @@ class FewStepModule(Configurable, L.LightningModule):
             sub._compiled_call_impl = None
         setattr(self, name, float32_outputs(module.requires_grad_(False).eval()))
         if self._compile_options is not None:
-            self._compile(module)
+            self._compile(module, name)
         return module
 
     # ----------------------------------------------------------------------------- torch.compile
@@ -410,18 +410,18 @@ class FewStepModule(Configurable, L.LightningModule):
             compiled += self._compile(network, name)
         return compiled
 
-    def _compile(self, network: nn.Module, prefix: str = "") -> list[str]:
+    def _compile(self, network: nn.Module, name: str) -> list[str]:
         eager = tuple(self.eager_networks)
-        if prefix in eager:
+        if name in eager:
             return []
-        names = [f"{prefix}.{n}".strip(".") for n, m in network.named_modules() if isinstance(m, PreconditionedNet)]
-        names = [n for n in names if not n.startswith(tuple(f"{e}." for e in eager))]
-        if not names and any(True for _ in network.parameters()):
-            names = [prefix]  # a plain network (a GAN head): compiled whole
-        for name in names:
-            module = network if name == prefix else network.get_submodule(name[len(prefix) + 1:] if prefix else name)
+        found = [(f"{name}.{sub}" if sub else name, module) for sub, module in network.named_modules()
+                 if isinstance(module, PreconditionedNet)]
+        found = [(path, module) for path, module in found if not path.startswith(tuple(f"{e}." for e in eager))]
+        if not found and any(True for _ in network.parameters()):
+            found = [(name, network)]  # a plain network (a GAN head): compiled whole
+        for _, module in found:
             module.compile(**self._compile_options)
-        return names
+        return [path for path, _ in found]
 
     def train(self, mode: bool = True):
         super().train(mode)
