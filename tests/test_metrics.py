@@ -97,6 +97,30 @@ def test_mmd_reset_keeps_real_when_asked():
     assert torch.equal(m.compute(), v)
 
 
+def test_mmd_remembered_reference_term_is_keyed_by_the_references_values():
+    from lit_fewstep.metrics import distribution
+
+    def fresh(x, y):
+        distribution._REAL_KERNEL_SUMS.clear()
+        m = MMD()
+        m.update(x, y)
+        return m.compute()
+
+    a, b = torch.randn(300, 2, generator=_gen(11)), torch.randn(400, 2, generator=_gen(12))
+    m = MMD()
+    m.update(a, b)
+    first = m.compute()
+    assert torch.equal(first, fresh(a, b))
+    m = MMD()
+    m.update(a + 0.5, b)  # another sample set against the same reference: the remembered term
+    assert torch.equal(m.compute(), fresh(a + 0.5, b))
+    b[0] += 3.0  # the reference changed in place: its term is computed again, not reused
+    m = MMD()
+    m.update(a, b)
+    changed = m.compute()
+    assert not torch.equal(changed, first) and torch.equal(changed, fresh(a, b))
+
+
 # ----------------------------------------------------------------------------------------------- NLL
 def test_exact_nll_is_mean_neg_log_prob():
     x = torch.randn(1000, 2, generator=_gen(11)) * 1.3
