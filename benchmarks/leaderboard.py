@@ -2,6 +2,7 @@
 at equal network evaluations (NFE 1, 2, 4, 8), beside the teacher itself with training-free solvers.
 
     OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --data tree            # train what is not cached, score, report
+    OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --data tree digits --jobs 2   # two methods at a time
     OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --data digits --only cd dmd2
     python benchmarks/leaderboard.py --collect                                # the report from cached scores only
     python -m lit_fewstep benchmark --data tree                               # the same, from a checkout
@@ -81,6 +82,13 @@ def ensure_pairs(method: str, data: str) -> list[str]:
     return [f"--model.init_args.{PAIRS[method]}", str(out.relative_to(ROOT))]
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Processes of one suite (--jobs, SLURM tasks) share the cache: a reader sees the old file or the new one."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def train_cached(method: str, data: str, seed: int, steps: int | None, hardware: list[str]) -> tuple[Path, dict]:
     """The exported model of `method` on `data` (trained now unless cached) and its training record."""
     from benchmarks.run import train
@@ -97,7 +105,7 @@ def train_cached(method: str, data: str, seed: int, steps: int | None, hardware:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(exported, model)
     record = {"train_wall_s": seconds, "command": command, "key": key}
-    record_file.write_text(json.dumps(record))
+    _write_atomically(record_file, json.dumps(record))
     return model, record
 
 
@@ -139,7 +147,7 @@ def scored(name: str, data: str, path: Path, evaluator, seeds: list[int], num: i
               "iterations": int(module.iteration) if hasattr(module, "iteration") else None,
               "rows": {str(k): v for k, v in rows.items()}}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(result, indent=1))
+    _write_atomically(cache_file, json.dumps(result, indent=1))
     return result
 
 
@@ -178,6 +186,33 @@ def run(data: str, methods: list[str], seeds: list[int], num: int, steps: int | 
             continue
         table["methods"].append({**result, **record})
     return table
+
+
+def run_in_workers(methods: list[str], jobs: int, logs: Path, command) -> dict[str, int]:
+    """Run `command(method)` for every method, `jobs` processes at a time, the next starting as soon as one ends
+    (output in logs/<method>.log); returns each method's exit code. A method a process failed to finish is left to
+    the caller's serial pass, whose row then says why."""
+    import subprocess
+
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    waiting, running, codes = list(methods), {}, {}
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            method = waiting.pop(0)
+            log = open(logs / f"{method}.log", "w")
+            process = subprocess.Popen(command(method), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[method] = (process, log, time.perf_counter())
+            print(f"{method} started ({len(running)} running, {len(waiting)} waiting; log {log.name})", flush=True)
+        time.sleep(0.2)
+        for method, (process, log, begun) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                del running[method]
+                codes[method] = process.returncode
+                print(f"{method} ended with exit code {process.returncode} after {time.perf_counter() - begun:.0f} s",
+                      flush=True)
+    return codes
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -379,7 +414,11 @@ def main(argv=None):
     parser.add_argument("--accelerator", default=None, help="passed to fit as --trainer.accelerator (e.g. gpu)")
     parser.add_argument("--devices", default=None, help="passed to fit as --trainer.devices")
     parser.add_argument("--no_report", action="store_true", help="train and score only (SLURM array tasks)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="methods trained and scored side by side, one process each (e.g. 2 on a 2-core machine)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected a positive number of processes, got {args.jobs}")
     hardware = [*(["--trainer.accelerator", args.accelerator] if args.accelerator else []),
                 *(["--trainer.devices", str(args.devices)] if args.devices else [])]
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -389,6 +428,14 @@ def main(argv=None):
         methods = args.only or METHODS
         if args.collect:  # per data set: what is cached for it
             methods = [m for m in methods if any((CACHE / data).glob(f"{m}-*/scores.json"))]
+        elif args.jobs > 1:
+            run(data, [], args.seeds, args.num, args.steps, args.seed, hardware)  # the teachers' rows, once
+            shared = ["--data", data, "--seeds", *map(str, args.seeds), "--seed", str(args.seed), "--num",
+                      str(args.num), "--no_report", *(["--steps", str(args.steps)] if args.steps else []),
+                      *(["--accelerator", args.accelerator] if args.accelerator else []),
+                      *(["--devices", str(args.devices)] if args.devices else [])]
+            run_in_workers([m for m in methods if config_path(m, data) is not None], args.jobs, CACHE / data / "logs",
+                           lambda method: [sys.executable, __file__, *shared, "--only", method])
         tables[data] = run(data, methods, args.seeds, args.num, args.steps, args.seed, hardware)
     if args.no_report:
         return tables

@@ -86,3 +86,23 @@ def test_the_cli_runs_the_leaderboard_from_a_checkout(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 0 and "--collect" in capsys.readouterr().out
+
+
+def test_workers_run_every_method_at_most_jobs_at_a_time(tmp_path):
+    """--jobs: every method gets its process, never more than `jobs` at once, each with its own log."""
+    import sys
+
+    script = ("import os, sys, time; d = sys.argv[1]; open(os.path.join(d, sys.argv[2] + '.start'), 'w').close(); "
+              "n = len([f for f in os.listdir(d) if f.endswith('.start')]) - "
+              "len([f for f in os.listdir(d) if f.endswith('.end')]); print('running', n); time.sleep(0.5); "
+              "open(os.path.join(d, sys.argv[2] + '.end'), 'w').close(); sys.exit(3 if sys.argv[2] == 'c' else 0)")
+    codes = lb.run_in_workers(["a", "b", "c", "d", "e"], 2, tmp_path / "logs",
+                              lambda m: [sys.executable, "-c", script, str(tmp_path), m])
+    assert codes == {"a": 0, "b": 0, "c": 3, "d": 0, "e": 0}
+    counts = [int((tmp_path / "logs" / f"{m}.log").read_text().split()[1]) for m in "abcde"]
+    assert max(counts) == 2, counts
+
+
+def test_jobs_must_be_positive():
+    with pytest.raises(SystemExit):
+        lb.main(["--jobs", "0", "--collect"])
