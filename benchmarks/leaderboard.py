@@ -52,6 +52,12 @@ TEACHER_SOLVERS = ["heun", "euler", "dpmpp_2m", "unipc"]
 NFES = [1, 2, 4, 8]
 PRIMARY = {"tree": "sw2", "digits": "fid"}
 PAIRS = {"dmd": "pairs_path"}  # methods whose config reads teacher ODE pairs made by `python -m lit_fewstep pairs`
+# Progressive distillation leaves one student per step count (16 -> 8 -> 4 -> 2 -> 1, a stage each): a row's score at
+# n NFE is that of the n-step student, kept by the config's checkpoint at the end of its stage.
+STAGED = {"guided_distillation"}
+# Sampling options that make a row comparable with the teachers' rows (unguided): guided distillation's default
+# sampling scale is its config's guidance_scale; the leaderboard scores it at 1 (no guidance), like the teacher.
+SAMPLING = {"guided_distillation": {"guidance_scale": 1.0}}
 CACHE = ROOT / "benchmarks" / "runs" / "leaderboard"
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -99,14 +105,31 @@ def train_cached(method: str, data: str, seed: int, steps: int | None, hardware:
     folder = CACHE / data / key
     model, record_file = folder / "model.pt", folder / "train.json"
     if model.exists() and record_file.exists():
-        return model, json.loads(record_file.read_text())
+        record = json.loads(record_file.read_text())
+        if method not in STAGED or "students" in record:
+            return model, record
     entry = {"config": str(config_path(method, data).relative_to(ROOT)), "fit_args": overrides}
     exported, seconds, command = train(entry, f"leaderboard/{data}/fits", seed)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(exported, model)
     record = {"train_wall_s": seconds, "command": command, "key": key}
+    if method in STAGED:
+        record["students"] = keep_stage_students(exported.parent, folder)
     _write_atomically(record_file, json.dumps(record))
     return model, record
+
+
+def keep_stage_students(run: Path, folder: Path) -> dict[str, str]:
+    """Copy the checkpoint that ends each progressive stage of the fit in `run` into the cache `folder`;
+    {steps: file name}."""
+    from benchmarks.guided_distillation import students
+
+    kept = {}
+    for steps, ckpt in students(run).items():
+        name = f"student_{steps}_steps.ckpt"
+        shutil.copyfile(ckpt, folder / name)
+        kept[str(steps)] = name
+    return kept
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -179,8 +202,16 @@ def run(data: str, methods: list[str], seeds: list[int], num: int, steps: int | 
             continue
         try:
             path, record = train_cached(name, data, train_seed, steps, list(hardware))
-            result = scored(name, data, path, evaluator, seeds, num, NFES, {},
-                            path.parent / "scores.json")
+            options = SAMPLING.get(name, {})
+            if "students" in record:  # the n-step student at n NFE
+                parts = [scored(name, data, path.parent / file, evaluator, seeds, num, [int(n)], options,
+                                path.parent / f"scores_{n}_steps.json") for n, file in record["students"].items()
+                         if int(n) in NFES]
+                result = {**parts[0], "rows": {k: v for part in parts for k, v in part["rows"].items()},
+                          "model": ", ".join(part["model"] for part in parts),
+                          "iterations": max(part["iterations"] or 0 for part in parts)}
+            else:
+                result = scored(name, data, path, evaluator, seeds, num, NFES, options, path.parent / "scores.json")
         except Exception as err:  # noqa: BLE001 -- one method failing must not stop the suite; its row says why
             table["methods"].append({"name": name, "data": data, "missing": f"failed: {str(err).splitlines()[0][:200]}"})
             continue
@@ -427,7 +458,7 @@ def main(argv=None):
     for data in args.data:
         methods = args.only or METHODS
         if args.collect:  # per data set: what is cached for it
-            methods = [m for m in methods if any((CACHE / data).glob(f"{m}-*/scores.json"))]
+            methods = [m for m in methods if any((CACHE / data).glob(f"{m}-*/scores*.json"))]
         elif args.jobs > 1:
             run(data, [], args.seeds, args.num, args.steps, args.seed, hardware)  # the teachers' rows, once
             shared = ["--data", data, "--seeds", *map(str, args.seeds), "--seed", str(args.seed), "--num",

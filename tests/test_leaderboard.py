@@ -106,3 +106,27 @@ def test_workers_run_every_method_at_most_jobs_at_a_time(tmp_path):
 def test_jobs_must_be_positive():
     with pytest.raises(SystemExit):
         lb.main(["--jobs", "0", "--collect"])
+
+
+def test_a_staged_method_is_scored_at_n_nfe_by_its_n_step_student_unguided(tmp_path, monkeypatch):
+    """Guided distillation's row: at n NFE the student of the n-step stage, sampled at guidance scale 1 (like the
+    teacher rows), not its final one-step student at every NFE nor its config's default scale."""
+    students = {"8": "student_8_steps.ckpt", "4": "student_4_steps.ckpt", "2": "student_2_steps.ckpt",
+                "1": "student_1_steps.ckpt", "16": "student_16_steps.ckpt"}
+    calls = []
+
+    def fake_scored(name, data, path, evaluator, seeds, num, nfes, options, cache_file):
+        calls.append((path.name, nfes, options))
+        if name.startswith("teacher"):
+            return {"rows": {str(n): {"sw2": 1.0} for n in nfes}, "model": "t", "iterations": None}
+        return {"name": name, "rows": {str(nfes[0]): {"sw2": 0.1 * nfes[0]}}, "model": path.name, "iterations": 7}
+
+    monkeypatch.setattr(lb, "evaluator_for", lambda data, seed: None)
+    monkeypatch.setattr(lb, "scored", fake_scored)
+    monkeypatch.setattr(lb, "train_cached", lambda *a: (tmp_path / "model.pt", {"students": students, "key": "k"}))
+    table = lb.run("tree", ["guided_distillation"], [0], 10, None, 0)
+    student_calls = [c for c in calls if c[0].startswith("student_")]
+    assert sorted((c[0], c[1]) for c in student_calls) == sorted((f"student_{n}_steps.ckpt", [n]) for n in lb.NFES)
+    assert all(c[2] == {"guidance_scale": 1.0} for c in student_calls)
+    row = table["methods"][0]
+    assert {n: row["rows"][n]["sw2"] for n in row["rows"]} == {str(n): pytest.approx(0.1 * n) for n in lb.NFES}
