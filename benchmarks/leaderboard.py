@@ -51,7 +51,13 @@ TEACHER = {"tree": "lit_fewstep/assets/edm_tree.pt", "digits": "lit_fewstep/asse
 TEACHER_SOLVERS = ["heun", "euler", "dpmpp_2m", "unipc"]
 NFES = [1, 2, 4, 8]
 PRIMARY = {"tree": "sw2", "digits": "fid"}
-PAIRS = {"dmd": "pairs_path"}  # methods whose config reads teacher ODE pairs made by `python -m lit_fewstep pairs`
+# Methods whose config reads teacher ODE pairs (`python -m lit_fewstep pairs`), made once into the cache as their
+# configs' headers say: DMD's regression pairs from the EDM teacher; CAF's couplings from the shipped flow-matching
+# teacher of the same data (CAF lives on the linear path, so its row is distilled from that teacher, not the EDM one).
+PAIRS = {"dmd": {"teacher": TEACHER, "num": {"tree": 4096, "digits": 2048}, "nfe": {"tree": 35, "digits": 35},
+                 "path": "edm"},
+         "caf": {"teacher": {"tree": "lit_fewstep/assets/fm_tree.pt", "digits": "lit_fewstep/assets/fm_digits.pt"},
+                 "num": {"tree": 20000, "digits": 20000}, "nfe": {"tree": 63, "digits": 35}, "path": "linear"}}
 # Progressive distillation leaves one student per step count (16 -> 8 -> 4 -> 2 -> 1, a stage each): a row's score at
 # n NFE is that of the n-step student, kept by the config's checkpoint at the end of its stage.
 STAGED = {"guided_distillation"}
@@ -75,17 +81,20 @@ def entry_key(method: str, data: str, seed: int, overrides: list[str]) -> str:
 
 
 def ensure_pairs(method: str, data: str) -> list[str]:
-    """DMD's regression pairs (35-NFE Heun of the teacher), made once into the cache; returns the fit override."""
+    """The teacher pairs a method's config reads (PAIRS), made once into the cache; returns the fit override."""
     if method not in PAIRS:
         return []
-    out = CACHE / data / "pairs.pt"
+    spec = PAIRS[method]
+    out = CACHE / data / f"pairs_{spec['path']}_{spec['num'][data]}_nfe{spec['nfe'][data]}.pt"
     if not out.exists():
         from lit_fewstep.cli import pairs_main
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        pairs_main(["--teacher", TEACHER[data], "--num", "4096" if data == "tree" else "2048", "--nfe", "35",
-                    "--out", str(out)])
-    return [f"--model.init_args.{PAIRS[method]}", str(out.relative_to(ROOT))]
+        partial = out.with_name(f"{out.stem}.{os.getpid()}.partial.pt")
+        pairs_main(["--teacher", spec["teacher"][data], "--num", str(spec["num"][data]), "--nfe",
+                    str(spec["nfe"][data]), "--path", spec["path"], "--out", str(partial)])
+        os.replace(partial, out)
+    return ["--model.init_args.pairs_path", str(out.relative_to(ROOT))]
 
 
 def _write_atomically(path: Path, text: str) -> None:
