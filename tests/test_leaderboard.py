@@ -15,9 +15,11 @@ def _rows(values: dict[int, float], rate: float = 100.0) -> dict:
 
 
 def table() -> dict:
-    teachers = [{"solver": "heun", "rows": {**_rows({1: 0.6, 2: 0.6, 4: 0.2, 8: 0.5}), "35": {"sw2": 0.05}}},
+    teachers = [{"solver": "heun", "rows": {**_rows({1: 0.6, 2: 0.6, 4: 0.2, 8: 0.5}), "35": {"sw2": 0.05, "nll": 4.0}}},
                 {"solver": "dpmpp_2m", "rows": _rows({1: 0.6, 2: 0.6, 4: 0.15, 8: 0.1})}]
-    methods = [{"name": "cd", "rows": _rows({1: 0.1, 2: 0.08, 4: 0.07, 8: 0.06}), "train_wall_s": 60.0,
+    cd_rows = _rows({1: 0.1, 2: 0.08, 4: 0.07, 8: 0.06})
+    cd_rows["1"]["nll"] = 6.0
+    methods = [{"name": "cd", "rows": cd_rows, "train_wall_s": 60.0,
                 "iterations": 1500, "command": "python -m lit_fewstep fit --config configs/cd/tree.yaml"},
                {"name": "dmd2", "rows": _rows({1: 0.2}), "train_wall_s": 90.0, "iterations": 1000},
                {"name": "lowdiff", "missing": "no configs/lowdiff/tree.yaml yet"}]
@@ -29,8 +31,9 @@ def test_rows_state_ratios_to_the_reference_and_the_free_solver_comparison():
     text = "\n".join(lines)
     assert "Heun at 35 NFE, sw2 0.05" in text and "best training-free solver at 4 NFE: 0.15" in text
     cd = next(line for line in lines if line.startswith("| cd |"))
-    # sw2 at 1/2/4/8, ratio @1 = 0.1 / 0.05, ratio @4 = 0.07 / 0.05, 0.1 < 0.15 beats the best free solver at 4 NFE
-    assert cd.split(" | ")[1:9] == ["0.1", "0.08", "0.07", "0.06", "2", "1.4", "yes", "1500"]
+    # sw2 at 1/2/4/8, ratio @1 = 0.1 / 0.05, ratio @4 = 0.07 / 0.05, 0.1 < 0.15 beats the best free solver at 4 NFE,
+    # nll at 1 NFE 6 and its ratio to the 35-NFE teacher's 4
+    assert cd.split(" | ")[1:11] == ["0.1", "0.08", "0.07", "0.06", "2", "1.4", "yes", "6", "1.5", "1500"]
     dmd2 = next(line for line in lines if line.startswith("| dmd2 |"))
     assert dmd2.split(" | ")[1:8] == ["0.2", "–", "–", "–", "4", "–", "no"]  # a one-step generator: no @2..@8
     assert any(line.startswith("| lowdiff | not yet") for line in lines)
