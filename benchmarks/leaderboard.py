@@ -149,7 +149,7 @@ def score_model(module, evaluator, nfes: list[int], seeds: list[int], num: int, 
 
     rows = {}
     for nfe in nfes:
-        if module.max_nfe is not None and nfe > module.max_nfe:
+        if (module.max_nfe is not None and nfe > module.max_nfe) or nfe < module.min_nfe:
             continue
         per_seed, rates, spent = [], [], None
         for seed in seeds:
@@ -486,7 +486,8 @@ def main(argv=None):
                       *(["--devices", str(args.devices)] if args.devices else [])]
             run_in_workers([m for m in methods if config_path(m, data) is not None], args.jobs, CACHE / data / "logs",
                            lambda method: [sys.executable, __file__, *shared, "--only", method])
-        tables[data] = run(data, methods, args.seeds, args.num, args.steps, args.seed, hardware)
+        in_table_order = [m for m in METHODS if m in methods]  # --only's order is the order workers start in
+        tables[data] = run(data, in_table_order, args.seeds, args.num, args.steps, args.seed, hardware)
     if args.no_report:
         return tables
     out = write_report(tables, args, started, time.perf_counter() - start)

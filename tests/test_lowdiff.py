@@ -110,6 +110,9 @@ def test_other_totals_split_in_the_configured_proportions():
     assert module.plan(12) == (10, 2) and module.plan(2) == (1, 1) and module.plan(9, steps=[4, 5]) == (4, 5)
     assert split_nfe(7, [1, 1, 1]) == (3, 2, 2) and sum(split_nfe(101, [35, 5, 5])) == 101
     with pytest.raises(ValueError, match="^nfe: a cascade of 2 resolutions needs at least 2"):
+        split_nfe(1, [25, 5])
+    assert module.min_nfe == 2
+    with pytest.raises(ValueError, match="^nfe: LowDiff samples with at least 2 evaluations, got 1"):
         module.sample(2, 1)
     with pytest.raises(ValueError, match="^steps: give 2 positive evaluation counts summing to nfe=9"):
         module.sample(2, 9, steps=[4, 4])

@@ -260,6 +260,7 @@ class FewStepModule(Configurable, L.LightningModule):
     optional_state_keys: tuple[str, ...] = ("iteration", "skipped_steps", "rng_seed", "ema_updates", "stage_entered")
     generator_name = "generator"
     max_nfe: int | None = None
+    min_nfe: int = 1  # a method that needs several evaluations per sample (e.g. one per level of a cascade) raises it
     # Submodules `compile_networks` leaves eager: the networks a method differentiates in forward mode
     # (torch.func.jvp through a compiled module hits an internal assert in torch 2.14 with conv + GroupNorm).
     eager_networks: tuple[str, ...] = ()
@@ -746,6 +747,8 @@ class FewStepModule(Configurable, L.LightningModule):
             raise ValueError(f"nfe: must be an integer >= 1, got {nfe!r}.")
         if self.max_nfe is not None and nfe > self.max_nfe:
             raise ValueError(f"nfe: {type(self).__name__} samples with at most {self.max_nfe} evaluations, got {nfe}.")
+        if nfe < self.min_nfe:
+            raise ValueError(f"nfe: {type(self).__name__} samples with at least {self.min_nfe} evaluations, got {nfe}.")
 
     def check_class_labels(self, class_labels: Tensor | None, n: int) -> None:
         if class_labels is None:

@@ -129,6 +129,11 @@ class LowDiff(EDMDiffusion):
     def levels(self) -> int:
         return 1 if self.resolutions is None else len(self.resolutions)
 
+    @property
+    def min_nfe(self) -> int:
+        """One evaluation per level of the cascade at the least."""
+        return self.levels
+
     # ----------------------------------------------------------------------------- condition
     def condition(self, lower: Tensor, resolution: int) -> Tensor:
         """The low-resolution condition at `resolution`: the lower level's image [B, C, r, r] brought up to it."""
