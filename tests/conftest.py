@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The long end-to-end tests (marked slow) first: under pytest-xdist the short ones then keep every worker busy to
+    the end, instead of one worker finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT

@@ -90,6 +90,7 @@ def test_every_suite_entry_points_at_existing_files():
             assert entry.get("teacher") in (None, "self") or (ROOT / entry["teacher"]).exists(), (suite, entry)
 
 
+@pytest.mark.slow
 def test_gpu_smoke_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu/smoke.py end to end on the CPU in bf16-mixed for a JVP method on a convolutional network (sCD)
     and DMD2: a row per method with its throughput, the step/passes ratio, and the targets it can judge."""

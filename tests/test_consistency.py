@@ -285,6 +285,7 @@ def test_config_errors_name_the_field(teacher_ckpt, tmp_path):
         CD(mlp(), str(tmp_path / "missing.pt")).prepare_teacher()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_run_scd(teacher_ckpt, tmp_path):
     """Forward-mode AD (torch.func.jvp) inside training_step under 2-process gloo DDP, from configs/scd/tree.yaml."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",

@@ -390,6 +390,7 @@ def test_errors_name_the_field(toy_teacher, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
 def test_ddp_two_processes_run_a_dmd2_config(toy_teacher, tmp_path):
     """configs/dmd2/tree.yaml under 2-process gloo DDP: both ranks step, and their weights stay identical
     (the gradients of both phases are all-reduced)."""

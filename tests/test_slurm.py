@@ -73,6 +73,7 @@ class Output:
             time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_requeues_and_the_rerun_resumes(tmp_path):
     env, run_dir = slurm_env(tmp_path), tmp_path / "run"
     proc = subprocess.Popen(fit_command(run_dir, 100_000), cwd=ROOT, env=env, stdout=subprocess.PIPE,
