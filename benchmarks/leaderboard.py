@@ -91,10 +91,8 @@ def ensure_pairs(method: str, data: str) -> list[str]:
         from lit_fewstep.cli import pairs_main
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f"{out.stem}.{os.getpid()}.partial.pt")
         pairs_main(["--teacher", spec["teacher"][data], "--num", str(spec["num"][data]), "--nfe",
-                    str(spec["nfe"][data]), "--path", spec["path"], "--out", str(partial)])
-        os.replace(partial, out)
+                    str(spec["nfe"][data]), "--path", spec["path"], "--out", str(out)])  # written atomically
     return ["--model.init_args.pairs_path", str(out.relative_to(ROOT))]
 
 
