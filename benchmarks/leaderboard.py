@@ -467,8 +467,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs: expected a positive number of processes, got {args.jobs}")
-    hardware = [*(["--trainer.accelerator", args.accelerator] if args.accelerator else []),
-                *(["--trainer.devices", str(args.devices)] if args.devices else [])]
+    def hardware_flags(prefix: str) -> list[str]:  # "trainer." for fit, "" for this script's own workers
+        return [*([f"--{prefix}accelerator", args.accelerator] if args.accelerator else []),
+                *([f"--{prefix}devices", str(args.devices)] if args.devices else [])]
+
+    hardware = hardware_flags("trainer.")
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     start = time.perf_counter()
     tables = {}
@@ -480,8 +483,7 @@ def main(argv=None):
             run(data, [], args.seeds, args.num, args.steps, args.seed, hardware)  # the teachers' rows, once
             shared = ["--data", data, "--seeds", *map(str, args.seeds), "--seed", str(args.seed), "--num",
                       str(args.num), "--no_report", *(["--steps", str(args.steps)] if args.steps else []),
-                      *(["--accelerator", args.accelerator] if args.accelerator else []),
-                      *(["--devices", str(args.devices)] if args.devices else [])]
+                      *hardware_flags("")]
             run_in_workers([m for m in methods if config_path(m, data) is not None], args.jobs, CACHE / data / "logs",
                            lambda method: [sys.executable, __file__, *shared, "--only", method])
         in_table_order = [m for m in METHODS if m in methods]  # --only's order is the order workers start in

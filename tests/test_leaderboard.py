@@ -106,6 +106,21 @@ def test_workers_run_every_method_at_most_jobs_at_a_time(tmp_path):
     assert max(counts) == 2, counts
 
 
+def test_accelerator_and_devices_reach_every_worker_and_every_fit(monkeypatch):
+    """--accelerator/--devices: the workers get them as this script's flags, fit as trainer flags."""
+    calls = {"run": [], "workers": []}
+    monkeypatch.setattr(lb, "run", lambda data, methods, *a: calls["run"].append((methods, a[-1])) or {})
+    monkeypatch.setattr(lb, "run_in_workers", lambda methods, jobs, logs, command: calls["workers"].extend(
+        command(m) for m in methods))
+    lb.main(["--data", "tree", "--only", "cd", "dmd", "--jobs", "2", "--accelerator", "gpu", "--devices", "1",
+             "--no_report"])
+    assert all(hw == ["--trainer.accelerator", "gpu", "--trainer.devices", "1"] for _, hw in calls["run"])
+    for command in calls["workers"]:
+        assert command[command.index("--accelerator") + 1] == "gpu" and command[command.index("--devices") + 1] == "1"
+        assert "--trainer.accelerator" not in command
+    assert [c[c.index("--only") + 1] for c in calls["workers"]] == ["cd", "dmd"]
+
+
 def test_jobs_must_be_positive():
     with pytest.raises(SystemExit):
         lb.main(["--jobs", "0", "--collect"])
