@@ -143,6 +143,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--tsm", type=float, default=0.5, help="fraction of the iterations spent in the TSM warm-up")
     parser.add_argument("--tsm_lr", type=float, default=None, help="learning rate of the warm-up (default: --lr)")
+    parser.add_argument("--tsm_iters", type=int, default=None,
+                        help="TSM warm-up iterations added before the half-width students' DMD2 phase, which then "
+                             "runs as many iterations as the others (--iters); half_none runs the same total. "
+                             "Replaces --tsm")
     parser.add_argument("--num", type=int, default=None, help="samples per final score (default: 2000 digits, 5000 tree)")
     parser.add_argument("--num_progress", type=int, default=1000)
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
@@ -166,6 +170,7 @@ def main() -> None:
     command = "OMP_NUM_THREADS=1 python benchmarks/msd.py " + " ".join(sys.argv[1:])
     header = {"data": data, "command": command,
               "machine": machine(), "iters": iters, "lr": args.lr, "tsm_fraction": args.tsm, "tsm_lr": args.tsm_lr,
+              "tsm_iters": args.tsm_iters,
               "num": num,
               "num_progress": args.num_progress, "every": args.every, "settings": {
                   k: SETTINGS[data][k] for k in ("data", "common", "gan")}, "load_start": os.getloadavg()[0]}
@@ -177,10 +182,14 @@ def main() -> None:
     for name in args.runs or runs:  # in the order given
         if name not in runs:
             parser.error(f"--runs: no run {name!r} for {data}; choose from {', '.join(runs)}")
-        run = runs[name]
-        if isinstance(run["kw"].get("tsm_iterations"), float):
+        run, run_iters = runs[name], iters
+        if args.tsm_iters is not None and name.startswith("half"):
+            # the warm-up comes on top of the full DMD2 budget; the run without it gets the same total
+            run_iters = iters + args.tsm_iters
+            run["kw"]["tsm_iterations"] = args.tsm_iters if name == "half_tsm" else 0
+        elif isinstance(run["kw"].get("tsm_iterations"), float):
             run["kw"]["tsm_iterations"] = int(run["kw"]["tsm_iterations"] * iters)
-        model, info = train(run, data, iters, evaluator, args.every, args.num_progress)
+        model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress)
         per_seed = [scored(model, evaluator, num, seed) for seed in SAMPLING_SEEDS]
         info.update(name=run["name"], method=run["cls"], students=run["students"], command=command,
                     kw={k: v for k, v in run["kw"].items() if k != "student_net"},
