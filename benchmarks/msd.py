@@ -174,10 +174,18 @@ def main() -> None:
               "num": num,
               "num_progress": args.num_progress, "every": args.every, "settings": {
                   k: SETTINGS[data][k] for k in ("data", "common", "gan")}, "load_start": os.getloadavg()[0]}
-    before = json.loads(out.read_text()) if out.exists() and args.runs is not None else {}
-    earlier = before.get("results", [])
-    header["commands"] = before.get("commands", [before["command"]] if before else []) + [command]
     results, models = [], {}
+
+    def save() -> None:
+        """This invocation's runs merged into the file as it is now (a --runs subset adds to earlier results, and
+        two subsets may run side by side), written whole and renamed into place."""
+        before = json.loads(out.read_text()) if out.exists() and args.runs is not None else {}
+        commands = before.get("commands", [before["command"]] if before else [])
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**header, "commands": commands + [c for c in [command] if c not in commands],
+                                   "results": merged(before.get("results", []), results)}, indent=1))
+        tmp.replace(out)
+
     runs = {run["name"]: run for run in runs_for(data, args.lr, args.tsm, args.tsm_lr)}
     for name in args.runs or runs:  # in the order given
         if name not in runs:
@@ -202,7 +210,7 @@ def main() -> None:
         print(f"[{data}] {run['name']}: {json.dumps(info['median'])} ({info['train_s']:.0f} s)", flush=True)
         results.append(info)
         models[run["name"]] = model
-        out.write_text(json.dumps({**header, "results": merged(earlier, results)}, indent=1))
+        save()
     # images/s, all runs interleaved over 3 rounds
     speeds = {name: [] for name in models}
     for _ in range(3):
@@ -212,7 +220,7 @@ def main() -> None:
         info["images_per_s"] = statistics.median(speeds[info["name"]])
         info["images_per_s_rounds"], info["speed"] = speeds[info["name"]], "interleaved"
     header["load_end"] = os.getloadavg()[0]
-    out.write_text(json.dumps({**header, "results": merged(earlier, results)}, indent=1))
+    save()
     write_report()
 
 
@@ -245,14 +253,16 @@ def merged(earlier: list[dict], new: list[dict]) -> list[dict]:
 
 def write_report() -> None:
     lines = ["# Multi-Student Distillation: K students vs one (issue 20)", ""]
-    for data in ("tree", "digits"):
-        path = RESULTS / f"msd_{data}.json"
-        if not path.exists():
-            continue
+    # msd_{data}.json is the current table; msd_{data}_<tag>.json are earlier ones kept beside it (renamed by hand)
+    paths = [p for data in ("tree", "digits") for p in [RESULTS / f"msd_{data}.json",
+                                                         *sorted(RESULTS.glob(f"msd_{data}_*.json"))] if p.exists()]
+    for path in paths:
         r = json.loads(path.read_text())
+        data = r["data"]
         keys, head = METRICS[data], HEADLINE[data]
         commands = r.get("commands") or [r["command"]]
-        lines += [f"## {data}", "", "Commands (one after another; a later `--runs` subset adds its runs to the table):", "",
+        title = data if path.stem == f"msd_{data}" else f"{data}, earlier: {path.stem.removeprefix(f'msd_{data}_')}"
+        lines += [f"## {title}", "", "Commands (one after another; a later `--runs` subset adds its runs to the table):", "",
                   *[f"    {c}" for c in commands], ""]
         if "speed_command" in r:
             lines += [f"images/s: `{r['speed_command']}` (load {r['speed_load']:.1f}): every run's architecture and routing "
