@@ -65,6 +65,13 @@ STAGED = {"guided_distillation"}
 # Sampling options that make a row comparable with the teachers' rows (unguided): guided distillation's default
 # sampling scale is its config's guidance_scale; the leaderboard scores it at 1 (no guidance), like the teacher.
 SAMPLING = {"guided_distillation": {"guidance_scale": 1.0}}
+# Methods trained from data alone (no teacher): they are rows of the table but not held to the distillation targets.
+FROM_SCRATCH = {"ct", "ict", "sct", "analog_bits", "lowdiff"}
+# The leaderboard issue's quality targets for distillation methods: (metric, NFE, most allowed ratio to the teacher's
+# 35-NFE Heun score, methods it applies to (None: all)); and every distilled method at 1 NFE below the best
+# training-free solver at 4 NFE (checked separately).
+TARGETS = {"tree": [("sw2", 1, 1.5, None), ("nll", 1, 1.5, None)],
+           "digits": [("fid", 4, 1.5, None), ("fid", 1, 2.0, None), ("fid", 1, 1.10, {"dmd2"})]}
 CACHE = ROOT / "benchmarks" / "runs" / "leaderboard"
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -299,10 +306,41 @@ def markdown(data: str, table: dict, seeds: list[int], num: int) -> list[str]:
             lines.append(f"| {m['name']} | not yet ({m['missing']}) |" + " |" * (12 if secondary else 10))
         else:
             lines.append(row(m["name"], m, _fmt(m.get("train_wall_s")), _fmt(m.get("iterations"))))
-    lines.append("")
+    lines += ["", *targets(data, table), ""]
     commands = [m["command"] for m in table["methods"] if m.get("command")]
     if commands:
         lines += ["Trained with:", "```", *commands, "```", ""]
+    return lines
+
+
+def targets(data: str, table: dict) -> list[str]:
+    """Which distillation rows meet the leaderboard's targets (TARGETS), each with its ratio; from-scratch methods
+    and rows not scored at the NFE (a one-step generator at 4 NFE) are said, not counted."""
+    heun = next(t for t in table["teachers"] if t["solver"] == "heun")["rows"]
+    primary = PRIMARY[data]
+    best_free_4 = min(t["rows"]["4"][primary] for t in table["teachers"])
+    rows = [m for m in table["methods"] if "missing" not in m and m["name"] not in FROM_SCRATCH]
+    lines = [f"Targets for the distillation rows (from-scratch rows, not held to them: "
+             f"{', '.join(sorted(FROM_SCRATCH))}):", ""]
+    checks = [(f"{metric} @{nfe} within {limit}x of the teacher's 35-NFE {heun['35'][metric]:.4g}", nfe,
+               lambda v, metric=metric, limit=limit: v / heun["35"][metric] <= limit,
+               lambda v, metric=metric: f"{v / heun['35'][metric]:.2f}x", metric, only)
+              for metric, nfe, limit, only in TARGETS[data]]
+    checks.append((f"{primary} @1 below the best training-free solver @4 ({best_free_4:.4g})", 1,
+                   lambda v: v < best_free_4, lambda v: f"{v:.4g}", primary, None))
+    for title, nfe, ok, shown, metric, only in checks:
+        met, missed, absent = [], [], []
+        for m in rows:
+            if only is not None and m["name"] not in only:
+                continue
+            value = m["rows"].get(str(nfe), {}).get(metric)
+            if value is None:
+                absent.append(m["name"])
+            else:
+                (met if ok(value) else missed).append(f"{m['name']} {shown(value)}")
+        lines.append(f"- {title}: met by {len(met)} of {len(met) + len(missed)}"
+                     + (f" ({', '.join(met)})" if met else "") + (f"; missed: {', '.join(missed)}" if missed else "")
+                     + (f"; not scored at {nfe} NFE: {', '.join(absent)}" if absent else ""))
     return lines
 
 

@@ -39,6 +39,26 @@ def test_rows_state_ratios_to_the_reference_and_the_free_solver_comparison():
     assert any(line.startswith("| lowdiff | not yet") for line in lines)
 
 
+def test_the_targets_list_each_distillation_row_as_met_or_missed_with_its_ratio():
+    t = table()
+    t["methods"].insert(1, {"name": "ct", "rows": _rows({1: 0.5}), "iterations": 10})  # from scratch: not counted
+    lines = lb.targets("tree", t)
+    sw2 = next(line for line in lines if line.startswith("- sw2 @1"))
+    assert sw2.endswith("met by 0 of 2; missed: cd 2.00x, dmd2 4.00x")  # 0.1 and 0.2 against the teacher's 0.05
+    nll = next(line for line in lines if line.startswith("- nll @1"))
+    assert nll.endswith("met by 1 of 1 (cd 1.50x); not scored at 1 NFE: dmd2")  # 6 / 4 is within 1.5x
+    free = next(line for line in lines if "best training-free solver" in line)
+    assert free.endswith("met by 1 of 2 (cd 0.1); missed: dmd2 0.2")  # the best free solver at 4 NFE: 0.15
+    assert not any("ct " in line for line in lines[2:])
+    digits = {"teachers": [{"solver": "heun", "rows": {"4": {"fid": 30.0}, "35": {"fid": 4.0}}}],
+              "methods": [{"name": "dmd2", "rows": {"1": {"fid": 4.5}}}, {"name": "cd", "rows": {
+                  "1": {"fid": 8.0}, "4": {"fid": 6.2}}}]}
+    text = "\n".join(lb.targets("digits", digits))
+    assert "fid @4 within 1.5x of the teacher's 35-NFE 4: met by 0 of 1; missed: cd 1.55x; not scored at 4 NFE: dmd2" in text
+    assert "fid @1 within 2.0x of the teacher's 35-NFE 4: met by 2 of 2 (dmd2 1.12x, cd 2.00x)" in text
+    assert "fid @1 within 1.1x of the teacher's 35-NFE 4: met by 0 of 1; missed: dmd2 1.12x" in text
+
+
 def test_the_readme_results_are_rewritten_between_their_markers_only(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n## Results\n{lb.README_START}\nold table\n{lb.README_END}\n\n## Next\nkept\n")
