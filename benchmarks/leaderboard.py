@@ -83,7 +83,17 @@ def config_path(method: str, data: str) -> Path | None:
 
 
 def entry_key(method: str, data: str, seed: int, overrides: list[str]) -> str:
-    """The cache key of a trained model: its config file, the overrides and the seed."""
+    """The cache key of a trained model: its config's content (parsed, so that editing a comment or the layout
+    does not retrain), the overrides and the seed."""
+    import yaml
+
+    content = json.dumps(yaml.safe_load(config_path(method, data).read_text()), sort_keys=True)
+    return f"{method}-{hashlib.sha256((content + json.dumps([overrides, seed])).encode()).hexdigest()[:10]}"
+
+
+def _byte_key(method: str, data: str, seed: int, overrides: list[str]) -> str:
+    """The key caches made before keys were content-based (the config file's bytes): found, such a folder is
+    renamed to its content key, so that a cache survives the change without retraining."""
     text = config_path(method, data).read_bytes() + json.dumps([overrides, seed]).encode()
     return f"{method}-{hashlib.sha256(text).hexdigest()[:10]}"
 
@@ -118,6 +128,11 @@ def train_cached(method: str, data: str, seed: int, steps: int | None, hardware:
     overrides += ensure_pairs(method, data)
     key = entry_key(method, data, seed, overrides)
     folder = CACHE / data / key
+    legacy = CACHE / data / _byte_key(method, data, seed, overrides)
+    if not folder.exists() and (legacy / "train.json").exists():
+        record = json.loads((legacy / "train.json").read_text())
+        _write_atomically(legacy / "train.json", json.dumps({**record, "key": key}))
+        legacy.rename(folder)
     model, record_file = folder / "model.pt", folder / "train.json"
     if model.exists() and record_file.exists():
         record = json.loads(record_file.read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -92,6 +93,28 @@ def test_the_cache_key_follows_the_config_the_overrides_and_the_seed():
     assert key != lb.entry_key("cd", "tree", 0, ["--trainer.max_steps", "10"])
     assert lb.config_path("cd", "tree") == ROOT / "configs" / "cd" / "tree.yaml"
     assert lb.config_path("cd", "nowhere") is None
+
+
+def test_the_cache_key_ignores_comments_and_layout_and_old_byte_keyed_entries_are_kept(tmp_path, monkeypatch):
+    configs = tmp_path / "configs" / "cd"
+    configs.mkdir(parents=True)
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    monkeypatch.setattr(lb, "CACHE", tmp_path / "cache")
+    (configs / "tree.yaml").write_text("model:\n  init_args: {lr: 0.001, ema_decay: 0.99}\n")
+    key = lb.entry_key("cd", "tree", 0, [])
+    (configs / "tree.yaml").write_text("# a comment\nmodel:\n  init_args:\n    ema_decay: 0.99  # why\n    lr: 1.0e-3\n")
+    assert lb.entry_key("cd", "tree", 0, []) == key
+    (configs / "tree.yaml").write_text("model:\n  init_args: {lr: 0.002, ema_decay: 0.99}\n")
+    assert lb.entry_key("cd", "tree", 0, []) != key
+    # a folder keyed by the file's bytes (caches made before) is renamed to the content key, not retrained
+    old = tmp_path / "cache" / "tree" / lb._byte_key("cd", "tree", 0, [])
+    old.mkdir(parents=True)
+    (old / "model.pt").write_bytes(b"weights")
+    (old / "train.json").write_text(json.dumps({"train_wall_s": 1.0, "command": "fit", "key": old.name}))
+    monkeypatch.setattr("benchmarks.run.train", lambda *a: pytest.fail("retrained a cached model"))
+    path, record = lb.train_cached("cd", "tree", 0, None, [])
+    assert path == tmp_path / "cache" / "tree" / lb.entry_key("cd", "tree", 0, []) / "model.pt"
+    assert path.read_bytes() == b"weights" and record["key"] == path.parent.name and not old.exists()
 
 
 def test_every_method_of_the_zoo_is_a_row():
