@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import exact_command, git_state, machine  # noqa: E402
+from benchmarks.run import exact_command, git_state, machine, write_atomically  # noqa: E402
 
 # Every method of the zoo, in the order of the table. Teachers are rows of their own (TEACHER_SOLVERS).
 METHODS = ["cd", "ct", "ict", "scd", "sct", "dmd", "dmd2", "msd", "ctm", "guided_distillation", "flow_map", "caf",
@@ -113,13 +113,6 @@ def ensure_pairs(method: str, data: str) -> list[str]:
     return ["--model.init_args.pairs_path", str(out.relative_to(ROOT))]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Processes of one suite (--jobs, SLURM tasks) share the cache: a reader sees the old file or the new one."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def train_cached(method: str, data: str, seed: int, steps: int | None, hardware: list[str]) -> tuple[Path, dict]:
     """The exported model of `method` on `data` (trained now unless cached) and its training record."""
     from benchmarks.run import train
@@ -131,7 +124,7 @@ def train_cached(method: str, data: str, seed: int, steps: int | None, hardware:
     legacy = CACHE / data / _byte_key(method, data, seed, overrides)
     if not folder.exists() and (legacy / "train.json").exists():
         record = json.loads((legacy / "train.json").read_text())
-        _write_atomically(legacy / "train.json", json.dumps({**record, "key": key}))
+        write_atomically(legacy / "train.json", json.dumps({**record, "key": key}))
         legacy.rename(folder)
     model, record_file = folder / "model.pt", folder / "train.json"
     if model.exists() and record_file.exists():
@@ -145,7 +138,7 @@ def train_cached(method: str, data: str, seed: int, steps: int | None, hardware:
     record = {"train_wall_s": seconds, "command": command, "key": key}
     if method in STAGED:
         record["students"] = keep_stage_students(exported.parent, folder)
-    _write_atomically(record_file, json.dumps(record))
+    write_atomically(record_file, json.dumps(record))
     return model, record
 
 
@@ -200,7 +193,7 @@ def scored(name: str, data: str, path: Path, evaluator, seeds: list[int], num: i
               "iterations": int(module.iteration) if hasattr(module, "iteration") else None,
               "rows": {str(k): v for k, v in rows.items()}}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(cache_file, json.dumps(result, indent=1))
+    write_atomically(cache_file, json.dumps(result, indent=1))
     return result
 
 

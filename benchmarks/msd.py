@@ -47,6 +47,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.dmd import SEED, SETTINGS, TEACHERS, build, images_per_s, machine  # noqa: E402
+from benchmarks.run import write_atomically  # noqa: E402
 from lit_fewstep.evaluation import Evaluator  # noqa: E402
 from lit_fewstep.metrics import ExactNLL, SlicedWasserstein2  # noqa: E402
 from lit_fewstep.utils.config import instantiate  # noqa: E402
@@ -183,10 +184,8 @@ def main() -> None:
         two subsets may run side by side), written whole and renamed into place."""
         before = json.loads(out.read_text()) if out.exists() and args.runs is not None else {}
         commands = before.get("commands", [before["command"]] if before else [])
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**header, "commands": commands + [c for c in [command] if c not in commands],
-                                   "results": merged(before.get("results", []), results)}, indent=1))
-        tmp.replace(out)
+        write_atomically(out, json.dumps({**header, "commands": commands + [c for c in [command] if c not in commands],
+                                          "results": merged(before.get("results", []), results)}, indent=1))
 
     runs = {run["name"]: run for run in runs_for(data, args.lr, args.tsm, args.tsm_lr)}
     for name in args.runs or runs:  # in the order given

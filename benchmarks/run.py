@@ -68,6 +68,13 @@ TIMING_REPEATS = 3
 
 
 # ------------------------------------------------------------------------------------------------ environment
+def write_atomically(path: Path, text: str) -> None:
+    """Benchmark processes side by side share result and cache files: a reader sees the old file or the new one."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def machine() -> str:
     return describe_machine()
 
