@@ -62,19 +62,20 @@ HALF = {"tree": {"class_path": "lit_fewstep.nets.MLP", "init_args": dict(dim=2, 
                                                                             attn_resolutions=[4], num_classes=10)}}
 
 
-def runs_for(data: str, lr: float, tsm: float, tsm_lr: float | None) -> list[dict]:
+def runs_for(data: str, lr: float, tsm: float, tsm_lr: float | None, half_students: int | None = None) -> list[dict]:
     s = SETTINGS[data]
     dmd2 = dict(s["common"], **s["gan"], generator_every=5, lr=lr)
     k_max = 2 if data == "tree" else 4
+    k_half = half_students or k_max
     runs = [dict(name="one", cls="DMD2", kw=dict(dmd2), students=1)]
     runs += [dict(name=f"k{k}", cls="MSD", kw=dict(dmd2, num_students=k), students=k) for k in (2, 4) if k <= k_max]
     if data == "digits":
         runs.append(dict(name="k4_kmeans", cls="MSD", kw=dict(dmd2, num_students=4, partition="kmeans"), students=4))
-    runs += [dict(name="half_tsm", cls="MSD", kw=dict(dmd2, num_students=k_max, student_net=HALF[data], tsm_iterations=tsm,
+    runs += [dict(name="half_tsm", cls="MSD", kw=dict(dmd2, num_students=k_half, student_net=HALF[data], tsm_iterations=tsm,
                                                       tsm_lr=tsm_lr),
-                  students=k_max),
-             dict(name="half_none", cls="MSD", kw=dict(dmd2, num_students=k_max, student_net=HALF[data], tsm_iterations=0),
-                  students=k_max)]
+                  students=k_half),
+             dict(name="half_none", cls="MSD", kw=dict(dmd2, num_students=k_half, student_net=HALF[data], tsm_iterations=0),
+                  students=k_half)]
     return runs
 
 
@@ -150,6 +151,8 @@ def main() -> None:
                         help="TSM warm-up iterations added before the half-width students' DMD2 phase, which then "
                              "runs as many iterations as the others (--iters); half_none runs the same total. "
                              "Replaces --tsm")
+    parser.add_argument("--half_students", type=int, default=None,
+                        help="number of half-width students (default: 2 on the tree, 4 on digits)")
     parser.add_argument("--num", type=int, default=None, help="samples per final score (default: 2000 digits, 5000 tree)")
     parser.add_argument("--num_progress", type=int, default=1000)
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
@@ -173,7 +176,7 @@ def main() -> None:
     command = "OMP_NUM_THREADS=1 python benchmarks/msd.py " + " ".join(sys.argv[1:])
     header = {"data": data, "command": command,
               "machine": machine(), "iters": iters, "lr": args.lr, "tsm_fraction": args.tsm, "tsm_lr": args.tsm_lr,
-              "tsm_iters": args.tsm_iters,
+              "tsm_iters": args.tsm_iters, "half_students": args.half_students,
               "num": num,
               "num_progress": args.num_progress, "every": args.every, "settings": {
                   k: SETTINGS[data][k] for k in ("data", "common", "gan")}, "load_start": os.getloadavg()[0]}
@@ -187,7 +190,7 @@ def main() -> None:
         write_atomically(out, json.dumps({**header, "commands": commands + [c for c in [command] if c not in commands],
                                           "results": merged(before.get("results", []), results)}, indent=1))
 
-    runs = {run["name"]: run for run in runs_for(data, args.lr, args.tsm, args.tsm_lr)}
+    runs = {run["name"]: run for run in runs_for(data, args.lr, args.tsm, args.tsm_lr, args.half_students)}
     for name in args.runs or runs:  # in the order given
         if name not in runs:
             parser.error(f"--runs: no run {name!r} for {data}; choose from {', '.join(runs)}")
@@ -232,7 +235,11 @@ def measure_speed(data: str, rounds: int = 5) -> None:
     out = RESULTS / f"msd_{data}.json"
     r = json.loads(out.read_text())
     runs = {run["name"]: run for run in runs_for(data, r["lr"], 0.0, None)}
-    models = {x["name"]: build(dict(runs[x["name"]], iters=1), data, None).eval() for x in r["results"]}
+    # each run rebuilt with the number of students it was trained with (--half_students may differ between runs)
+    models = {x["name"]: build(dict(runs[x["name"]], iters=1, students=x["students"],
+                                    kw=dict(runs[x["name"]]["kw"], **({"num_students": x["students"]} if
+                                                                      runs[x["name"]]["cls"] == "MSD" else {}))),
+                               data, None).eval() for x in r["results"]}
     speeds = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():

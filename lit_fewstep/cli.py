@@ -15,11 +15,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .data.pairs import make_pairs, save_pairs
@@ -206,6 +208,9 @@ class FewStepCLI(LightningCLI):
         parser.add_argument("--compile", type=bool, default=False,
                             help="torch.compile the networks (FewStepModule.compile_networks; networks differentiated "
                                  "with forward-mode JVPs stay eager: docs/precision.md)")
+        parser.add_argument("--picture_samples", type=Optional[NonNegativeInt], default=None,
+                            help="samples in the picture written beside the exported model (default: 64 images or "
+                                 "2,000 toy points; 0: no picture, e.g. for a large model on CPU)")
 
     def before_fit(self) -> None:
         if self.config[self.subcommand].get("compile"):
@@ -224,7 +229,8 @@ class FewStepCLI(LightningCLI):
         suffix = self.config[self.subcommand].get("export_format", "pt")  # --export_format safetensors: no pickle
         out = Path(log_dir or self.trainer.default_root_dir) / f"model.{suffix}"
         self.model.export(str(out))
-        picture = self._sample_picture(out.parent / "samples.png")
+        num = self.config[self.subcommand].get("picture_samples")
+        picture = self._sample_picture(out.parent / "samples.png", num) if num != 0 else None
         # every run has its own version_N folder (never overwritten); <name>/latest points to the newest finished one
         versioned = isinstance(self.trainer.logger, (TensorBoardLogger, CSVLogger))  # <save_dir>/<name>/<version>
         pointer = point_latest(out.parent) if versioned and log_dir else None
@@ -233,13 +239,13 @@ class FewStepCLI(LightningCLI):
         if picture is not None:
             print(f"wrote a picture of its samples to {picture}", flush=True)
 
-    def _sample_picture(self, path: Path) -> Path | None:
-        """The job ends with a picture of the exported model's samples beside it: 64 images (every class in turn) or
-        2,000 toy points, seed 0, at the model's own step count (`default_nfe`: 1 for a consistency model or CTM, the final student's steps for
+    def _sample_picture(self, path: Path, num: int | None = None) -> Path | None:
+        """The job ends with a picture of the exported model's samples beside it: `num` (default 64) images (every
+        class in turn) or (default 2,000) toy points, seed 0, at the model's own step count (`default_nfe`: 1 for a consistency model or CTM, the final student's steps for
         guided distillation, a DMD generator's steps, 35 for an ODE teacher)."""
         module = self.model.eval()
         nfe = module.default_nfe
-        num = 64 if len(module.data_shape) == 3 else 2000
+        num = num or (64 if len(module.data_shape) == 3 else 2000)
         labels = torch.arange(num) % module.num_classes if module.num_classes else None
         try:
             x, y, spent, _ = draw(module, num, nfe, 0, labels, True, 1000)

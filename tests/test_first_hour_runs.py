@@ -46,7 +46,8 @@ def test_rerunning_a_config_never_overwrites_the_previous_run(tmp_path, capsys):
     # the job ends saying where its picture of samples went
     assert f"wrote a picture of its samples to {runs / 'version_0' / 'samples.png'}" in printed
     assert (runs / "version_0" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    _fit_tree(tmp_path, "--seed_everything", "1")
+    _fit_tree(tmp_path, "--seed_everything", "1", "--picture_samples", "0")  # 0: no picture
+    assert not (runs / "version_1" / "samples.png").exists() and "wrote a picture" not in capsys.readouterr().out
     assert sorted(p.name for p in runs.iterdir()) == ["latest", "version_0", "version_1"]
     assert (runs / "version_0" / "model.pt").read_bytes() == first  # the first run is untouched
     assert (runs / "version_0" / "config.yaml").is_file() and (runs / "version_1" / "config.yaml").is_file()

@@ -178,7 +178,13 @@ def _run(*args, cwd):
 
 
 @pytest.mark.slow
-def test_dmd2_fit_from_a_diffusers_teacher_exports_a_safetensors_student(tmp_path):
+def test_dmd2_fit_from_a_diffusers_teacher_exports_a_safetensors_student(tmp_path, capsys):
+    from lit_fewstep.cli import main
+
+    def run_here(*args):  # the commands after the fit in this process: a subprocess costs seconds of imports each
+        main(list(args))
+        return capsys.readouterr().out
+
     teacher = save_teacher(tmp_path / "teacher", small_unet())
     # 20 iterations = 24 optimizer steps (20 critic + 4 generator steps at generator_every 5)
     out = _run("fit", "--config", str(ROOT / "configs" / "dmd2" / "digits.yaml"),
@@ -189,12 +195,12 @@ def test_dmd2_fit_from_a_diffusers_teacher_exports_a_safetensors_student(tmp_pat
     assert "exported DMD2" in out and student.is_file()
     module = load_module(student)  # no pickle anywhere: safetensors + JSON config
     assert type(module.G.net).__name__ == "DiffusersUNet" and int(module.iteration) == 20
-    assert "wrote 6 samples" in _run("sample", "--ckpt", str(student), "--nfe", "1", "--num", "6",
-                                     "--out", str(tmp_path / "s.npz"), cwd=tmp_path)
+    assert "wrote 6 samples" in run_here("sample", "--ckpt", str(student), "--nfe", "1", "--num", "6",
+                                         "--out", str(tmp_path / "s.npz"))
     # the converted teacher file samples too (an EDMDiffusion teacher: Heun)
-    _run("convert", "--from", "diffusers", str(teacher), "--out", str(tmp_path / "t.safetensors"), cwd=tmp_path)
-    assert "wrote 4 samples (5 NFE" in _run("sample", "--ckpt", str(tmp_path / "t.safetensors"), "--nfe", "5",
-                                            "--num", "4", "--out", str(tmp_path / "t.npz"), cwd=tmp_path)
+    run_here("convert", "--from", "diffusers", str(teacher), "--out", str(tmp_path / "t.safetensors"))
+    assert "wrote 4 samples (5 NFE" in run_here("sample", "--ckpt", str(tmp_path / "t.safetensors"), "--nfe", "5",
+                                                "--num", "4", "--out", str(tmp_path / "t.npz"))
 
 
 # ------------------------------------------------------------------------------------------------ EDM / EDM2
@@ -371,18 +377,20 @@ def _dry_run_teacher(config: str, tmp_path):
 @pytest.mark.parametrize("config", ["configs/dmd2/cifar10_edm.yaml", "configs/dmd2/cifar10_ddpm.yaml",
                                     "configs/scd/cifar10_edm.yaml", "configs/scd/cifar10_ddpm.yaml"])
 def test_gpu_scale_config_dry_run(config, tmp_path):
-    """2 iterations of the config on CPU (every phase steps in each), with a random-weight teacher of the real
-    architecture and a fake CIFAR-10; then the export and its picture, as a real run ends."""
+    """2 iterations of the config on CPU (1 for DMD2, whose critic and generator then both step), with a
+    random-weight teacher of the real architecture and a fake CIFAR-10; then the export and its picture (4 samples:
+    64 took half the test's time), as a real run ends."""
     teacher = _dry_run_teacher(config, tmp_path)
-    steps = ["--trainer.max_steps", "4", "--model.init_args.generator_every", "1"] if "dmd2" in config else \
+    steps = ["--trainer.max_steps", "2", "--model.init_args.generator_every", "1"] if "dmd2" in config else \
         ["--trainer.max_steps", "2"]
     out = _run("fit", "--config", str(ROOT / config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                "--trainer.strategy", "auto", "--trainer.precision", "32-true", *steps,
                "--trainer.callbacks", "null", "--trainer.enable_progress_bar", "false",
                "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
                "--model.init_args.teacher_ckpt", teacher, "--data.root", str(_fake_cifar10(tmp_path / "data")),
-               "--data.batch_size", "2", "--data.num_workers", "0", "--trainer.limit_val_batches", "0", cwd=tmp_path)
-    assert "exported" in out
+               "--data.batch_size", "2", "--data.num_workers", "0", "--trainer.limit_val_batches", "0",
+               "--picture_samples", "4", cwd=tmp_path)
+    assert "exported" in out and "wrote a picture" in out
 
 
 def test_official_pkl_reader_calls_nothing_but_tensor_rebuilding(tmp_path):
