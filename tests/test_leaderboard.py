@@ -58,6 +58,16 @@ def test_the_targets_list_each_distillation_row_as_met_or_missed_with_its_ratio(
     assert "fid @4 within 1.5x of the teacher's 35-NFE 4: met by 0 of 1; missed: cd 1.55x; not scored at 4 NFE: dmd2" in text
     assert "fid @1 within 2.0x of the teacher's 35-NFE 4: met by 2 of 2 (dmd2 1.12x, cd 2.00x)" in text
     assert "fid @1 within 1.1x of the teacher's 35-NFE 4: met by 0 of 1; missed: dmd2 1.12x" in text
+    # a row distilled from the flow-matching teacher, missing a target that teacher misses too, says so (not when met)
+    digits["fm_teacher"] = {"rows": {"35": {"fid": 6.4}}}
+    digits["methods"] += [{"name": "flow_map", "rows": {"1": {"fid": 7.0}, "4": {"fid": 6.5}}},
+                          {"name": "caf", "rows": {"1": {"fid": 5.0}, "4": {"fid": 5.6}}}]
+    text = "\n".join(lb.targets("digits", digits))
+    assert "missed: cd 1.55x, flow_map 1.62x (its flow-matching teacher at 35 NFE: 1.60x)" in text
+    assert "(dmd2 1.12x, cd 2.00x, flow_map 1.75x, caf 1.25x)" in text and "met by 1 of 3 (caf 1.40x)" in text
+    intro = "\n".join(lb.markdown("digits", {**digits, "teachers": [{"solver": "heun", "rows": {
+        "1": {}, "4": {"fid": 30.0}, "35": {"fid": 4.0}}}]}, [0], 10))
+    assert "whose own score at 35 NFE (Heun) is fid 6.4 (1.60x the EDM teacher's)" in intro
 
 
 def test_the_readme_results_are_rewritten_between_their_markers_only(tmp_path, monkeypatch):
