@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
 from lit_fewstep.cli import main
 from lit_fewstep.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, Toy2DDataModule
 from lit_fewstep.data.images import _OfflineDataModule, _TensorPairDataset
@@ -202,10 +202,15 @@ def test_batch_size_below_one():
         DigitsDataModule(batch_size=0)
 
 
-def test_unknown_config_key():
-    result = run_cli(["fit", "--config", "configs/edm/tree.yaml", "--model.init_args.sigma_dta", "0.5"])
-    assert result.returncode != 0 and "sigma_dta" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_unknown_config_key(capsys, monkeypatch):
+    from lit_fewstep.__main__ import console
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:  # the parser's own exit (status 2), before any work
+        console(["fit", "--config", "configs/edm/tree.yaml", "--model.init_args.sigma_dta", "0.5"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and "sigma_dta" in err
+    assert "Traceback" not in err
 
 
 # --- issue "security and exact resume", low items: one clear line each ------------------------------------------

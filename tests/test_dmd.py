@@ -499,19 +499,21 @@ def test_msd_errors_name_the_field(eight_class_teacher, toy_teacher):
         MSD(toy_teacher, num_students=2).G.x0(torch.randn(3, 2), torch.ones(3))
 
 
-def test_evaluate_prints_student_beside_its_teacher(tmp_path):
+def test_evaluate_prints_student_beside_its_teacher(tmp_path, capsys, monkeypatch):
     """The README's main command: `evaluate --teacher_nfe` scores the teacher recorded in a distilled checkpoint in
     the same table. At equal (2) NFE the one-step DMD2 student must beat its 35-NFE-trained teacher's 2-step Heun
     sampler by far (teacher ~295 FID at 2 NFE in benchmarks/results/teachers.md, student ~13 at 1)."""
     import json
 
-    from conftest import run_cli
+    from lit_fewstep.__main__ import console
 
+    monkeypatch.chdir(ROOT)
     out = tmp_path / "eval.json"
-    result = run_cli(["evaluate", "--ckpt", "lit_fewstep/assets/dmd2_digits.pt", "--nfe", "1", "--num", "500",
-                      "--teacher_nfe", "2", "--out", str(out)])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "| student | 1 | 1 |" in result.stdout and "| teacher | 2 | 2 |" in result.stdout
+    code = console(["evaluate", "--ckpt", "lit_fewstep/assets/dmd2_digits.pt", "--nfe", "1", "--num", "500",
+                    "--teacher_nfe", "2", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "| student | 1 | 1 |" in printed.out and "| teacher | 2 | 2 |" in printed.out
     report = json.loads(out.read_text())
     assert report["teacher"] == "lit_fewstep/assets/edm_digits.pt"
     student, teacher = report["rows"]
@@ -519,13 +521,16 @@ def test_evaluate_prints_student_beside_its_teacher(tmp_path):
     assert student["fid"] < 0.25 * teacher["fid"], (student, teacher)
 
 
-def test_evaluate_teacher_nfe_needs_a_teacher(tmp_path):
-    from conftest import run_cli
+def test_evaluate_teacher_nfe_needs_a_teacher(capsys, monkeypatch):
+    from lit_fewstep.__main__ import console
 
-    result = run_cli(["evaluate", "--ckpt", "lit_fewstep/assets/edm_digits.pt", "--nfe", "1", "--num", "10",
-                      "--teacher_nfe", "35"])
-    assert result.returncode == 2 and "--teacher_nfe" in result.stderr and "--teacher PATH" in result.stderr
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:  # the parser's own exit, before any work
+        console(["evaluate", "--ckpt", "lit_fewstep/assets/edm_digits.pt", "--nfe", "1", "--num", "10",
+                 "--teacher_nfe", "35"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--teacher_nfe" in err and "--teacher PATH" in err
+    assert "Traceback" not in err
 
 
 def test_distribution_matching_draws_the_official_grid_indices(toy_teacher):
