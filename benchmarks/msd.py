@@ -235,11 +235,12 @@ def measure_speed(data: str, rounds: int = 5) -> None:
     out = RESULTS / f"msd_{data}.json"
     r = json.loads(out.read_text())
     runs = {run["name"]: run for run in runs_for(data, r["lr"], 0.0, None)}
-    # each run rebuilt with the number of students it was trained with (--half_students may differ between runs)
-    models = {x["name"]: build(dict(runs[x["name"]], iters=1, students=x["students"],
-                                    kw=dict(runs[x["name"]]["kw"], **({"num_students": x["students"]} if
-                                                                      runs[x["name"]]["cls"] == "MSD" else {}))),
-                               data, None).eval() for x in r["results"]}
+    def rebuilt(x: dict):  # with the number of students it was trained with (--half_students may differ)
+        run = runs[x["name"]]
+        kw = dict(run["kw"], num_students=x["students"]) if run["cls"] == "MSD" else run["kw"]
+        return build(dict(run, iters=1, students=x["students"], kw=kw), data, None).eval()
+
+    models = {x["name"]: rebuilt(x) for x in r["results"]}
     speeds = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():

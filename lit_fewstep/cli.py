@@ -19,9 +19,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .data.pairs import make_pairs, save_pairs
@@ -241,8 +241,9 @@ class FewStepCLI(LightningCLI):
 
     def _sample_picture(self, path: Path, num: int | None = None) -> Path | None:
         """The job ends with a picture of the exported model's samples beside it: `num` (default 64) images (every
-        class in turn) or (default 2,000) toy points, seed 0, at the model's own step count (`default_nfe`: 1 for a consistency model or CTM, the final student's steps for
-        guided distillation, a DMD generator's steps, 35 for an ODE teacher)."""
+        class in turn) or (default 2,000) toy points, seed 0, at the model's own step count (`default_nfe`: 1 for a
+        consistency model or CTM, the final student's steps for guided distillation, a DMD generator's steps, 35 for
+        an ODE teacher)."""
         module = self.model.eval()
         nfe = module.default_nfe
         num = num or (64 if len(module.data_shape) == 3 else 2000)
