@@ -146,24 +146,47 @@ def test_estimate_gradient_reaches_the_student_not_the_target():
 
 
 # ----------------------------------------------------------------------------------------------- adaptive weights
-def test_adaptive_gan_weight_is_the_gradient_norm_ratio_at_the_last_layer():
+def _by_hand_norm(module: CTM, loss: torch.Tensor) -> float:
+    """||d loss / d W|| at the student's last layer: a full backward, read W's gradient, clear it."""
+    module.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    norm = float(module.student.net.out.weight.grad.norm())
+    module.zero_grad(set_to_none=True)
+    return norm
+
+
+def test_generator_loss_is_the_adaptively_weighted_sum_in_value_and_gradient():
+    """generator_loss backpropagates each part of the graph once (gradients to the student's outputs first); its
+    value, its gradient and both adaptive weights must equal L_CTM + w_DSM L_DSM + w_GAN lambda L_GAN with
+    w = ||grad_W L_CTM|| / (||grad_W L|| + 1e-4) measured by full backwards by hand."""
     torch.manual_seed(0)
-    module = tree_ctm(gan_start=0, discriminator_hidden=32)
+    module = tree_ctm(gan_start=0, discriminator_hidden=32, gan_weight=0.7)
     random_out(module.student)
     x, y = torch.randn(128, 2), torch.randint(0, 2, (128,))
-    d, estimate = module.ctm_terms(x, y)
-    loss_ctm, loss_gan = d.mean(), -module.discriminate(estimate, y).mean()
-    weight = module.gan_weight_for(loss_ctm, loss_gan)
+    assert last_layer(module.student) is module.student.net.out.weight
+    module.iteration.fill_(1)
+    module._draws = 0
+    loss = module.generator_loss((x, y))
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in module.student.named_parameters()}
+    assert all(p.grad is None for p in module.target.parameters())
+    assert all(p.grad is None for p in module.discriminator.parameters())
+
+    module._draws = 0  # the same draws: t, u, s, noise, then DSM's sigma and noise
+    d, estimate, _ = module.ctm_terms(x, y)
+    loss_ctm, loss_dsm = d.mean(), module.dsm_loss(x, y)
+    loss_gan = -module.discriminate(estimate, y).mean()
+    norm_ctm, norm_dsm, norm_gan = (_by_hand_norm(module, l) for l in (loss_ctm, loss_dsm, loss_gan))
+    w_dsm = min(norm_ctm / (norm_dsm + 1e-4), 1e4)
+    w_gan = min(max(norm_ctm / (norm_gan + 1e-4), 0.01), 10.0)
+    assert 0.01 < w_gan < 10.0  # the check is not decided by the clamp
+    expected = loss_ctm + w_dsm * loss_dsm + w_gan * 0.7 * loss_gan
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-7)
+    expected.backward(retain_graph=True)
+    for name, p in module.student.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     W = module.student.net.out.weight
-    assert last_layer(module.student) is W
-    norms = []
-    for loss in (loss_ctm, loss_gan):  # by hand: backward, read the last layer's gradient, clear it
-        module.zero_grad(set_to_none=True)
-        loss.backward(retain_graph=True)
-        norms.append(float(W.grad.norm()))
-    expected = min(max(norms[0] / (norms[1] + 1e-4), 0.01), 10.0)
-    assert float(weight) == pytest.approx(expected, rel=1e-5)
-    assert 0.01 < expected < 10.0  # the check was not decided by the clamp
+    assert float(module.gan_weight_for(torch.tensor(norm_ctm), torch.tensor(norm_gan))) == pytest.approx(w_gan)
     assert float(adaptive_weight(loss_ctm, loss_gan * 1e6, W, clamp=(0.01, 10.0))) == pytest.approx(0.01)
 
 
@@ -176,7 +199,7 @@ def test_dsm_adaptive_weight_and_off_switch():
     module._draws = 0
     with_dsm = module.generator_loss((x, y))
     module._draws = 0
-    d, _ = module.ctm_terms(x, y)
+    d, _, _ = module.ctm_terms(x, y)
     loss_dsm = module.dsm_loss(x, y)
     w = adaptive_weight(d.mean(), loss_dsm, module.student.net.out.weight)
     torch.testing.assert_close(with_dsm, d.mean() + w * loss_dsm)

@@ -61,7 +61,8 @@ from .base import FewStepModule, Phase
 from .consistency import consistency_distance, pseudo_huber_c, same_dropout_masks
 from .dmd import frozen
 
-__all__ = ["CTM", "CTM_DISTANCES", "DISCRIMINATORS", "adaptive_weight", "layer_grad_norm", "last_layer", "heun_step_probs"]
+__all__ = ["CTM", "CTM_DISTANCES", "DISCRIMINATORS", "adaptive_weight", "balance_weight", "heun_step_probs", "last_layer",
+           "layer_grad_norm", "output_grad", "with_gradient_of"]
 
 CTM_DISTANCES = ("l2", "pseudo_huber", "lpips", "features")
 DISCRIMINATORS = ("raw", "digits_features")
@@ -79,18 +80,35 @@ def last_layer(net: nn.Module) -> nn.Parameter:
                      "set dsm_weight / gan_weight to a number.")
 
 
-def layer_grad_norm(loss: Tensor, layer: nn.Parameter) -> Tensor:
-    """||d loss / d W||, keeping the graph (a backward only as deep as W's dependence on the loss)."""
-    grad, = torch.autograd.grad(loss, layer, retain_graph=True)
+def layer_grad_norm(output: Tensor, layer: nn.Parameter, grad_output: Tensor | None = None) -> Tensor:
+    """||d L / d W|| for a loss L (``output`` a scalar loss, ``grad_output`` None) or from d L / d output of a tensor
+    the loss depends on (chain rule: a backward only through the layers between W and ``output``); graph kept."""
+    grad, = torch.autograd.grad(output, layer, grad_outputs=grad_output, retain_graph=True)
     return grad.norm()
 
 
+def output_grad(loss: Tensor, output: Tensor) -> Tensor:
+    """d loss / d output, keeping the graph: a backward from the loss down to ``output`` and no further."""
+    grad, = torch.autograd.grad(loss, output, retain_graph=True)
+    return grad
+
+
+def balance_weight(norm_a: Tensor, norm_b: Tensor, eps: float = 1e-4, clamp: tuple[float, float] = (0.0, 1e4)) -> Tensor:
+    """||grad_W L_a|| / (||grad_W L_b|| + eps), clamped and detached (CTM's balance weights; the VQGAN rule)."""
+    return (norm_a / (norm_b + eps)).clamp(*clamp).detach()
+
+
 def adaptive_weight(loss_a: Tensor, loss_b: Tensor, layer: nn.Parameter, eps: float = 1e-4,
-                    clamp: tuple[float, float] = (0.0, 1e4), norm_a: Tensor | None = None) -> Tensor:
-    """||d loss_a / d W|| / (||d loss_b / d W|| + eps), clamped and detached (CTM's balance weights; the VQGAN
-    rule). Both losses keep their graphs; `norm_a` reuses an already computed ||d loss_a / d W||."""
-    norm_a = layer_grad_norm(loss_a, layer) if norm_a is None else norm_a
-    return (norm_a / (layer_grad_norm(loss_b, layer) + eps)).clamp(*clamp).detach()
+                    clamp: tuple[float, float] = (0.0, 1e4)) -> Tensor:
+    """`balance_weight` of two losses at layer W, each norm by its own backward down to W (both graphs kept)."""
+    return balance_weight(layer_grad_norm(loss_a, layer), layer_grad_norm(loss_b, layer), eps, clamp)
+
+
+def with_gradient_of(value: Tensor, output_grads: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """A scalar equal to ``value`` whose gradient is sum_k g_k^T d output_k / d theta for the pairs (output_k, g_k):
+    backward from it continues each output's chain rule into the network, once."""
+    surrogate = sum((output * grad.detach()).sum() for output, grad in output_grads)
+    return surrogate + (value.detach() - surrogate.detach())
 
 
 def heun_step_probs(max_steps: int, weighting: str = "weighted") -> Tensor:
@@ -297,21 +315,23 @@ class CTM(FewStepModule):
             inner = self.student if self.inner_target == "online" else self.target
             return self.to_time_zero(inner.jump(x_u, u, s, class_labels=self._labels(inner, y)), s, y)
 
-    def ctm_estimate(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None) -> Tensor:
-        """G_target(G_theta(x_t, t, s), s, sigma_min): target parameters frozen, gradient through its input."""
-        estimate = self.student.jump(x_t, t, s, class_labels=self._labels(self.student, y))
+    def ctm_estimate(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(G_target(G_theta(x_t, t, s), s, sigma_min), the student's jump G_theta(x_t, t, s)): target parameters
+        frozen, gradient through its input."""
+        jump = self.student.jump(x_t, t, s, class_labels=self._labels(self.student, y))
         with frozen(self.target):
-            return self.to_time_zero(estimate, s, y)
+            return self.to_time_zero(jump, s, y), jump
 
-    def ctm_terms(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(per-sample soft consistency distance [B], the estimate carried to sigma_min)."""
+    def ctm_terms(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(per-sample soft consistency distance [B], the estimate carried to sigma_min, the student's jump it
+        carries: the one tensor through which both depend on the student)."""
         n, i, t, u, s = self.draw_times(x)
         x_t = self.path.noise(x, self.randn(x.shape, x), t)
         with same_dropout_masks() as replay:  # the official code's shared dropout masks for estimate and target
-            estimate = self.ctm_estimate(x_t, t, s, y)
+            estimate, jump = self.ctm_estimate(x_t, t, s, y)
             replay()
             target = self.ctm_target(x_t, i, n, u, s, y)
-        return self.ctm_distance(estimate, target), estimate
+        return self.ctm_distance(estimate, target), estimate, jump
 
     # -------------------------------------------------------------- DSM
     def dsm_sigmas(self, x: Tensor) -> Tensor:
@@ -325,13 +345,17 @@ class CTM(FewStepModule):
         karras = (hi + frac * (lo - hi)) ** self.rho
         return torch.where(torch.arange(B, device=x.device) < half, lognormal, karras)
 
-    def dsm_loss(self, x: Tensor, y: Tensor | None) -> Tensor:
-        """EDM's weighted denoising loss on g(x + sigma z, sigma, sigma)."""
+    def dsm_terms(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(EDM's weighted denoising loss on g(x + sigma z, sigma, sigma), the denoiser output it is computed from)."""
         sigma = self.dsm_sigmas(x)
         z = self.randn(x.shape, x)
         denoised = self.student(self.path.noise(x, z, sigma), sigma, class_labels=self._labels(self.student, y))
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        return (weight * (denoised - x).flatten(1).pow(2).mean(1)).mean()
+        return (weight * (denoised - x).flatten(1).pow(2).mean(1)).mean(), denoised
+
+    def dsm_loss(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """EDM's weighted denoising loss on g(x + sigma z, sigma, sigma)."""
+        return self.dsm_terms(x, y)[0]
 
     # -------------------------------------------------------------- GAN
     def discriminate(self, x: Tensor, y: Tensor | None) -> Tensor:
@@ -347,40 +371,49 @@ class CTM(FewStepModule):
 
     # -------------------------------------------------------------- losses
     def generator_loss(self, batch) -> Tensor:
-        """L_CTM + w_DSM L_DSM + w_GAN lambda_GAN L_GAN (Kim et al. 2024, Eq. 8 with the official weights)."""
+        """L_CTM + w_DSM L_DSM + w_GAN lambda_GAN L_GAN (Kim et al. 2024, Eq. 8 with the official weights).
+
+        The value is that sum and so is its gradient, but each part of the graph is backpropagated once. The official
+        code takes ||grad_W L|| at the last layer W by a backward of each loss through everything between it and W
+        (target network, feature net, discriminator), then backpropagates the sum again. Here each loss is first
+        differentiated down to the student's output it depends on (the jump G_theta for L_CTM and L_GAN, the denoiser
+        output for L_DSM); ||grad_W L|| follows from that through the output layer alone, and the student's own
+        backward runs once, from `with_gradient_of`."""
         x, cond = self.split_batch(batch)
         y = cond.class_labels
-        d, estimate = self.ctm_terms(x, y)
+        d, estimate, jump = self.ctm_terms(x, y)
         loss_ctm = d.mean()
-        loss = loss_ctm
-        norm_ctm = None  # ||grad_W L_CTM||, computed once for both adaptive weights
+        layer = last_layer(self.student)
+        grad_ctm = output_grad(loss_ctm, jump)
+        norm_ctm = layer_grad_norm(jump, layer, grad_ctm)  # ||grad_W L_CTM||, for both adaptive weights
+        loss, output_grads = loss_ctm.detach(), [(jump, grad_ctm)]
         if self.dsm_weight != 0:
-            loss_dsm = self.dsm_loss(x, y)
-            if self.dsm_weight == "adaptive":
-                layer = last_layer(self.student)
-                norm_ctm = layer_grad_norm(loss_ctm, layer)
-                w_dsm = adaptive_weight(loss_ctm, loss_dsm, layer, norm_a=norm_ctm)
-            else:
-                w_dsm = torch.as_tensor(float(self.dsm_weight))
-            loss = loss + w_dsm * loss_dsm
+            loss_dsm, denoised = self.dsm_terms(x, y)
+            grad_dsm = output_grad(loss_dsm, denoised)
+            w_dsm = (balance_weight(norm_ctm, layer_grad_norm(denoised, layer, grad_dsm))
+                     if self.dsm_weight == "adaptive" else torch.as_tensor(float(self.dsm_weight)))
+            loss = loss + w_dsm * loss_dsm.detach()
+            output_grads.append((denoised, w_dsm * grad_dsm))
             self._log("dsm_loss", loss_dsm.detach())
             self._log("dsm_weight", w_dsm.float())
         if self.gan_on():
             with frozen(self.discriminator):
                 loss_gan = -self.discriminate(estimate, y).mean()
-            w_gan = self.gan_weight_for(loss_ctm, loss_gan, norm_ctm)
-            loss = loss + w_gan * self.gan_weight * loss_gan
+                grad_gan = output_grad(loss_gan, jump)
+            w_gan = self.gan_weight_for(norm_ctm, layer_grad_norm(jump, layer, grad_gan))
+            loss = loss + w_gan * self.gan_weight * loss_gan.detach()
+            output_grads.append((jump, w_gan * self.gan_weight * grad_gan))
             self._log("gan_g_loss", loss_gan.detach())
             self._log("gan_weight", w_gan.float())
         self._log("ctm_distance", loss_ctm.detach())
-        return loss
+        return with_gradient_of(loss, output_grads)
 
-    def gan_weight_for(self, loss_ctm: Tensor, loss_gan: Tensor, norm_ctm: Tensor | None = None) -> Tensor:
-        """The paper's adaptive GAN weight: ||grad_W L_CTM|| / (||grad_W L_GAN|| + 1e-4) at the last layer,
-        clamped to [0.01, 10] (1 when `gan_adaptive` is False); `norm_ctm` reuses ||grad_W L_CTM||."""
+    def gan_weight_for(self, norm_ctm: Tensor, norm_gan: Tensor) -> Tensor:
+        """The paper's adaptive GAN weight from ||grad_W L_CTM|| and ||grad_W L_GAN|| at the last layer:
+        their ratio (+1e-4 below) clamped to [0.01, 10]; 1 when `gan_adaptive` is False."""
         if not self.gan_adaptive:
-            return torch.ones((), device=loss_ctm.device)
-        return adaptive_weight(loss_ctm, loss_gan, last_layer(self.student), clamp=(0.01, 10.0), norm_a=norm_ctm)
+            return torch.ones((), device=norm_ctm.device)
+        return balance_weight(norm_ctm, norm_gan, clamp=(0.01, 10.0))
 
     def discriminator_loss(self, batch) -> Tensor:
         """Hinge loss: relu(1 - D(real)) + relu(1 + D(fake)), fake = G_theta(x_t, t, s) carried to sigma_min."""
