@@ -209,6 +209,28 @@ def test_dsm_adaptive_weight_and_off_switch():
     torch.testing.assert_close(off.generator_loss((x, y)), d.mean())
 
 
+def test_fixed_weights_need_no_output_layer(monkeypatch):
+    """With a fixed DSM weight and the GAN's weight not adaptive nothing reads the last layer, so a network
+    without one trains; the loss is then the plain weighted sum."""
+    import lit_fewstep.methods.ctm as ctm_module
+
+    def no_layer(net):
+        raise ValueError("no output layer")
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
+    module = tree_ctm(dsm_weight=0.5, gan_start=0, gan_adaptive=False, gan_weight=0.3, discriminator_hidden=32)
+    random_out(module.student)
+    module.iteration.fill_(1)
+    monkeypatch.setattr(ctm_module, "last_layer", no_layer)
+    module._draws = 0
+    loss = module.generator_loss((x, y))
+    module._draws = 0
+    d, estimate, _ = module.ctm_terms(x, y)
+    expected = d.mean() + 0.5 * module.dsm_loss(x, y) - 0.3 * module.discriminate(estimate, y).mean()
+    torch.testing.assert_close(loss, expected.detach())
+
+
 # ----------------------------------------------------------------------------------------------- sampling
 def _toy_ctm() -> CTM:
     module = CTM(MLP(dim=2, hidden=16, depth=2, emb_dim=8, second_time=True), "no_teacher_needed.pt",

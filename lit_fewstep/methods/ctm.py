@@ -383,9 +383,12 @@ class CTM(FewStepModule):
         y = cond.class_labels
         d, estimate, jump = self.ctm_terms(x, y)
         loss_ctm = d.mean()
-        layer = last_layer(self.student)
         grad_ctm = output_grad(loss_ctm, jump)
-        norm_ctm = layer_grad_norm(jump, layer, grad_ctm)  # ||grad_W L_CTM||, for both adaptive weights
+        # ||grad_W L_CTM|| for both adaptive weights; only they need the last layer (any network without one can
+        # train with fixed weights)
+        adaptive = self.dsm_weight == "adaptive" or (self.gan_on() and self.gan_adaptive)
+        layer = last_layer(self.student) if adaptive else None
+        norm_ctm = layer_grad_norm(jump, layer, grad_ctm) if adaptive else None
         loss, output_grads = loss_ctm.detach(), [(jump, grad_ctm)]
         if self.dsm_weight != 0:
             loss_dsm, denoised = self.dsm_terms(x, y)
@@ -400,7 +403,8 @@ class CTM(FewStepModule):
             with frozen(self.discriminator):
                 loss_gan = -self.discriminate(estimate, y).mean()
                 grad_gan = output_grad(loss_gan, jump)
-            w_gan = self.gan_weight_for(norm_ctm, layer_grad_norm(jump, layer, grad_gan))
+            w_gan = (self.gan_weight_for(norm_ctm, layer_grad_norm(jump, layer, grad_gan)) if self.gan_adaptive
+                     else torch.ones((), device=jump.device))
             loss = loss + w_gan * self.gan_weight * loss_gan.detach()
             output_grads.append((jump, w_gan * self.gan_weight * grad_gan))
             self._log("gan_g_loss", loss_gan.detach())
@@ -408,11 +412,10 @@ class CTM(FewStepModule):
         self._log("ctm_distance", loss_ctm.detach())
         return with_gradient_of(loss, output_grads)
 
-    def gan_weight_for(self, norm_ctm: Tensor, norm_gan: Tensor) -> Tensor:
+    @staticmethod
+    def gan_weight_for(norm_ctm: Tensor, norm_gan: Tensor) -> Tensor:
         """The paper's adaptive GAN weight from ||grad_W L_CTM|| and ||grad_W L_GAN|| at the last layer:
-        their ratio (+1e-4 below) clamped to [0.01, 10]; 1 when `gan_adaptive` is False."""
-        if not self.gan_adaptive:
-            return torch.ones((), device=norm_ctm.device)
+        their ratio (+1e-4 below) clamped to [0.01, 10] (with `gan_adaptive` False the weight is 1)."""
         return balance_weight(norm_ctm, norm_gan, clamp=(0.01, 10.0))
 
     def discriminator_loss(self, batch) -> Tensor:
