@@ -105,6 +105,8 @@ def train(module, loss_name: str, params, gmm, iters: int, batch: int, seed: int
         opt.step()
         module.update_ema()
         module.iteration += 1
+        if (k + 1) % 1000 == 0:
+            print(f"{loss_name} {k + 1}/{iters} {time.perf_counter() - start:.0f} s", flush=True)
     return time.perf_counter() - start
 
 
@@ -173,6 +175,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=250, help="tangent warm-up iterations (AYF and sCD)")
     ap.add_argument("--step_repeats", type=int, default=20)
     ap.add_argument("--skip_scd", action="store_true")
+    ap.add_argument("--skip_ayf", action="store_true", help="only the sCD student (e.g. in a second process)")
+    ap.add_argument("--merge", default=None, help="a results .json of another process whose runs join this one's")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flow_map"))
     args = ap.parse_args()
     WARMUP[0] = args.warmup
@@ -211,10 +215,12 @@ def main() -> None:
         print("step times", results["step_time_s"], flush=True)
 
         runs = {}
-        ayf = make_ayf(teacher, ema_decay=args.ema)
-        secs = train(ayf, "flow_map_loss", ayf.student.parameters(), gmm, args.iters, args.batch, args.seed)
-        runs["ayf_emd"] = {"iters": args.iters, "train_s": secs, "energy": energies(module_sampler(ayf), reference)}
-        print("ayf_emd", runs["ayf_emd"], flush=True)
+        if not args.skip_ayf:
+            ayf = make_ayf(teacher, ema_decay=args.ema)
+            secs = train(ayf, "flow_map_loss", ayf.student.parameters(), gmm, args.iters, args.batch, args.seed)
+            runs["ayf_emd"] = {"iters": args.iters, "train_s": secs,
+                               "energy": energies(module_sampler(ayf), reference)}
+            print("ayf_emd", runs["ayf_emd"], flush=True)
         if not args.skip_scd:
             scd = make_scd(teacher, sigma_data, args.ema)
             params = list(scd.student.parameters()) + list(scd.weighting.parameters())
@@ -236,6 +242,10 @@ def main() -> None:
             module_sampler(m, guidance_scale=1.0), reference), "energy_lambda1.5": energies(
             module_sampler(m, guidance_scale=1.5), reference)}
         print("autoguided", runs["ablation_autoguided"], flush=True)
+    if args.merge:
+        other = json.loads(Path(args.merge).read_text())
+        runs = {**runs, **other["runs"]}
+        results["command"] += "`, beside `" + other["command"]
     results["runs"] = runs
     Path(args.out + ".json").write_text(json.dumps(results, indent=2))
     Path(args.out + ".md").write_text(render(results))
@@ -262,8 +272,10 @@ def render(r: dict) -> str:
         "| model | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in STEPS) + " |",
         "|---|" + "---|" * len(STEPS),
         _row("quoted flow map (12k iterations)", {n: v for n, v in r["quoted"].items()}),
-        _row(f"AYF-EMD ({runs['ayf_emd']['iters']} it, {runs['ayf_emd']['train_s']:.0f} s)", runs["ayf_emd"]["energy"]),
     ]
+    if "ayf_emd" in runs:
+        lines.append(_row(f"AYF-EMD ({runs['ayf_emd']['iters']} it, {runs['ayf_emd']['train_s']:.0f} s)",
+                          runs["ayf_emd"]["energy"]))
     if "scd" in runs:
         lines.append(_row(f"sCD ({runs['scd']['iters']} it, {runs['scd']['train_s']:.0f} s)", runs["scd"]["energy"]))
     abl = [k for k in runs if k.startswith("ablation_")]

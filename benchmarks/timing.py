@@ -20,6 +20,13 @@ floor, median ratio. A ratio near 1 means the step is all network work. The exce
 EMA updates, gradient clipping, and Lightning's per-step bookkeeping. Data loading is excluded: the clock starts in
 `on_train_batch_start`, after the batch arrived.
 
+**In place.** The same measured steps also clock, inside the step, the time spent in the networks' outermost
+forwards and in every autograd backward (`Tensor.backward`, `torch.autograd.backward`, `torch.autograd.grad`):
+ratio_in_place = sum of step times / sum of those times. It needs no replay, so a change of the CPU's load between
+the step and the replay cancels, and a second backward through one forward (two vector-Jacobian products of a
+frozen network for two loss weights) is counted, where the replay counts one backward per forward. It is generous
+to the step in one way: the backward of the loss math (not network work) is inside the autograd calls.
+
 Use from another benchmark:
     from benchmarks.timing import sampling_throughput, training_step_ratio
 """
@@ -112,6 +119,7 @@ class _Call:
 class _Step:
     seconds: float = 0.0
     calls: list[_Call] = field(default_factory=list)
+    inside_s: float = 0.0  # in the networks' outermost forwards and in autograd backwards, during the step
 
 
 class _Recorder(L.Callback):
@@ -126,8 +134,11 @@ class _Recorder(L.Callback):
         self.warmup, self.total = warmup, warmup + steps
         self.steps: list[_Step] = []
         self._handles, self._current, self._start, self._seen, self._depth = [], None, 0.0, 0, 0
+        self._entered, self._autograd_depth = 0.0, 0
 
     def _pre_hook(self, net, args, kwargs):
+        if self._depth == 0 and self._autograd_depth == 0:
+            self._entered = time.perf_counter()
         self._depth += 1
 
     def _hook(self, name):
@@ -135,6 +146,8 @@ class _Recorder(L.Callback):
             self._depth -= 1
             if self._current is None or self._depth > 0:
                 return
+            if self._autograd_depth == 0:
+                self._current.inside_s += time.perf_counter() - self._entered
             flags, jvp = [], False
 
             def grab(x):
@@ -176,6 +189,31 @@ class _Recorder(L.Callback):
             for handle in self._handles:
                 handle.remove()
             self._handles = []
+
+
+@contextlib.contextmanager
+def _clock_autograd(recorder: _Recorder):
+    """Adds the time of every outermost autograd backward / grad call of a measured step to its inside_s."""
+    originals = {"backward": torch.autograd.backward, "grad": torch.autograd.grad}
+
+    def clocked(fn):
+        def call(*args, **kwargs):
+            if recorder._current is None or recorder._autograd_depth > 0 or recorder._depth > 0:
+                return fn(*args, **kwargs)
+            recorder._autograd_depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                recorder._autograd_depth -= 1
+                recorder._current.inside_s += time.perf_counter() - start
+        return call
+
+    torch.autograd.backward, torch.autograd.grad = clocked(originals["backward"]), clocked(originals["grad"])
+    try:
+        yield
+    finally:
+        torch.autograd.backward, torch.autograd.grad = originals["backward"], originals["grad"]
 
 
 def _replay_seconds(net: nn.Module, call: _Call, repeats: int, device: torch.device) -> float:
@@ -254,7 +292,8 @@ def training_step_ratio(module, datamodule, steps: int = 20, warmup: int = 5, re
     trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=-1, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[recorder], precision=precision)
-    trainer.fit(module, datamodule)
+    with _clock_autograd(recorder):  # Tensor.backward calls torch.autograd.backward: both are clocked
+        trainer.fit(module, datamodule)
     if len(recorder.steps) < steps:
         raise RuntimeError(f"timing: only {len(recorder.steps)} measured steps; the loader has too few batches "
                            f"for warmup={warmup} + steps={steps}.")
@@ -277,7 +316,9 @@ def training_step_ratio(module, datamodule, steps: int = 20, warmup: int = 5, re
     kinds = sorted({f"{c.network}:{'jvp' if c.jvp else 'fwd+bwd' if c.output_grad and c.grad_enabled else 'fwd'}"
                     for s in recorder.steps for c in s.calls})
     return {"step_s": statistics.median(s.seconds for s in recorder.steps), "floor_s": statistics.median(floors),
-            "ratio": statistics.median(ratios), "steps": steps, "warmup": warmup, "repeats": repeats,
+            "ratio": statistics.median(ratios),
+            "ratio_in_place": sum(s.seconds for s in recorder.steps) / sum(s.inside_s for s in recorder.steps),
+            "steps": steps, "warmup": warmup, "repeats": repeats,
             "calls_per_step": statistics.median(calls_per_step), "passes": kinds}
 
 

@@ -1,6 +1,7 @@
 """The benchmark harness and the timing benchmark measure what they say (no speed targets here: see benchmarks/)."""
 
 import sys
+import time
 
 import lightning as L
 import pytest
@@ -52,6 +53,60 @@ def test_training_step_ratio_records_each_network_pass(tmp_path):
     # the critic: once forward only (no_grad), once forward + backward (gradient reaches the student through it)
     assert other["passes"] == ["critic:fwd", "critic:fwd+bwd", "student:fwd+bwd"]
     assert other["calls_per_step"] == 3
+
+
+class _Slow(torch.autograd.Function):
+    """Identity whose forward takes 20 ms and backward 40 ms: network time that a clock must see."""
+
+    @staticmethod
+    def forward(ctx, x):
+        time.sleep(0.02)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.04)
+        return grad
+
+
+class _SlowCritic(nn.Module):
+    def forward(self, x):
+        return _Slow.apply(x) + self.bias
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(2), requires_grad=False)
+
+
+class TwoBackwardsThroughCritic(FewStepModule):
+    """The frozen critic runs forward once and backward twice (a weight's gradient, then the step), as CTM's two
+    input gradients of its target network; `loss_math_s` of sleep outside every network."""
+
+    generator_name = "student"
+
+    def __init__(self, loss_math_s=0.0):
+        super().__init__(ema_decay=0.0)
+        self.student, self.critic, self.loss_math_s = nn.Linear(2, 2), _SlowCritic(), loss_math_s
+        self.student.in_channels = 2
+        self.phases = [Phase("student", "loss", ("student",))]
+
+    def loss(self, batch):
+        x, _ = batch
+        h = self.student(x)
+        loss = self.critic(h).square().mean()
+        torch.autograd.grad(loss, h, retain_graph=True)
+        time.sleep(self.loss_math_s)
+        return loss
+
+
+def test_in_place_ratio_counts_every_backward_and_nothing_outside_the_networks():
+    data = Toy2DDataModule(name="tree", batch_size=32, num_train=64)
+    # step ~ 20 ms forward + 2 x 40 ms backward; the replay counts one backward (60 ms), the clock in place both
+    two = training_step_ratio(TwoBackwardsThroughCritic(), data, steps=4, warmup=1, repeats=1, accelerator="cpu")
+    assert two["ratio"] > 1.5 and two["ratio_in_place"] < 1.35
+    # 150 ms of loss math outside the networks is outside the in-place clock
+    slow = training_step_ratio(TwoBackwardsThroughCritic(0.15), data, steps=4, warmup=1, repeats=1, accelerator="cpu")
+    assert slow["ratio_in_place"] > 2.0
 
 
 def test_sampling_throughput_counts_nfe():
