@@ -7,7 +7,7 @@ self-conditioning. Metric: the exact total variation (TV) between the decoded to
 same toy is scored too (no learning error: what the sampler alone does with N steps and td).
 
 `--part digits`: 8x8 digits as 17-level tokens (5 bits per pixel, `configs/analog_bits/digits.yaml` at a reduced
-iteration budget), with and without self-conditioning. Metrics: FID on the shipped digits classifier's features
+iteration budget), with and without self-conditioning, binary and Gray code. Metrics: FID on the shipped digits classifier's features
 (2,000 samples against the training split) and the exact bit accuracy of each sample against its nearest training
 image (Hamming distance over the 320 bits).
 
@@ -47,7 +47,8 @@ NO_SELF_COND = ["--model.init_args.self_condition", "0", "--model.init_args.net.
 VARIANTS = {
     "toy": {"binary, self-cond": [], "binary, no self-cond": NO_SELF_COND,
             "gray, self-cond": ["--model.init_args.code", "gray"]},
-    "digits": {"binary, self-cond": [], "binary, no self-cond": NO_SELF_COND},
+    "digits": {"binary, self-cond": [], "binary, no self-cond": NO_SELF_COND,
+               "gray, self-cond": ["--model.init_args.code", "gray"]},
 }
 
 
@@ -69,6 +70,14 @@ def trained(part: str, name: str, extra: list[str], runs: Path, iterations: int 
         seconds = time.time() - start
         found = sorted(save_dir.rglob("model.pt"))
     return found[-1], " ".join(cmd), seconds
+
+
+def selected(args, part: str) -> list[tuple[str, list[str]]]:
+    names = args.variants or list(VARIANTS[part])
+    unknown = [n for n in names if n not in VARIANTS[part]]
+    if unknown:
+        raise SystemExit(f"--variants: no {unknown} for {part}; choose from {list(VARIANTS[part])}")
+    return [(n, VARIANTS[part][n]) for n in names]
 
 
 def median(values: list[float]) -> float:
@@ -96,7 +105,7 @@ def toy(args) -> tuple[list[dict], list[str]]:
                 x0 = analog_bits_sample(exact, noise, n, path, td=td, self_condition=False).extra["x0"]
                 tvs.append(token_total_variation(codec.decode(x0), grid.probs))
             rows.append({"model": "exact denoiser (binary)", "N": n, "td": td, "tv": median(tvs)})
-    for name, extra in VARIANTS["toy"].items():
+    for name, extra in selected(args, "toy"):
         model_path, cmd, seconds = trained("toy", name, extra, args.runs, args.iterations)
         commands.append(f"{cmd}  # {seconds:.0f} s" if seconds else cmd)
         module = load_module(model_path).eval()
@@ -117,7 +126,7 @@ def digits(args) -> tuple[list[dict], list[str]]:
     evaluator = Evaluator(datamodule)
     reference, _ = datamodule.reference_samples(10**9, split="train")
     rows, commands = [], []
-    for name, extra in VARIANTS["digits"].items():
+    for name, extra in selected(args, "digits"):
         model_path, cmd, seconds = trained("digits", name, extra, args.runs, args.iterations)
         commands.append(f"{cmd}  # {seconds:.0f} s" if seconds else cmd)
         module = load_module(model_path).eval()
@@ -150,6 +159,8 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=None, help="samples per score (toy 20000, digits 2000)")
     parser.add_argument("--seeds", type=int, default=None, help="sampling seeds per setting (toy 3, digits 2)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "benchmarks" / "analog_bits")
+    parser.add_argument("--variants", nargs="+", default=None, help="a subset of the part's variants (by name)")
+    parser.add_argument("--tag", default=None, help="write analog_bits_<part>_<tag>.md/.json (keeps the main table)")
     args = parser.parse_args()
     args.num = args.num or (20000 if args.part == "toy" else 2000)
     args.seeds = args.seeds or (3 if args.part == "toy" else 2)
@@ -157,7 +168,7 @@ def main() -> None:
     start = time.time()
     rows, commands = toy(args) if args.part == "toy" else digits(args)
     minutes = (time.time() - start) / 60
-    out = ROOT / "benchmarks" / "results" / f"analog_bits_{args.part}"
+    out = ROOT / "benchmarks" / "results" / (f"analog_bits_{args.part}" + (f"_{args.tag}" if args.tag else ""))
     keys = ["model", "N", "td", "tv"] if args.part == "toy" else ["model", "N", "td", "fid", "nearest_bit_accuracy",
                                                                   "exact_copies"]
     command = "OMP_NUM_THREADS=1 python benchmarks/analog_bits.py " + " ".join(sys.argv[1:])

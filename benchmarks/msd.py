@@ -126,8 +126,8 @@ def plateau(curve: list[dict], key: str, window: int = 3, tol: float = 0.05) -> 
     return None
 
 
-def train(run: dict, data: str, iters: int, evaluator: Evaluator, every: int, num_progress: int):
-    L.seed_everything(SEED, verbose=False)
+def train(run: dict, data: str, iters: int, evaluator: Evaluator, every: int, num_progress: int, seed: int = SEED):
+    L.seed_everything(seed, verbose=False)  # the module's training noise is keyed by this seed (PL_GLOBAL_SEED)
     run = dict(run, iters=iters)
     start = time.perf_counter()
     model = build(run, data, None)
@@ -158,6 +158,8 @@ def main() -> None:
                         help="number of half-width students (default: 2 on the tree, 4 on digits)")
     parser.add_argument("--num", type=int, default=None, help="samples per final score (default: 2000 digits, 5000 tree)")
     parser.add_argument("--num_progress", type=int, default=1000)
+    parser.add_argument("--train_seed", type=int, default=SEED,
+                        help="training seed; other than the default, each run's name gets the suffix _seed<N>")
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
     parser.add_argument("--speed", action="store_true",
                         help="only re-measure images/s of the runs in msd_{data}.json, all in this process")
@@ -204,9 +206,10 @@ def main() -> None:
             run["kw"]["tsm_iterations"] = args.tsm_iters if name == "half_tsm" else 0
         elif isinstance(run["kw"].get("tsm_iterations"), float):
             run["kw"]["tsm_iterations"] = int(run["kw"]["tsm_iterations"] * iters)
-        model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress)
+        model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress, args.train_seed)
         per_seed = [scored(model, evaluator, num, seed) for seed in SAMPLING_SEEDS]
-        info.update(name=run["name"], method=run["cls"], students=run["students"], command=command,
+        info.update(name=run["name"] + (f"_seed{args.train_seed}" if args.train_seed != SEED else ""),
+                    train_seed=args.train_seed, method=run["cls"], students=run["students"], command=command,
                     kw={k: v for k, v in run["kw"].items() if k != "student_net"},
                     width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
                     partition=[sorted(int(c) for c in (model.G.route == k).nonzero().flatten()) for k in
@@ -216,7 +219,7 @@ def main() -> None:
                     images_per_s=statistics.median(images_per_s(model, 1) for _ in range(3)), speed="alone")
         print(f"[{data}] {run['name']}: {json.dumps(info['median'])} ({info['train_s']:.0f} s)", flush=True)
         results.append(info)
-        models[run["name"]] = model
+        models[info["name"]] = model
         save()
     # images/s, all runs interleaved over 3 rounds
     speeds = {name: [] for name in models}
@@ -239,7 +242,7 @@ def measure_speed(data: str, rounds: int = 5) -> None:
     r = json.loads(out.read_text())
     runs = {run["name"]: run for run in runs_for(data, r["lr"], 0.0, None)}
     def rebuilt(x: dict):  # with the number of students it was trained with (--half_students may differ)
-        run = runs[x["name"]]
+        run = runs[x["name"].split("_seed")[0]]
         kw = dict(run["kw"], num_students=x["students"]) if run["cls"] == "MSD" else run["kw"]
         return build(dict(run, iters=1, students=x["students"], kw=kw), data, None).eval()
 
@@ -282,7 +285,7 @@ def write_report() -> None:
                       "one-step samples per measure, 1 thread, 5 interleaved rounds, median.", ""]
         lines += [
                   f"Machine: {r['machine']}; load average (1 min) {r['load_start']:.1f} at the start, "
-                  f"{r.get('load_end', float('nan')):.1f} at the end. Training seed {SEED}; sampling seeds "
+                  f"{r.get('load_end', float('nan')):.1f} at the end. Training seed {SEED} (a run named *_seed<N>: N); sampling seeds "
                   f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds. "
                   f"Iterations per run in the table, batch {r['settings']['data']['init_args']['batch_size']}, "
                   f"lr {r['lr']}, settings {r['settings']['common']} (lr overridden), GAN {r['settings']['gan']}, "
