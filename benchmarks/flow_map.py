@@ -178,8 +178,18 @@ def main() -> None:
     ap.add_argument("--skip_ayf", action="store_true", help="only the sCD student (e.g. in a second process)")
     ap.add_argument("--merge", default=None, help="a results .json of another process whose runs join this one's")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flow_map"))
+    ap.add_argument("--render_only", action="store_true",
+                    help="no training: rewrite --out's .md from its .json (with --merge: adding that file's runs)")
     args = ap.parse_args()
     WARMUP[0] = args.warmup
+    if args.render_only:
+        results = json.loads(Path(args.out + ".json").read_text())
+        if args.merge:
+            merge_runs(results, json.loads(Path(args.merge).read_text()))
+        Path(args.out + ".json").write_text(json.dumps(results, indent=2))
+        Path(args.out + ".md").write_text(render(results))
+        print(f"wrote {args.out}.md")
+        return
     command = "OMP_NUM_THREADS=1 python benchmarks/flow_map.py " + " ".join(sys.argv[1:])
     gmm = eight_gaussians(radius=1.0, std=0.08)
     teacher = ExactTeacher(gmm)
@@ -242,14 +252,19 @@ def main() -> None:
             module_sampler(m, guidance_scale=1.0), reference), "energy_lambda1.5": energies(
             module_sampler(m, guidance_scale=1.5), reference)}
         print("autoguided", runs["ablation_autoguided"], flush=True)
-    if args.merge:
-        other = json.loads(Path(args.merge).read_text())
-        runs = {**runs, **other["runs"]}
-        results["command"] += "`, beside `" + other["command"]
     results["runs"] = runs
+    if args.merge:
+        merge_runs(results, json.loads(Path(args.merge).read_text()))
     Path(args.out + ".json").write_text(json.dumps(results, indent=2))
     Path(args.out + ".md").write_text(render(results))
     print(f"wrote {args.out}.md")
+
+
+def merge_runs(results: dict, other: dict) -> None:
+    """Adds the runs of another process's results (e.g. `--skip_ayf` beside `--skip_scd`) and its command."""
+    results["runs"].update(other["runs"])
+    if other["command"] not in results["command"]:
+        results["command"] += "`, beside `" + other["command"]
 
 
 def _row(name: str, energy: dict) -> str:
