@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--cfg_scales", type=float, nargs="+", default=None, help="digits: CFG's scales (default --scales)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="digits: sampling seeds (median; default --seed)")
     parser.add_argument("--resume", action="store_true", help="digits: reuse the rows already in --out's JSON")
+    parser.add_argument("--main", default=None,
+                        help="digits: the main model (default the shipped lit_fewstep/assets/edm_digits.pt)")
     parser.add_argument("--guide_config", default=None, help=f"digits: the guide's config (default {DIGITS_GUIDE_CONFIG})")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -203,7 +205,8 @@ def digits(args) -> None:
     config = args.guide_config or DIGITS_GUIDE_CONFIG
     seeds = args.seeds or [args.seed]
     guide_path = Path(args.guide) if args.guide else train_guide(ROOT / "runs" / "benchmark_autoguidance_digits", config)
-    teacher = load_module(ROOT / "lit_fewstep" / "assets" / "edm_digits.pt").eval()
+    main_path = Path(args.main) if args.main else ROOT / "lit_fewstep" / "assets" / "edm_digits.pt"
+    teacher = load_module(main_path).eval()
     guide = load_module(guide_path).eval()
     evaluator = Evaluator(teacher_data(teacher))
     rows = []
@@ -252,7 +255,8 @@ def write_digits(rows, total, args, seeds, config, guide_path, teacher, guide, s
     best = {kind: min((r for r in rows if r["guidance"] == kind), key=lambda r: r["fid"]) for kind in kinds}
     command = (f"OMP_NUM_THREADS=1 python benchmarks/autoguidance.py --data digits"
                f"{' --guide ' + str(args.guide) if args.guide else ''}"
-               f"{' --guide_config ' + config if args.guide_config else ''} --num {args.num} --seeds "
+               f"{' --guide_config ' + config if args.guide_config else ''}{' --main ' + args.main if args.main else ''}"
+               f" --num {args.num} --seeds "
                f"{' '.join(map(str, seeds))}{' --scales ' + ' '.join(map(str, args.scales)) if args.scales else ''}"
                f"{' --cfg_scales ' + ' '.join(map(str, args.cfg_scales)) if args.cfg_scales else ''}"
                f"{' --resume' if args.resume else ''}")
@@ -262,7 +266,7 @@ def write_digits(rows, total, args, seeds, config, guide_path, teacher, guide, s
              f"Machine: {describe_machine()}; {seconds / 60:.1f} min"
              f"{' including training the guide' if not args.guide else ' (guide trained before)'}"
              f"{'' if len(rows) == total else f'; partial: {len(rows)} of the {total} rows'}.  ",
-             f"Main model: `lit_fewstep/assets/edm_digits.pt` ({describe_net(teacher)}). Guide: `{config}` "
+             f"Main model: `{args.main or 'lit_fewstep/assets/edm_digits.pt'}` ({describe_net(teacher)}). Guide: `{config}` "
              f"({describe_net(guide)}; `{guide_file}`). FID on the shipped digits classifier's features against the "
              f"training split, {args.num} samples per score, {args.nfe}-NFE Heun (guided: twice the evaluations); "
              f"median over sampling seeds {seeds} (each seed: the same noise and labels for every row).", "",

@@ -326,13 +326,14 @@ def format_timing(rows: list[dict]) -> str:
     """Markdown table of rows {method, data, sampling: [...], training: {...}}."""
     nfes = sorted({r["nfe"] for row in rows for r in row["sampling"]})
     head = ["method", "data"] + [f"img/s @{k}" for k in nfes] + ["train step (ms)", "passes alone (ms)", "ratio",
-                                                                   "passes per step"]
+                                                                   "ratio in place", "passes per step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         by_nfe = {r["nfe"]: r["images_per_s"] for r in row["sampling"]}
         t = row["training"]
         cells = [row["method"], row["data"]] + [f"{by_nfe[k]:.4g}" if k in by_nfe else "" for k in nfes]
         cells += [f"{1e3 * t['step_s']:.3g}", f"{1e3 * t['floor_s']:.3g}", f"{t['ratio']:.2f}",
+                  f"{t['ratio_in_place']:.2f}" if "ratio_in_place" in t else "",
                   f"{t['calls_per_step']:g} ({', '.join(t['passes'])})"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
