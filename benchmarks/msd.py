@@ -192,7 +192,9 @@ def main() -> None:
         two subsets may run side by side), written whole and renamed into place."""
         before = json.loads(out.read_text()) if out.exists() and args.runs is not None else {}
         commands = before.get("commands", [before["command"]] if before else [])
-        write_atomically(out, json.dumps({**header, "commands": commands + [c for c in [command] if c not in commands],
+        # a --runs subset keeps the earlier header (machine, load, speed pass) of the table it adds to
+        kept = {k: v for k, v in before.items() if k not in ("commands", "results")}
+        write_atomically(out, json.dumps({**header, **kept, "commands": commands + [c for c in [command] if c not in commands],
                                           "results": merged(before.get("results", []), results)}, indent=1))
 
     runs = {run["name"]: run for run in runs_for(data, args.lr, args.tsm, args.tsm_lr, args.half_students)}
