@@ -131,7 +131,7 @@ def digits(args) -> tuple[list[dict], list[str]]:
         commands.append(f"{cmd}  # {seconds:.0f} s" if seconds else cmd)
         module = load_module(model_path).eval()
         for n in STEPS:
-            for td in TDS:
+            for td in args.tds:
                 fids, accs, exact = [], [], []
                 for s in range(args.seeds):
                     out = module.sample(args.num, n, generator=torch.Generator().manual_seed(s), td=td)
@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="sampling seeds per setting (toy 3, digits 2)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "benchmarks" / "analog_bits")
     parser.add_argument("--variants", nargs="+", default=None, help="a subset of the part's variants (by name)")
+    parser.add_argument("--tds", type=float, nargs="+", default=list(TDS), help="digits: the td values scored")
     parser.add_argument("--tag", default=None, help="write analog_bits_<part>_<tag>.md/.json (keeps the main table)")
     args = parser.parse_args()
     args.num = args.num or (20000 if args.part == "toy" else 2000)
