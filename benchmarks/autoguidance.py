@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="digits: sampling seeds (median; default --seed)")
     parser.add_argument("--resume", action="store_true", help="digits: reuse the rows already in --out's JSON")
     parser.add_argument("--main", default=None,
-                        help="digits: the main model (default the shipped lit_fewstep/assets/edm_digits.pt)")
+                        help=f"digits: the main model (default the shipped {DIGITS_MAIN})")
     parser.add_argument("--guide_config", default=None, help=f"digits: the guide's config (default {DIGITS_GUIDE_CONFIG})")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -185,6 +185,7 @@ def write(rows, args, guide_path, seconds, figure) -> None:
 
 DIGITS_SCALES = [1.25, 1.5, 2.0, 3.0]
 DIGITS_GUIDE_CONFIG = "configs/autoguidance/digits_guide.yaml"
+DIGITS_MAIN = "lit_fewstep/assets/edm_digits.pt"  # the shipped teacher, unless --main
 
 
 def describe_net(module) -> str:
@@ -205,8 +206,7 @@ def digits(args) -> None:
     config = args.guide_config or DIGITS_GUIDE_CONFIG
     seeds = args.seeds or [args.seed]
     guide_path = Path(args.guide) if args.guide else train_guide(ROOT / "runs" / "benchmark_autoguidance_digits", config)
-    main_path = Path(args.main) if args.main else ROOT / "lit_fewstep" / "assets" / "edm_digits.pt"
-    teacher = load_module(main_path).eval()
+    teacher = load_module(Path(args.main) if args.main else ROOT / DIGITS_MAIN).eval()
     guide = load_module(guide_path).eval()
     evaluator = Evaluator(teacher_data(teacher))
     rows = []
@@ -266,7 +266,7 @@ def write_digits(rows, total, args, seeds, config, guide_path, teacher, guide, s
              f"Machine: {describe_machine()}; {seconds / 60:.1f} min"
              f"{' including training the guide' if not args.guide else ' (guide trained before)'}"
              f"{'' if len(rows) == total else f'; partial: {len(rows)} of the {total} rows'}.  ",
-             f"Main model: `{args.main or 'lit_fewstep/assets/edm_digits.pt'}` ({describe_net(teacher)}). Guide: `{config}` "
+             f"Main model: `{args.main or DIGITS_MAIN}` ({describe_net(teacher)}). Guide: `{config}` "
              f"({describe_net(guide)}; `{guide_file}`). FID on the shipped digits classifier's features against the "
              f"training split, {args.num} samples per score, {args.nfe}-NFE Heun (guided: twice the evaluations); "
              f"median over sampling seeds {seeds} (each seed: the same noise and labels for every row).", "",

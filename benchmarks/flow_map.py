@@ -186,9 +186,7 @@ def main() -> None:
         results = json.loads(Path(args.out + ".json").read_text())
         if args.merge:
             merge_runs(results, json.loads(Path(args.merge).read_text()))
-        Path(args.out + ".json").write_text(json.dumps(results, indent=2))
-        Path(args.out + ".md").write_text(render(results))
-        print(f"wrote {args.out}.md")
+        write(results, args.out)
         return
     command = "OMP_NUM_THREADS=1 python benchmarks/flow_map.py " + " ".join(sys.argv[1:])
     gmm = eight_gaussians(radius=1.0, std=0.08)
@@ -255,9 +253,13 @@ def main() -> None:
     results["runs"] = runs
     if args.merge:
         merge_runs(results, json.loads(Path(args.merge).read_text()))
-    Path(args.out + ".json").write_text(json.dumps(results, indent=2))
-    Path(args.out + ".md").write_text(render(results))
-    print(f"wrote {args.out}.md")
+    write(results, args.out)
+
+
+def write(results: dict, out: str) -> None:
+    Path(out + ".json").write_text(json.dumps(results, indent=2))
+    Path(out + ".md").write_text(render(results))
+    print(f"wrote {out}.md")
 
 
 def merge_runs(results: dict, other: dict) -> None:
