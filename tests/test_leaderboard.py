@@ -174,6 +174,16 @@ def test_accelerator_and_devices_reach_every_worker_and_every_fit(monkeypatch):
     assert [c[c.index("--only") + 1] for c in calls["workers"]] == ["cd", "dmd"]
 
 
+def test_without_only_the_longest_recorded_fit_starts_first(tmp_path, monkeypatch):
+    """Workers start fits by the training time the committed leaderboard records, longest first; unrecorded ones last."""
+    (tmp_path / "leaderboard.json").write_text(json.dumps({"tables": {"tree": {"methods": [
+        {"name": "cd", "train_wall_s": 1.0}, {"name": "ct", "train_wall_s": 1.0},
+        {"name": "dmd", "train_wall_s": 3.0}, {"name": "msd", "train_wall_s": 2.0}]}}}))
+    monkeypatch.setattr(lb, "RESULTS", tmp_path)
+    assert lb.longest_first(["cd", "ct", "ict", "dmd", "msd"], "tree") == ["dmd", "msd", "cd", "ct", "ict"]
+    assert lb.longest_first(["cd", "ct"], "digits") == ["cd", "ct"]  # nothing recorded: table order
+
+
 def test_jobs_must_be_positive():
     with pytest.raises(SystemExit):
         lb.main(["--jobs", "0", "--collect"])
