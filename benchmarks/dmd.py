@@ -17,7 +17,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -168,133 +167,23 @@ def pairs_job(job: tuple) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- timing ratio
-def timing_ratio(data: str = "digits", repeats: int = 20) -> dict:
-    """DMD2 (1 step, GAN, TTUR 5): wall time of 5 iterations through Lightning's training loop (5 critic steps,
-    1 generator step, optimizer steps, clipping, EMA, logging) against the sum of the network passes those
-    iterations contain, each timed alone on the same tensors."""
-    import lightning as L
-
+def timing_ratio(data: str = "digits", cycles: int = 20) -> dict:
+    """DMD2 (1 step, GAN, TTUR 5) through Lightning's training loop, measured by `benchmarks/timing.py` (the one
+    clock every benchmark uses): per training step, its wall time against its own network passes replayed alone,
+    and in place against the time inside the networks' forwards and every autograd backward/grad of the step.
+    `cycles` TTUR cycles of 5 steps (5 critic updates, 1 generator update) after 5 warm-up steps."""
+    from benchmarks.timing import training_step_ratio
     from lit_fewstep.methods import DMD2
     from lit_fewstep.utils.config import instantiate
+    import lightning as L
 
     torch.set_num_threads(1)
     L.seed_everything(SEED, verbose=False)
     s = SETTINGS[data]
     model = DMD2(TEACHERS[data], **s["common"], **s["gan"], generator_every=5)
     datamodule = instantiate(s["data"])
-    cycles = repeats
-    steps, inside = [], []  # per training_step: wall time, and time spent inside network forwards + backwards
-    clock = {"net": 0.0, "depth": 0}
-
-    def pre(module, args):
-        if clock["depth"] == 0:
-            clock["t"] = time.perf_counter()
-        clock["depth"] += 1
-
-    def post(module, args, out):
-        clock["depth"] -= 1
-        if clock["depth"] == 0:
-            clock["net"] += time.perf_counter() - clock["t"]
-
-    backward = torch.Tensor.backward
-
-    def timed_backward(self, *a, **k):
-        t0 = time.perf_counter()
-        out = backward(self, *a, **k)
-        clock["net"] += time.perf_counter() - t0
-        return out
-
-    class Clock(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            for net in (pl_module.G, pl_module.teacher, pl_module.fake_score, pl_module.head):
-                if not getattr(net, "_clocked", False):
-                    net._clocked = True
-                    net.register_forward_pre_hook(pre)
-                    net.register_forward_hook(post)
-            clock["net"] = 0.0
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            steps.append(time.perf_counter() - self.t0)
-            inside.append(clock["net"])
-
-    warm = 5
-    iters = warm + 5 * cycles
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=model.optimizer_steps_for(iters), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Clock()])
-    torch.Tensor.backward = timed_backward
-    try:
-        trainer.fit(model, datamodule)
-    finally:
-        torch.Tensor.backward = backward
-    step_times = steps[warm:iters]
-    cycle_time = sum(step_times) / cycles
-    in_place = sum(step_times) / sum(inside[warm:iters])
-
-    # The same passes, alone: tensors shaped as in training.
-    datamodule.setup("fit")
-    x_real, y = next(iter(datamodule.train_dataloader()))
-    B = x_real.shape[0]
-    G, teacher, fake, head, edm = model.G, model.teacher, model.fake_score, model.head, model.edm
-    s80 = torch.full((B,), 80.0)
-    sig = model.grid_sigmas(B)
-    sig2 = model.grid_sigmas(2 * B)
-    z = torch.randn_like(x_real)
-
-    def timed(fn, n=repeats):
-        fn()
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    def g_fwd_bwd():
-        G.x0_from(80.0 * z, s80, edm, y).sum().backward()
-
-    def g_fwd():
-        with torch.no_grad():
-            G.x0_from(80.0 * z, s80, edm, y)
-
-    def teacher_fwd():
-        with torch.no_grad():
-            teacher.x0_from(x_real + sig[:, None, None, None] * z, sig, edm, y)
-
-    def fake_fwd():
-        with torch.no_grad():
-            fake.x0_from(x_real + sig[:, None, None, None] * z, sig, edm, y)
-
-    def fake_fwd_bwd():
-        fake.x0_from(x_real + sig[:, None, None, None] * z, sig, edm, y).sum().backward()
-
-    xin = x_real.clone().requires_grad_(True)
-
-    def gan_g_fwd_bwd():  # features of the generated image, head, backward to the image
-        _, f = fake(xin + sig[:, None, None, None] * z, sig, y, return_features=True)
-        head(f).sum().backward()
-
-    x2, y2, z2 = torch.cat([x_real, x_real]), torch.cat([y, y]), torch.cat([z, z])
-
-    def gan_d_fwd_bwd():
-        _, f = fake(x2 + sig2[:, None, None, None] * z2, sig2, y2, return_features=True)
-        head(f).sum().backward()
-
-    passes = {
-        "generator fwd+bwd": timed(g_fwd_bwd),
-        "teacher fwd (mu_real)": timed(teacher_fwd),
-        "fake score fwd (mu_fake in L_DM)": timed(fake_fwd),
-        "fake score fwd+bwd + head (GAN, generator side)": timed(gan_g_fwd_bwd),
-        "generator fwd, no grad (critic-only iterations)": timed(g_fwd),
-        "fake score fwd+bwd (denoising loss)": timed(fake_fwd_bwd),
-        "fake score fwd+bwd + head on 2B (GAN, critic side)": timed(gan_d_fwd_bwd),
-    }
-    # One TTUR cycle = 1 generator step + 5 critic steps; 4 of the 5 critic steps generate their own samples.
-    counts = [1, 1, 1, 1, 4, 5, 5]
-    passes_sum = sum(c * t for c, t in zip(counts, passes.values()))
-    return {"data": data, "batch": B, "cycle_s": cycle_time, "passes_s": passes_sum, "ratio": cycle_time / passes_sum,
-            "ratio_in_place": in_place, "passes": {k: (c, v) for (k, v), c in zip(passes.items(), counts)}}
+    measured = training_step_ratio(model, datamodule, steps=5 * cycles, warmup=5, repeats=5, accelerator="cpu")
+    return {"data": data, "batch": s["data"]["init_args"]["batch_size"], **measured}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -305,6 +194,30 @@ def machine() -> str:
 def metric_cells(row: dict, data: str) -> list[str]:
     keys = ["sw2", "mmd", "nll", "precision", "recall"] if data == "tree" else ["fid", "precision", "recall"]
     return [f"{row[k]:.4g}" for k in keys] + [f"{row['images_per_s']:.0f}"]
+
+
+TIMING_HEADING = "## DMD2 training-step timing ratio"
+
+
+def timing_section(ratio: dict) -> list[str]:
+    return [TIMING_HEADING, "",
+            f"`{' '.join(['OMP_NUM_THREADS=1 python benchmarks/dmd.py', *sys.argv[1:]])}`: "
+            f"{ratio['data']}, batch {ratio['batch']}, {ratio['steps']} training steps through Lightning after "
+            f"{ratio['warmup']} warm-up steps (TTUR 5: every step updates the critic, every fifth also the generator), "
+            "measured by `benchmarks/timing.py::training_step_ratio`: median step "
+            f"{ratio['step_s'] * 1000:.1f} ms; its network passes replayed alone: {ratio['floor_s'] * 1000:.1f} ms; "
+            f"**ratio {ratio['ratio']:.3f}** (median of per-step ratios; target <= 1.15). In place (same steps: their "
+            "time / the time inside the networks' outermost forwards and every autograd backward and grad call, so "
+            f"load changes cancel): **{ratio['ratio_in_place']:.3f}**. Passes seen: {', '.join(ratio['passes'])}; "
+            f"median {ratio['calls_per_step']:.0f} per step.", ""]
+
+
+def replace_timing_section(path: Path, ratio: dict) -> None:
+    """Rewrite only the timing section of an existing report (`--ratio_only`), keeping every other line."""
+    lines = path.read_text().splitlines()
+    start = lines.index(TIMING_HEADING)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    path.write_text("\n".join(lines[:start] + timing_section(ratio) + lines[end:]) + "\n")
 
 
 def write_report(results: list[dict], ratio: dict | None, args, wall: float, path: Path) -> None:
@@ -338,15 +251,7 @@ def write_report(results: list[dict], ratio: dict | None, args, wall: float, pat
                              + " | ".join(metric_cells(row, data)) + f" | {r['train_s']:.0f} |")
         lines.append("")
     if ratio is not None:
-        lines += ["## DMD2 training-step timing ratio", "",
-                  f"{ratio['data']}, batch {ratio['batch']}, one TTUR cycle (5 iterations: 5 critic steps + 1 generator "
-                  f"step) through Lightning: {ratio['cycle_s'] * 1000:.1f} ms; sum of its network passes timed alone: "
-                  f"{ratio['passes_s'] * 1000:.1f} ms; **ratio {ratio['ratio']:.3f}** (target <= 1.15). Measured in "
-                  f"place instead (same run: step time / time inside the four networks' forwards and autograd "
-                  f"backwards, so load changes cancel): **{ratio['ratio_in_place']:.3f}**.", "",
-                  "| pass | per cycle | ms each |", "|---|---|---|"]
-        lines += [f"| {k} | {c} | {v * 1000:.2f} |" for k, (c, v) in ratio["passes"].items()]
-        lines.append("")
+        lines += timing_section(ratio)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -359,10 +264,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no_teacher", action="store_true")
     parser.add_argument("--no_ratio", action="store_true")
+    parser.add_argument("--ratio_only", action="store_true", help="measure the timing ratio and rewrite only its "
+                        "section of --out")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dmd.md"))
     parser.add_argument("--work_dir", default="/tmp/lit_fewstep_dmd_bench")
     parser.add_argument("--asset", default=None, help="copy the exported DMD2 digits student here")
     args = parser.parse_args()
+    if args.ratio_only:
+        ratio = timing_ratio("digits")
+        replace_timing_section(Path(args.out), ratio)
+        print("\n".join(timing_section(ratio)))
+        return
     start = time.perf_counter()
     args.load_start = os.getloadavg()[0]
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
