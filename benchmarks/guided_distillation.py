@@ -17,6 +17,9 @@ primary metric (sw2 or FID).
 
     OMP_NUM_THREADS=1 python benchmarks/guided_distillation.py --data tree [--run DIR] [--num 5000] [--seeds 0 1 2]
 
+`--stages` adds two rows per scale that bound every student from below: the stage-1 model and the conditional teacher
+(the student reset to the teacher at iteration 0), each with the first halving's N DDIM steps.
+
 Without --run the fit is run first (benchmarks/run.py `train`); --run reuses the log folder of a fit
 (`.../guided_distillation_<data>/version_N`).
 """
@@ -58,6 +61,16 @@ def students(run: Path) -> dict[int, Path]:
     return {steps: path for steps, (_, path) in sorted(found.items(), reverse=True)}
 
 
+def stage_one(run: Path) -> Path | None:
+    """The checkpoint that ends stage 1 (the guidance-conditioned model, before any halving), if the fit kept it."""
+    for ckpt in sorted((run / "checkpoints").glob("*step=*.ckpt")):
+        module = load(ckpt)
+        iteration = int(module.iteration)
+        if iteration > 0 and module.current_steps(iteration - 1) is None and module.current_steps(iteration) is not None:
+            return ckpt
+    return None
+
+
 def sliced_w2(x: torch.Tensor, y: torch.Tensor) -> float:
     from lit_fewstep.metrics.distribution import SlicedWasserstein2
 
@@ -92,6 +105,22 @@ def evaluate(module, evaluator, nfe: int, scale: float, seeds, num: int, teacher
     return scores, samples
 
 
+def stage_rows(run: Path, student, scale: float) -> list[tuple[str, object, int]]:
+    """(name, model, DDIM steps) of what bounds every progressive student: the N-step DDIM of the stage-1 model (what
+    the first halving distils) and, at s = 1 only, of the conditional teacher itself (the student reset to the
+    teacher's weights with its guidance embedding zeroed, as at iteration 0; at other s it ignores the guidance)."""
+    n = 2 * student.student_steps[0]  # the first halving distils the stage-1 model at twice its steps
+    rows = []
+    path = stage_one(run)
+    if path is not None:
+        rows.append((f"stage-1 model ({int(load(path).iteration)} it), DDIM", load(path), n))
+    if scale == 1.0:
+        reset = load(next(iter(students(run).values())))
+        reset._init_student_from(reset.frozen_network("teacher"))
+        rows.append(("conditional teacher (untrained student), DDIM", reset, n))
+    return rows
+
+
 def median_row(per_seed: dict) -> dict:
     keys = [k for k in next(iter(per_seed.values())) if k != "nfe_spent"]
     return {k: statistics.median(r[k] for r in per_seed.values()) for k in keys}
@@ -107,6 +136,8 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=5000, help="samples per score")
     parser.add_argument("--num_reference", type=int, default=10000, help="toy reference samples")
     parser.add_argument("--out", default=None, help="default benchmarks/results/guided_distillation_<data>.md")
+    parser.add_argument("--stages", action="store_true", help="also score where the students' error comes from: the "
+                        "conditional teacher and the stage-1 model, each with the first halving's N DDIM steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from lit_fewstep.evaluation import Evaluator
@@ -135,6 +166,13 @@ def main() -> None:
                        "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"], "per_seed": per_seed, **median_row(per_seed)}
         rows.append(teacher_row)
         print({k: v for k, v in teacher_row.items() if k != "per_seed"}, flush=True)
+        for name, module, steps in stage_rows(run, first, scale) if args.stages else []:
+            per_seed, _ = evaluate(module, evaluator, steps, scale, args.seeds, args.num, teacher_x)
+            row = {"model": name, "steps": steps, "scale": scale, "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"],
+                   "per_seed": per_seed, **median_row(per_seed)}
+            row["ratio"], row["diagnostic"] = row[primary] / teacher_row[primary], True
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "per_seed"}, flush=True)
         for steps, path in found.items():
             per_seed, _ = evaluate(load(path), evaluator, steps, scale, args.seeds, args.num, teacher_x)
             iterations = re.search(r"step=(\d+)", path.name).group(1)
@@ -168,7 +206,7 @@ def write(rows, args, primary, run, config, fit_command, seconds) -> None:
                  f"{r[primary]:.4f}", *(f"{r[k]:.4f}" if k in r else "–" for k in extra),
                  f"{r['ratio']:.2f}" if "ratio" in r else "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    student_rows = [r for r in rows if "ratio" in r]
+    student_rows = [r for r in rows if "ratio" in r and not r.get("diagnostic")]
     met = [r for r in student_rows if r["ratio"] <= CLAIM]
     lines += ["", f"Within {CLAIM}x of the teacher's {primary} at the same scale: {len(met)} of {len(student_rows)} "
               f"(student steps, scale): " + ", ".join(f"({r['steps']}, {r['scale']:g}) {r['ratio']:.2f}"
