@@ -113,7 +113,8 @@ def stage_rows(run: Path, student, scale: float) -> list[tuple[str, object, int]
     rows = []
     path = stage_one(run)
     if path is not None:
-        rows.append((f"stage-1 model ({int(load(path).iteration)} it), DDIM", load(path), n))
+        model = load(path)
+        rows.append((f"stage-1 model ({int(model.iteration)} it), DDIM", model, n))
     if scale == 1.0:
         reset = load(next(iter(students(run).values())))
         reset._init_student_from(reset.frozen_network("teacher"))
@@ -160,28 +161,26 @@ def main() -> None:
     primary = PRIMARY[evaluator.is_image]
 
     rows = []
+
+    def add_row(name: str, module, steps: int, scale: float, teacher_x=None, reference=None, **extra) -> tuple:
+        """Score `module` at `steps` and `scale`; with `reference` (the teacher's row), its primary-metric ratio."""
+        per_seed, samples = evaluate(module, evaluator, steps, scale, args.seeds, args.num, teacher_x)
+        row = {"model": name, "steps": steps, "scale": scale, "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"],
+               "per_seed": per_seed, **median_row(per_seed), **extra}
+        if reference is not None:
+            row["ratio"] = row[primary] / reference[primary]
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "per_seed"}, flush=True)
+        return row, samples
+
     for scale in args.scales:
-        per_seed, teacher_x = evaluate(teacher, evaluator, TEACHER_NFE, scale, args.seeds, args.num)
-        teacher_row = {"model": "teacher (Heun)", "steps": TEACHER_NFE, "scale": scale,
-                       "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"], "per_seed": per_seed, **median_row(per_seed)}
-        rows.append(teacher_row)
-        print({k: v for k, v in teacher_row.items() if k != "per_seed"}, flush=True)
+        teacher_row, teacher_x = add_row("teacher (Heun)", teacher, TEACHER_NFE, scale)
         for name, module, steps in stage_rows(run, first, scale) if args.stages else []:
-            per_seed, _ = evaluate(module, evaluator, steps, scale, args.seeds, args.num, teacher_x)
-            row = {"model": name, "steps": steps, "scale": scale, "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"],
-                   "per_seed": per_seed, **median_row(per_seed)}
-            row["ratio"], row["diagnostic"] = row[primary] / teacher_row[primary], True
-            rows.append(row)
-            print({k: v for k, v in row.items() if k != "per_seed"}, flush=True)
+            add_row(name, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
         for steps, path in found.items():
-            per_seed, _ = evaluate(load(path), evaluator, steps, scale, args.seeds, args.num, teacher_x)
             iterations = re.search(r"step=(\d+)", path.name).group(1)
-            row = {"model": f"student ({iterations} it)", "steps": steps,
-                   "scale": scale, "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"], "per_seed": per_seed,
-                   **median_row(per_seed), "ckpt": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)}
-            row["ratio"] = row[primary] / teacher_row[primary]
-            rows.append(row)
-            print({k: v for k, v in row.items() if k != "per_seed"}, flush=True)
+            add_row(f"student ({iterations} it)", load(path), steps, scale, teacher_x, teacher_row,
+                    ckpt=str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
     write(rows, args, primary, run, config, fit_command, time.time() - start)
 
 
