@@ -162,3 +162,19 @@ def test_gpu_smoke_dry_run_on_cpu(tmp_path):
         assert f"| {method} |" in text
     assert "DMD2 step / its network passes" in text and "sCD step / CD step" in text
     assert (tmp_path / "smoke.json").exists()
+
+
+def test_dmd_ratio_only_rewrites_its_section_and_keeps_the_rest(tmp_path):
+    """`benchmarks/dmd.py --ratio_only`: the timing section is replaced; the tables and hand-written readings
+    around it stay byte for byte."""
+    from benchmarks import dmd
+
+    report = tmp_path / "dmd.md"
+    head, tail = "# Distribution matching\n\n## digits\n\n| run |\n|---|\n", "## Reading (by hand)\n\n- kept\n"
+    report.write_text(head + "\n" + dmd.TIMING_HEADING + "\n\nold figures\n\n" + tail)
+    ratio = {"data": "digits", "batch": 64, "steps": 100, "warmup": 5, "step_s": 0.4, "floor_s": 0.39,
+             "ratio": 1.025, "ratio_in_place": 1.115, "passes": ["G:fwd", "teacher:fwd"], "calls_per_step": 4}
+    dmd.replace_timing_section(report, ratio)
+    text = report.read_text()
+    assert text.startswith(head) and text.endswith(tail) and "old figures" not in text
+    assert "**ratio 1.025**" in text and "**1.115**" in text and text.count(dmd.TIMING_HEADING) == 1
