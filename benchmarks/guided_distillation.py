@@ -46,29 +46,28 @@ TEACHER_NFE = 35
 CLAIM = 1.2
 
 
-def students(run: Path) -> dict[int, Path]:
-    """{student steps: checkpoint} for the checkpoints that end each progressive stage (last update in that stage)."""
+def stage_checkpoints(run: Path) -> tuple[dict[int, Path], Path | None]:
+    """One pass over the fit's checkpoints: {student steps: the checkpoint that ends that progressive stage (its last
+    update in the stage)}, and the checkpoint that ends stage 1 (the guidance-conditioned model) if the fit kept it."""
     found: dict[int, tuple[int, Path]] = {}
+    stage_one = None
     for ckpt in (run / "checkpoints").glob("*step=*.ckpt"):
         module = load(ckpt)
         iteration = int(module.iteration)
         steps = module.current_steps(iteration - 1)
         if steps is not None and (steps not in found or iteration > found[steps][0]):
             found[steps] = (iteration, ckpt)
+        if iteration > 0 and steps is None and module.current_steps(iteration) is not None:
+            stage_one = ckpt
     if not found:
         raise FileNotFoundError(f"--run: no checkpoint of a progressive stage under {run / 'checkpoints'}; the config "
                                 f"must keep them (ModelCheckpoint save_top_k: -1, every_n_train_steps at stage ends).")
-    return {steps: path for steps, (_, path) in sorted(found.items(), reverse=True)}
+    return {steps: path for steps, (_, path) in sorted(found.items(), reverse=True)}, stage_one
 
 
-def stage_one(run: Path) -> Path | None:
-    """The checkpoint that ends stage 1 (the guidance-conditioned model, before any halving), if the fit kept it."""
-    for ckpt in sorted((run / "checkpoints").glob("*step=*.ckpt")):
-        module = load(ckpt)
-        iteration = int(module.iteration)
-        if iteration > 0 and module.current_steps(iteration - 1) is None and module.current_steps(iteration) is not None:
-            return ckpt
-    return None
+def students(run: Path) -> dict[int, Path]:
+    """{student steps: checkpoint} for the checkpoints that end each progressive stage (last update in that stage)."""
+    return stage_checkpoints(run)[0]
 
 
 def sliced_w2(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -105,21 +104,18 @@ def evaluate(module, evaluator, nfe: int, scale: float, seeds, num: int, teacher
     return scores, samples
 
 
-def stage_rows(run: Path, student, scale: float) -> list[tuple[str, object, int]]:
-    """(name, model, DDIM steps) of what bounds every progressive student: the N-step DDIM of the stage-1 model (what
-    the first halving distils) and, at s = 1 only, of the conditional teacher itself (the student reset to the
-    teacher's weights with its guidance embedding zeroed, as at iteration 0; at other s it ignores the guidance)."""
-    n = 2 * student.student_steps[0]  # the first halving distils the stage-1 model at twice its steps
-    rows = []
-    path = stage_one(run)
-    if path is not None:
-        model = load(path)
-        rows.append((f"stage-1 model ({int(model.iteration)} it), DDIM", model, n))
-    if scale == 1.0:
-        reset = load(next(iter(students(run).values())))
-        reset._init_student_from(reset.frozen_network("teacher"))
-        rows.append(("conditional teacher (untrained student), DDIM", reset, n))
-    return rows
+def stage_bounds(stage_one: Path | None, student_path: Path) -> list[tuple[str, object, int, bool]]:
+    """(name, model, DDIM steps, s = 1 only) of what bounds every progressive student: the N-step DDIM of the stage-1
+    model (what the first halving distils) and, at s = 1 only, of the conditional teacher itself (a student reset to
+    the teacher's weights with its guidance embedding zeroed, as at iteration 0; at other s it ignores guidance)."""
+    reset = load(student_path)
+    n = 2 * reset.student_steps[0]  # the first halving distils the stage-1 model at twice its steps
+    reset._init_student_from(reset.frozen_network("teacher"))
+    bounds = [("conditional teacher (untrained student), DDIM", reset, n, True)]
+    if stage_one is not None:
+        model = load(stage_one)
+        bounds.insert(0, (f"stage-1 model ({int(model.iteration)} it), DDIM", model, n, False))
+    return bounds
 
 
 def median_row(per_seed: dict) -> dict:
@@ -152,7 +148,8 @@ def main() -> None:
         run = model.parent
     else:
         run = Path(args.run)
-    found = students(run)
+    found, stage_one = stage_checkpoints(run)
+    bounds = stage_bounds(stage_one, next(iter(found.values()))) if args.stages else []
     if args.steps:
         found = {k: v for k, v in found.items() if k in args.steps}
     first = load(next(iter(found.values())))
@@ -175,8 +172,9 @@ def main() -> None:
 
     for scale in args.scales:
         teacher_row, teacher_x = add_row("teacher (Heun)", teacher, TEACHER_NFE, scale)
-        for name, module, steps in stage_rows(run, first, scale) if args.stages else []:
-            add_row(name, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
+        for name, module, steps, unguided_only in bounds:
+            if scale == 1.0 or not unguided_only:
+                add_row(name, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
         for steps, path in found.items():
             iterations = re.search(r"step=(\d+)", path.name).group(1)
             add_row(f"student ({iterations} it)", load(path), steps, scale, teacher_x, teacher_row,
