@@ -203,6 +203,25 @@ def test_teacher_on_trigflow_gives_the_same_x0_and_the_chain_rule_velocity(teach
     torch.testing.assert_close(scd.dxdt(x0, z, x_trig, t, y), chain, rtol=1e-9, atol=1e-10)
 
 
+def test_scd_init_from_teacher_starts_as_the_teachers_denoiser(teacher_ckpt):
+    """With "trigflow_edm" the EDM teacher's weights are a TrigFlow student: after setup the student (and its
+    EMA) is the teacher's denoiser on TrigFlow, so sCD starts where CD does; without it the flag is refused."""
+    model = SCD(mlp(seed=5), teacher_ckpt, sigma_data=SIGMA_D, preconditioning="trigflow_edm",
+                init_from_teacher=True, warmup_steps=10).double()
+    teacher = model._teacher()
+    x, y = torch.randn(8, 2, dtype=torch.float64), torch.randint(0, 2, (8,))
+    t = torch.linspace(0.01, 1.55, 8, dtype=torch.float64)
+    assert not torch.allclose(model.student.x0(x, t, class_labels=y), teacher.x0_from(x, t, model.path, class_labels=y))
+    model.prepare_teacher(initialize=True)
+    for net in (model.student, model.ema):
+        torch.testing.assert_close(net.x0(x, t, class_labels=y), teacher.x0_from(x, t, model.path, class_labels=y),
+                                   rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="init_from_teacher.*preconditioning: trigflow_edm"):
+        SCD(mlp(), teacher_ckpt, sigma_data=SIGMA_D, init_from_teacher=True)
+    with pytest.raises(ValueError, match="preconditioning: sCM lives on TrigFlow"):
+        SCD(mlp(), teacher_ckpt, sigma_data=SIGMA_D, preconditioning="edm")
+
+
 def test_discrete_cd_gradient_over_step_approaches_scd_gradient(teacher_ckpt):
     """(1/Delta) grad ||f(x_t, t) - sg f(x_t - Delta dx/dt, t - Delta)||^2 / (sigma_d tan t)  ->  grad of the sCD
     surrogate ||F - F- - g||^2 (r = 1, no normalization, unit weight); the error shrinks like Delta."""

@@ -17,13 +17,13 @@ from lit_fewstep.diffusion import (PRECONDITIONINGS, ConsistencyPreconditioning,
                                    VelocityPreconditioning, VPCosinePath, VPEpsPreconditioning, VPVPreconditioning,
                                    convert, from_x0_eps, to_x0_eps)
 from lit_fewstep.diffusion.paths import _bcast
-from lit_fewstep.diffusion.precond import (VPXPreconditioning, consistency_coefficients, edm_coefficients,
+from lit_fewstep.diffusion.precond import (TrigFlowEDMPreconditioning, VPXPreconditioning, consistency_coefficients, edm_coefficients,
                                           trigflow_coefficients)
 from lit_fewstep.nets import MLP
 
 SD = 0.5  # sigma_data
 S_GAUSS = 0.7  # std of the 1-D Gaussian data of the closed-form optima (!= SD, so c_skip is not trivial)
-ONE_TIME = ("edm", "velocity", "trigflow", "consistency", "vp_eps", "vp_v", "vp_x")
+ONE_TIME = ("edm", "velocity", "trigflow", "consistency", "vp_eps", "vp_v", "vp_x", "trigflow_edm")
 TWO_TIME = ("ctm", "flow_map")
 
 
@@ -38,7 +38,7 @@ def _mlp(dim=3, second_time=False, num_classes=0, seed=0):
 
 def _times(name, B, dtype=torch.float64):
     """Interior times of each parameterization's path."""
-    lo, hi = {"edm": (0.01, 40.0), "consistency": (0.01, 40.0), "ctm": (0.01, 40.0), "trigflow": (0.05, 1.5),
+    lo, hi = {"edm": (0.01, 40.0), "consistency": (0.01, 40.0), "ctm": (0.01, 40.0), "trigflow": (0.05, 1.5), "trigflow_edm": (0.05, 1.5),
               "velocity": (0.02, 0.98), "flow_map": (0.02, 0.98), "vp_eps": (0.02, 0.98), "vp_v": (0.02, 0.98),
               "vp_x": (0.02, 0.98)}[name]
     return torch.linspace(lo, hi, B, dtype=dtype)
@@ -49,10 +49,10 @@ def _times(name, B, dtype=torch.float64):
 
 
 def test_registry_has_one_class_per_string():
-    assert tuple(PRECONDITIONINGS) == ONE_TIME[:4] + ("vp_eps", "vp_v", "vp_x") + TWO_TIME
+    assert tuple(PRECONDITIONINGS) == ONE_TIME + TWO_TIME
     expected = {"edm": EDMPreconditioning, "velocity": VelocityPreconditioning, "trigflow": TrigFlowPreconditioning,
                 "consistency": ConsistencyPreconditioning, "vp_eps": VPEpsPreconditioning, "vp_v": VPVPreconditioning,
-                "vp_x": VPXPreconditioning, "ctm": CTMPreconditioning, "flow_map": FlowMapPreconditioning}
+                "vp_x": VPXPreconditioning, "trigflow_edm": TrigFlowEDMPreconditioning, "ctm": CTMPreconditioning, "flow_map": FlowMapPreconditioning}
     for name, cls in PRECONDITIONINGS.items():
         assert cls is expected[name] and cls.name == name and issubclass(cls, Preconditioning)
         assert cls.two_time == (name in TWO_TIME) == issubclass(cls, TwoTimePreconditioning)
@@ -62,7 +62,7 @@ def test_registry_has_one_class_per_string():
     assert kinds == {"edm": ("EDMPath", "x0"), "velocity": ("LinearPath", "velocity"),
                      "trigflow": ("TrigFlowPath", "velocity"), "consistency": ("EDMPath", "x0"),
                      "vp_eps": ("VPCosinePath", "eps"), "vp_v": ("VPCosinePath", "v"), "vp_x": ("VPCosinePath", "x0"),
-                     "ctm": ("EDMPath", "x0"), "flow_map": ("LinearPath", "velocity")}
+                     "trigflow_edm": ("TrigFlowPath", "velocity"), "ctm": ("EDMPath", "x0"), "flow_map": ("LinearPath", "velocity")}
 
 
 def test_unknown_string_and_wrong_net_are_named():
@@ -221,6 +221,27 @@ def test_vp_noise_label_is_1000_times_the_cosine_time():
         x_in, label = cls(SD).inputs(x, t)
         assert torch.equal(x_in, x)
         torch.testing.assert_close(label, 1000 * torch.atan(torch.exp(-lam / 2)) / (math.pi / 2), rtol=1e-13, atol=0)
+
+
+def test_trigflow_edm_is_the_edm_denoiser_of_the_same_weights_on_trigflow():
+    """sCD's student starts from an EDM teacher through "trigflow_edm": with the same raw net, its sCM
+    consistency function at (x_t, t) on TrigFlow is EDM's D at sigma = sigma_d tan t, x = x_t / cos t;
+    f(x, 0) = x exactly; and along sCM's tangent (cos t sin t) the noise label ln(sigma_d tan t)/4 moves at 1/4."""
+    net = _mlp(num_classes=3).double()
+    trig, edm = PreconditionedNet(net, "trigflow_edm", SD), PreconditionedNet(net, "edm", SD)
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    t = torch.tensor([0.004, 0.05, 0.4, 0.8, 1.2, 1.56], dtype=torch.float64)
+    sigma, cos = SD * torch.tan(t), torch.cos(t)[:, None]
+    torch.testing.assert_close(trig.x0(x, t, class_labels=y), edm.x0(x / cos, sigma, class_labels=y),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(trig.x0_from(x, t, TrigFlowPath(SD), class_labels=y),
+                               edm.x0_from(x, t, TrigFlowPath(SD), class_labels=y), rtol=1e-12, atol=1e-12)
+    tf = PreconditionedNet(_mlp(), "trigflow_edm", SD)
+    assert torch.equal(tf.x0(x.float(), torch.zeros(6)), x.float())
+    label_rate = torch.func.jvp(lambda t_: TrigFlowEDMPreconditioning(SD).inputs(x, t_)[1], (t,),
+                                (torch.cos(t) * torch.sin(t),))[1]
+    torch.testing.assert_close(label_rate, torch.full_like(t, 0.25), rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ name (config string)   class           path          network input, labels     p
 ``"edm"``              EDM             EDM (sigma)   c_in x, ln(sigma)/4       x0 (denoiser D)
 ``"consistency"``      Consistency     EDM (sigma)   c_in x, ln(sigma)/4       x0 (consistency function)
 ``"trigflow"``         TrigFlow        TrigFlow      x / sigma_d, t            velocity sigma_d F
+``"trigflow_edm"``     TrigFlowEDM     TrigFlow      x / sigma_d, ln(sigma)/4  velocity -sigma_d F
 ``"velocity"``         Velocity        linear        x, t                      velocity
 ``"vp_eps"``           VPEps           VP cosine     x, 1000 t                 eps
 ``"vp_v"``             VPV             VP cosine     x, 1000 t                 v = a eps - b x0
@@ -57,6 +58,7 @@ __all__ = [
     "EDMPreconditioning",
     "ConsistencyPreconditioning",
     "TrigFlowPreconditioning",
+    "TrigFlowEDMPreconditioning",
     "VelocityPreconditioning",
     "VPEpsPreconditioning",
     "VPVPreconditioning",
@@ -232,6 +234,31 @@ class TrigFlowPreconditioning(Preconditioning):
         # sCM consistency function: f = cos(t) x_t - sin(t) sigma_d F, with F = pred / sigma_d
         c_skip, c_out = trigflow_coefficients(t, self.sigma_data)
         return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * (pred / self.sigma_data)
+
+
+class TrigFlowEDMPreconditioning(TrigFlowPreconditioning):
+    """TrigFlow with EDM's noise label and sign, so an EDM network's raw weights are a TrigFlow network.
+
+    At sigma = sigma_d tan t the EDM state is x_t / cos t, and EDM's c_in x_sigma = x_t / sigma_d, c_skip =
+    cos^2 t, c_out = sigma_d sin t, so D = cos(t) x_t + sigma_d sin(t) F_EDM: the sCM consistency function
+    cos(t) x_t - sigma_d sin(t) F_trig with F_trig = -F_EDM(x_t / sigma_d, ln(sigma_d tan t) / 4). sCD starts
+    its student from an EDM teacher with it (sCM's own students start from a TrigFlow teacher fed c_noise =
+    t, which an EDM teacher is not). Along sCM's JVP tangent (cos t sin t) the noise label moves at the
+    constant rate d/dt ln(tan t) / 4 * cos t sin t = 1/4, so the time derivative stays bounded.
+    """
+
+    name = "trigflow_edm"
+
+    def inputs(self, x_t, t):
+        # sigma floored so that t = 0 (where f = x_t whatever F is) gets a finite label
+        sigma = (self.sigma_data * torch.tan(t)).clamp_min(1e-12)
+        return x_t / self.sigma_data, torch.log(sigma) / 4.0
+
+    def output(self, F, x_t, t):
+        return -self.sigma_data * F
+
+    def raw_target(self, pred, x_t, t):
+        return -pred / self.sigma_data
 
 
 class VelocityPreconditioning(Preconditioning):
@@ -432,6 +459,7 @@ PRECONDITIONINGS: dict[str, type[Preconditioning]] = {
     "vp_eps": VPEpsPreconditioning,
     "vp_v": VPVPreconditioning,
     "vp_x": VPXPreconditioning,
+    "trigflow_edm": TrigFlowEDMPreconditioning,
     "ctm": CTMPreconditioning,
     "flow_map": FlowMapPreconditioning,
 }
@@ -455,6 +483,8 @@ class PreconditionedNet(nn.Module):
             ``"velocity"``: linear (flow-matching) path, F(x_t, t) is the velocity z - x.
             ``"trigflow"``: TrigFlow path, sigma_d F(x_t / sigma_d, t) is the velocity (sCM). Its x0 is
             the sCM consistency function cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t), so x0(x, 0) = x.
+            ``"trigflow_edm"``: the same path and consistency function with EDM's noise label and sign
+            (-sigma_d F(x_t / sigma_d, ln(sigma_d tan t)/4) is the velocity): an EDM net's weights fit it.
             ``"consistency"``: EDM path, consistency function of Song et al. 2023 (Appendix C):
             f(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4) with the boundary-shifted c_skip, c_out of
             `consistency_coefficients`, so x0(x, sigma_min) = x exactly; c_in and c_noise are EDM's, so a

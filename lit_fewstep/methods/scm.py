@@ -2,7 +2,9 @@
 
 TrigFlow path (diffusion/paths.py): x_t = cos(t) x + sin(t) z', z' ~ N(0, sigma_d^2 I), t in [0, pi/2];
 sigma_EDM = sigma_d tan t. The student is a `PreconditionedNet(net, "trigflow")`: sigma_d F_theta(x_t/sigma_d, t)
-is a velocity, and its x0 prediction is the consistency function (sCM Sec. 3, Eq. (7) (verify))
+is a velocity, and its x0 prediction is the consistency function (sCM Sec. 3, Eq. (7) (verify)). sCD can start
+its student from an EDM teacher's weights with `PreconditionedNet(net, "trigflow_edm")`: the same function with
+EDM's noise label and sign, which makes the teacher's denoiser a TrigFlow student.
 
     f_theta(x_t, t) = cos(t) x_t - sin(t) sigma_d F_theta(x_t / sigma_d, t),     f_theta(x, 0) = x.
 
@@ -110,6 +112,8 @@ class SCM(ConsistencyFamily):
         warmup_steps: tangent warm-up r(k) = min(1, k / warmup_steps) (0: r = 1 from the start).
         adaptive_weighting: learn w_phi(t) (its parameters share the student's optimizer); False: w = 0.
         prior_weighting: multiply the regression term by 1 / (sigma_d tan t) (FastGen's default; off in the paper's form).
+        preconditioning: "trigflow" (sCM: F fed c_noise = t) or "trigflow_edm" (the same consistency function with
+            EDM's noise label ln(sigma)/4 and sign, so that sCD's student can start from an EDM teacher's weights).
         lr, betas, weight_decay, ema_decay, grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule`.
     """
     eager_networks = ("student",)  # differentiated by torch.func.jvp: never compiled (FewStepModule.compile_networks)
@@ -119,7 +123,7 @@ class SCM(ConsistencyFamily):
                  warmup_steps: int = 10_000, adaptive_weighting: bool = True, prior_weighting: bool = False,
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  ema_decay: float = 0.9999, grad_clip: float = 0.0, nonfinite: str = "stop",
-                 max_consecutive_skips: int = 100):
+                 max_consecutive_skips: int = 100, preconditioning: str = "trigflow"):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if tangent_norm not in TANGENT_NORMS:
@@ -128,7 +132,10 @@ class SCM(ConsistencyFamily):
             raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}.")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"sigma_min / sigma_max: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
-        self.student = PreconditionedNet(net, "trigflow", sigma_data)
+        if preconditioning not in ("trigflow", "trigflow_edm"):
+            raise ValueError(f"preconditioning: sCM lives on TrigFlow; choose 'trigflow' or 'trigflow_edm', got "
+                             f"{preconditioning!r}.")
+        self.student = PreconditionedNet(net, preconditioning, sigma_data)
         self.path = self.student.path
         self.sigma_data, self.sigma_min, self.sigma_max, self.t_min = sigma_data, sigma_min, sigma_max, 0.0
         self.P_mean, self.P_std = P_mean, P_std
@@ -197,6 +204,8 @@ class SCD(SCM):
 
     Args:
         teacher_ckpt: an EDMDiffusion or FlowMatching checkpoint; its PF-ODE is moved onto TrigFlow.
+        init_from_teacher: start the student (and its EMA) from an EDM teacher's raw weights, as sCM's students
+            start from their teacher; needs preconditioning "trigflow_edm" and the teacher's net config.
         (other arguments: `SCM`; the teacher's sigma range bounds the time proposal)
     """
 
@@ -205,12 +214,15 @@ class SCD(SCM):
                  tangent_c: float = 0.1, warmup_steps: int = 10_000, adaptive_weighting: bool = True,
                  prior_weighting: bool = False, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, ema_decay: float = 0.9999, grad_clip: float = 0.0,
-                 nonfinite: str = "stop",
-                 max_consecutive_skips: int = 100):
+                 nonfinite: str = "stop", max_consecutive_skips: int = 100, preconditioning: str = "trigflow",
+                 init_from_teacher: bool = False):
         super().__init__(net, sigma_data, P_mean, P_std, sigma_min, sigma_max, tangent_norm, tangent_c, warmup_steps,
                          adaptive_weighting, prior_weighting, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
-                         max_consecutive_skips)
-        self.teacher_ckpt = teacher_ckpt
+                         max_consecutive_skips, preconditioning)
+        if init_from_teacher and preconditioning != "trigflow_edm":
+            raise ValueError("init_from_teacher: an EDM teacher's weights expect the noise label ln(sigma)/4; set "
+                             "preconditioning: trigflow_edm (or init_from_teacher: false).")
+        self.teacher_ckpt, self.init_from_teacher = teacher_ckpt, init_from_teacher
         self.register_frozen("teacher", path=teacher_ckpt)
 
     def dxdt(self, x, z, x_t, t, y):
