@@ -278,15 +278,17 @@ class TestConformance:
         module.export(str(path))
         unsaved = [k for k in load_checkpoint(path)["state_dict"] if k.startswith(tuple(module.unsaved_prefixes))]
         assert not unsaved, f"the export holds networks that are loaded from their own files: {unsaved[:3]}"
+        fit_ckpt = path.with_name("fit.ckpt")  # what `sample --ckpt last.ckpt` reads: critics and all
+        run.trainer.save_checkpoint(str(fit_ckpt))
         hidden = run.teacher.rename(run.teacher.with_name("hidden.pt"))  # an exported model samples without it
         try:
-            loaded = load_module(path)
-            assert type(loaded) is type(module)
-            for nfe in supported_nfes(module):
-                a = module.sample(16, nfe, generator=torch.Generator().manual_seed(7))
-                b = loaded.sample(16, nfe, generator=torch.Generator().manual_seed(7))
-                assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels) and a.nfe == b.nfe, nfe
-            assert not frozen_networks(loaded), f"sampling loaded {list(frozen_networks(loaded))}"
+            for loaded in (load_module(path), load_module(fit_ckpt)):
+                assert type(loaded) is type(module)
+                for nfe in supported_nfes(module):
+                    a = module.sample(16, nfe, generator=torch.Generator().manual_seed(7))
+                    b = loaded.sample(16, nfe, generator=torch.Generator().manual_seed(7))
+                    assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels) and a.nfe == b.nfe, nfe
+                assert not frozen_networks(loaded), f"sampling loaded {list(frozen_networks(loaded))}"
         finally:
             hidden.rename(run.teacher)
 

@@ -256,6 +256,9 @@ class FewStepModule(Configurable, L.LightningModule):
 
     # Submodules that are not written to checkpoints (re-loaded from their own file).
     unsaved_prefixes: tuple[str, ...] = ("teacher.",)
+    # Networks that only training builds (e.g. DMD's critic, made from the teacher in `configure_model`): a fit
+    # checkpoint holds them, a module rebuilt for sampling (`utils.checkpoint.load_module`) has none and skips them.
+    training_only_prefixes: tuple[str, ...] = ()
     # Training bookkeeping that an exported file may lack (it then starts at zero).
     optional_state_keys: tuple[str, ...] = ("iteration", "skipped_steps", "rng_seed", "ema_updates", "stage_entered")
     generator_name = "generator"

@@ -114,6 +114,7 @@ class DMD(FewStepModule):
     unsaved_prefixes = ("teacher.", "lpips.")
     # Only the generator (and its EMA) is needed to sample: `export` drops the critic, checkpoints keep it.
     critic_prefixes: tuple[str, ...] = ("fake_score.", "head.")
+    training_only_prefixes = critic_prefixes
     first_sigma_field = "conditioning_sigma"  # the setting that must equal the pairs' sigma_max
 
     def __init__(self, teacher_ckpt: str, net: nn.Module | None = None, preconditioning: str | None = None,

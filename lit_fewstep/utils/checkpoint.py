@@ -156,6 +156,9 @@ def load_module(path: str | os.PathLike, trust: bool = False, field: str = "ckpt
     _check_weights(ckpt["state_dict"], module, where)
     skip = tuple(getattr(module, "unsaved_prefixes", ()))
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    training_only = tuple(p for p in getattr(module, "training_only_prefixes", ())
+                          if module._modules.get(p.rstrip(".")) is None)  # not built: nothing to load them into
+    unexpected = [k for k in unexpected if not k.startswith(training_only)]
     optional = set(getattr(module, "optional_state_keys", ()))
     missing = [k for k in missing if not k.startswith(skip) and k not in optional]
     if missing and all(k.startswith(("ema.", "ema_")) for k in missing) and hasattr(module, "on_load_state_dict_without_ema"):
