@@ -4,9 +4,9 @@ from .guidance import Autoguidance, ClassifierFreeGuidance, autoguided_x0, guide
 from .paths import EDMPath, GaussianPath, LinearPath, TrigFlowPath, VPCosinePath, convert, make_path
 from .precond import (PRECONDITIONINGS, ConsistencyPreconditioning, CTMPreconditioning, EDMPreconditioning,
                       FlowMapPreconditioning, PreconditionedNet, Preconditioning, TrigFlowEDMPreconditioning,
-                      TrigFlowPreconditioning,
-                      TwoTimePreconditioning, VelocityPreconditioning, VPEpsPreconditioning, VPVPreconditioning,
-                      consistency_coefficients, edm_coefficients, make_preconditioning, trigflow_coefficients)
+                      TrigFlowPreconditioning, TwoTimePreconditioning, VelocityPreconditioning, VPEpsPreconditioning,
+                      VPVPreconditioning, consistency_coefficients, edm_coefficients, make_preconditioning,
+                      trigflow_coefficients)
 from .predictions import PREDICTION_KINDS, convert_prediction, from_x0_eps, to_x0_eps
 from .solvers import (ConstantAccelerationStep, DDIMStep, DenoiseRenoise, EulerStep, HeunStep, NFECounter,
                       SamplerState, SelfConditioned, Step, StochasticDDIMStep, TwoTimeJump, consistency_sigmas,
