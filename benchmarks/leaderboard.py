@@ -262,6 +262,12 @@ def longest_first(methods: list[str], data: str) -> list[str]:
     return sorted(methods, key=lambda m: -recorded.get(m, 0.0))  # sorted is stable: unknown keep their order
 
 
+def collectable(methods: list[str], data: str) -> list[str]:
+    """What `--collect` reports for `data`: the methods scored in the cache, and those with no config for it (their
+    row says "not yet"); a method with a config but nothing cached is left out rather than trained."""
+    return [m for m in methods if config_path(m, data) is None or any((CACHE / data).glob(f"{m}-*/scores*.json"))]
+
+
 def run_in_workers(methods: list[str], jobs: int, logs: Path, command) -> dict[str, int]:
     """Run `command(method)` for every method, `jobs` processes at a time, the next starting as soon as one ends
     (output in logs/<method>.log); returns each method's exit code. A method a process failed to finish is left to
@@ -568,7 +574,7 @@ def main(argv=None):
     for data in args.data:
         methods = args.only or METHODS
         if args.collect:  # per data set: what is cached for it
-            methods = [m for m in methods if any((CACHE / data).glob(f"{m}-*/scores*.json"))]
+            methods = collectable(methods, data)
         elif args.jobs > 1:
             run(data, [], args.seeds, args.num, args.steps, args.seed, hardware)  # the teachers' rows, once
             shared = ["--data", data, "--seeds", *map(str, args.seeds), "--seed", str(args.seed), "--num",

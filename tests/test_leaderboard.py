@@ -184,6 +184,16 @@ def test_without_only_the_longest_recorded_fit_starts_first(tmp_path, monkeypatc
     assert lb.longest_first(["cd", "ct"], "digits") == ["cd", "ct"]  # nothing recorded: table order
 
 
+def test_collect_keeps_the_not_yet_rows_and_leaves_out_what_is_not_cached(tmp_path, monkeypatch):
+    """--collect reports the cached methods and, as "not yet", those with no config for the data set (analog_bits
+    has no tree config); a configured method with nothing cached is left out, never trained."""
+    (tmp_path / "tree" / "cd-0123456789").mkdir(parents=True)
+    (tmp_path / "tree" / "cd-0123456789" / "scores.json").write_text("{}")
+    monkeypatch.setattr(lb, "CACHE", tmp_path)
+    assert lb.config_path("analog_bits", "tree") is None and lb.config_path("ct", "tree") is not None
+    assert lb.collectable(["cd", "ct", "analog_bits"], "tree") == ["cd", "analog_bits"]
+
+
 def test_jobs_must_be_positive():
     with pytest.raises(SystemExit):
         lb.main(["--jobs", "0", "--collect"])
