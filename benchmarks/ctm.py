@@ -70,7 +70,7 @@ def iteration_of(path: Path) -> int:
 def along_the_fit(run: Path, seeds: list[int], num: int, tag: str | None = None) -> None:
     """Claim 2 over training time: every checkpoint of one fit, gamma = 0 at 1/2/4/8 NFE, medians over sampling
     seeds, with the leaderboard's evaluator; and why multi-step jumps lag: the spread of the samples (std per
-    coordinate) against the teacher's 35-NFE Heun samples from the same noise and labels."""
+    coordinate) against the teacher's 35-NFE Heun samples of the same sampling seed."""
     from leaderboard import evaluator_for
 
     data = "tree"
