@@ -7,7 +7,8 @@ at equal network evaluations (NFE 1, 2, 4, 8), beside the teacher itself with tr
     python benchmarks/leaderboard.py --collect                                # the report from cached scores only
     python -m lit_fewstep benchmark --data tree                               # the same, from a checkout
 
-Budget: every method trains with its own CPU config, `configs/<method>/<data>.yaml`, as shipped (the iterations and
+Budget: every method trains with its own CPU config, `configs/<method>/<data>.yaml` (2-rectified flow, row caf_2rf:
+`configs/caf/<data>_2rf.yaml`), as shipped (the iterations and
 the training wall time are in each row; `--steps N` sets one optimizer-step budget for all). Each trained model is
 cached under `benchmarks/runs/leaderboard/<data>/<method>-<hash>/` where the hash covers the config file, the
 overrides and the seed; scores are cached beside it, so a rerun (or a run stopped and started again) trains and
@@ -44,15 +45,18 @@ from benchmarks.run import exact_command, git_state, machine, write_atomically  
 
 # Every method of the zoo, in the order of the table. Teachers are rows of their own (TEACHER_SOLVERS).
 METHODS = ["cd", "ct", "ict", "scd", "sct", "dmd", "dmd2", "msd", "ctm", "guided_distillation", "flow_map", "caf",
-           "analog_bits", "lowdiff"]
+           "caf_2rf", "analog_bits", "lowdiff"]
 # Conformance-registry entries that are ablations of a method above, reported with it rather than as rows of their own.
-VARIANTS = {"caf_2rf": "2-rectified flow on CAF's couplings: benchmarks/results/caf.md"}
+VARIANTS: dict[str, str] = {}
+# Rows whose config is not configs/<method>/<data>.yaml: 2-rectified flow is CAF's class without the acceleration net,
+# on the same couplings (configs/caf/<data>_2rf.yaml).
+CONFIG_OF = {"caf_2rf": "caf/{data}_2rf"}
 TEACHER = {"tree": "lit_fewstep/assets/edm_tree.pt", "digits": "lit_fewstep/assets/edm_digits.pt"}
 TEACHER_SOLVERS = ["heun", "euler", "dpmpp_2m", "unipc"]
 # CAF and flow maps live on the linear path: their rows are distilled from the shipped flow-matching teacher of the
 # same data, scored here at 35 NFE (Heun) as their own reference beside the EDM teacher's.
 FM_TEACHER = {"tree": "lit_fewstep/assets/fm_tree.pt", "digits": "lit_fewstep/assets/fm_digits.pt"}
-FROM_FM_TEACHER = {"caf", "flow_map"}
+FROM_FM_TEACHER = {"caf", "caf_2rf", "flow_map"}
 NFES = [1, 2, 4, 8]
 PRIMARY = {"tree": "sw2", "digits": "fid"}
 SECONDARY = {"tree": "nll"}  # a second metric at 1 NFE (the toy's exact NLL of samples: precision, where sw2 is blind)
@@ -63,6 +67,7 @@ PAIRS = {"dmd": {"teacher": TEACHER, "num": {"tree": 4096, "digits": 2048}, "nfe
                  "path": "edm"},
          "caf": {"teacher": FM_TEACHER,
                  "num": {"tree": 20000, "digits": 20000}, "nfe": {"tree": 63, "digits": 35}, "path": "linear"}}
+PAIRS["caf_2rf"] = PAIRS["caf"]  # the same file: both rows train on the same couplings
 # Progressive distillation leaves one student per step count (16 -> 8 -> 4 -> 2 -> 1, a stage each): a row's score at
 # n NFE is that of the n-step student, kept by the config's checkpoint at the end of its stage.
 STAGED = {"guided_distillation"}
@@ -82,7 +87,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # ------------------------------------------------------------------------------------------------ entries
 def config_path(method: str, data: str) -> Path | None:
-    path = ROOT / "configs" / method / f"{data}.yaml"
+    path = ROOT / "configs" / f"{CONFIG_OF.get(method, method + '/{data}').format(data=data)}.yaml"
     return path if path.is_file() else None
 
 

@@ -103,6 +103,9 @@ def test_the_cache_key_follows_the_config_the_overrides_and_the_seed():
     assert key != lb.entry_key("cd", "tree", 0, ["--trainer.max_steps", "10"])
     assert lb.config_path("cd", "tree") == ROOT / "configs" / "cd" / "tree.yaml"
     assert lb.config_path("cd", "nowhere") is None
+    # 2-rectified flow is a row of its own, trained by CAF's config for it on CAF's couplings
+    assert lb.config_path("caf_2rf", "digits") == ROOT / "configs" / "caf" / "digits_2rf.yaml"
+    assert lb.PAIRS["caf_2rf"] is lb.PAIRS["caf"]
 
 
 def test_the_cache_key_ignores_comments_and_layout_and_old_byte_keyed_entries_are_kept(tmp_path, monkeypatch):
