@@ -86,8 +86,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 # ------------------------------------------------------------------------------------------------ entries
+def config_file(method: str, data: str) -> Path:
+    """Where the config of `method` on `data` lives (configs/<method>/<data>.yaml unless CONFIG_OF says otherwise)."""
+    return ROOT / "configs" / f"{CONFIG_OF.get(method, method + '/{data}').format(data=data)}.yaml"
+
+
 def config_path(method: str, data: str) -> Path | None:
-    path = ROOT / "configs" / f"{CONFIG_OF.get(method, method + '/{data}').format(data=data)}.yaml"
+    path = config_file(method, data)
     return path if path.is_file() else None
 
 
@@ -234,7 +239,8 @@ def run(data: str, methods: list[str], seeds: list[int], num: int, steps: int | 
             table["teachers"].append({**result, "solver": name})
             continue
         if config_path(name, data) is None:
-            table["methods"].append({"name": name, "data": data, "missing": f"no configs/{name}/{data}.yaml yet"})
+            missing = f"no {config_file(name, data).relative_to(ROOT)} yet"
+            table["methods"].append({"name": name, "data": data, "missing": missing})
             continue
         try:
             path, record = train_cached(name, data, train_seed, steps, list(hardware))
