@@ -261,3 +261,23 @@ def test_optimizer_steps_for_matches_what_lightning_counts(tmp_path):
     assert steps == 2 * 2 + 2 * (5 + 2)  # TSM at 0, 1; critic at 2..6; generator at 2, 5 — two students each
     _trainer(tmp_path, steps).fit(module, Toy2DDataModule(name="eight_gaussians", batch_size=32, num_train=640))
     assert int(module.iteration) == 7
+
+
+def test_learning_rate_decay_is_edm2_inverse_square_root_after_decay_after(tmp_path):
+    phase = Phase("gen", "gen_loss", ("student",), lr=0.4, decay_after=2)
+    # lr / sqrt(max((step + 1) / decay_after, 1)): constant for 2 steps, then 0.4 / sqrt(3/2), 0.4 / sqrt(2), ...
+    assert [phase.lr_at(s) for s in range(4)] == pytest.approx([0.4, 0.4, 0.4 / 1.5 ** 0.5, 0.2 * 2 ** 0.5])
+    warm = Phase("gen", "gen_loss", ("student",), lr=0.4, warmup=2, decay_after=4)
+    assert [warm.lr_at(s) for s in (0, 1, 3, 15)] == pytest.approx([0.2, 0.4, 0.4, 0.2])
+    module = Regress()
+    module.phases = [phase]
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    _trainer(tmp_path, -1, max_epochs=1, limit_train_batches=4, callbacks=[Record()]).fit(module, _data())
+    assert seen == pytest.approx([phase.lr_at(s) for s in range(4)])
+    with pytest.raises(ValueError, match="decay_after"):
+        Phase("gen", "gen_loss", ("student",), decay_after=-1)

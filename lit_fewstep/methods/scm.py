@@ -114,6 +114,8 @@ class SCM(ConsistencyFamily):
         prior_weighting: multiply the regression term by 1 / (sigma_d tan t) (FastGen's default; off in the paper's form).
         preconditioning: "trigflow" (sCM: F fed c_noise = t) or "trigflow_edm" (the same consistency function with
             EDM's noise label ln(sigma)/4 and sign, so that sCD's student can start from an EDM teacher's weights).
+        lr_decay_after: EDM2's inverse-square-root learning-rate decay after this many steps (0: constant lr); the
+            official ImageNet-64 sCD decays after 35k steps (`Phase.decay_after`).
         lr, betas, weight_decay, ema_decay, grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule`.
     """
     eager_networks = ("student",)  # differentiated by torch.func.jvp: never compiled (FewStepModule.compile_networks)
@@ -123,7 +125,7 @@ class SCM(ConsistencyFamily):
                  warmup_steps: int = 10_000, adaptive_weighting: bool = True, prior_weighting: bool = False,
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  ema_decay: float = 0.9999, grad_clip: float = 0.0, nonfinite: str = "stop",
-                 max_consecutive_skips: int = 100, preconditioning: str = "trigflow"):
+                 max_consecutive_skips: int = 100, preconditioning: str = "trigflow", lr_decay_after: int = 0):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if tangent_norm not in TANGENT_NORMS:
@@ -144,7 +146,7 @@ class SCM(ConsistencyFamily):
         self.weighting = AdaptiveWeight() if adaptive_weighting else None
         networks = ("student", "weighting") if adaptive_weighting else ("student",)
         self.phases = [Phase("consistency", "scm_loss", networks, lr=lr, betas=tuple(betas),
-                             weight_decay=weight_decay, updates_ema=True)]
+                             weight_decay=weight_decay, decay_after=lr_decay_after, updates_ema=True)]
         self.init_ema()
 
     # -------------------------------------------------------------- pieces
@@ -215,10 +217,10 @@ class SCD(SCM):
                  prior_weighting: bool = False, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, ema_decay: float = 0.9999, grad_clip: float = 0.0,
                  nonfinite: str = "stop", max_consecutive_skips: int = 100, preconditioning: str = "trigflow",
-                 init_from_teacher: bool = False):
+                 init_from_teacher: bool = False, lr_decay_after: int = 0):
         super().__init__(net, sigma_data, P_mean, P_std, sigma_min, sigma_max, tangent_norm, tangent_c, warmup_steps,
                          adaptive_weighting, prior_weighting, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
-                         max_consecutive_skips, preconditioning)
+                         max_consecutive_skips, preconditioning, lr_decay_after)
         if init_from_teacher and preconditioning != "trigflow_edm":
             raise ValueError("init_from_teacher: an EDM teacher's weights expect the noise label ln(sigma)/4; set "
                              "preconditioning: trigflow_edm (or init_from_teacher: false).")
@@ -243,10 +245,10 @@ class SCT(SCM):
                  warmup_steps: int = 10_000, adaptive_weighting: bool = True, prior_weighting: bool = False,
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  ema_decay: float = 0.9999, grad_clip: float = 0.0, nonfinite: str = "stop",
-                 max_consecutive_skips: int = 100):
+                 max_consecutive_skips: int = 100, lr_decay_after: int = 0):
         super().__init__(net, sigma_data, P_mean, P_std, sigma_min, sigma_max, tangent_norm, tangent_c, warmup_steps,
                          adaptive_weighting, prior_weighting, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
-                         max_consecutive_skips)
+                         max_consecutive_skips, lr_decay_after=lr_decay_after)
 
     def dxdt(self, x, z, x_t, t, y):
         return self.path.velocity(x, z, t)
