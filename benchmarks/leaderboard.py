@@ -96,6 +96,23 @@ def config_path(method: str, data: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def autoguided_rows(data: str) -> list[str]:
+    """Rows whose config distills with autoguidance (a `guide_ckpt`), each as 'name (lambda ~ U[lo, hi], sampled
+    at x)': their samples are guided, the teachers' rows are not."""
+    import yaml
+
+    rows = []
+    for method in METHODS:
+        path = config_path(method, data)
+        args = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("init_args") or {} if path else {}
+        if args.get("guide_ckpt"):
+            lo, hi = args.get("guidance_range", (1.0, 1.0))
+            at = args.get("sampling_guidance") or 0.5 * (lo + hi)
+            rows.append(f"{method} (lambda ~ U[{lo:g}, {hi:g}] against {Path(args['guide_ckpt']).name}, sampled at "
+                        f"{at:g})")
+    return rows
+
+
 def entry_key(method: str, data: str, seed: int, overrides: list[str]) -> str:
     """The cache key of a trained model: its config's content (parsed, so that editing a comment or the layout
     does not retrain), the overrides and the seed."""
@@ -325,7 +342,10 @@ def markdown(data: str, table: dict, seeds: list[int], num: int) -> list[str]:
              + (f" ({secondary}: {reference_2:.4g})" if secondary and reference_2 else "") + ". CAF's and flow map's "
              "rows are distilled from the shipped flow-matching teacher of the same data (they live on the linear path)"
              + fm_reference(data, table, reference, reference_2) + "; guided "
-             "distillation's row is, at n NFE, its n-step student, unguided. 'train s' is the fit's wall time as it "
+             "distillation's row is, at n NFE, its n-step student, unguided"
+             + ("; distilled with autoguidance from a weak network of the teacher, as their papers distill, and "
+                "sampled guided: " + ", ".join(guided) if (guided := autoguided_rows(data)) else "")
+             + ". 'train s' is the fit's wall time as it "
              "ran (one thread, other fits beside it), comparable within one run only.", "",
              f"| model | {primary} @1 | @2 | @4 | @8 | ratio @1 | ratio @4 | beats best free solver @4 at 1 NFE | "
              + (f"{secondary} @1 | {secondary} ratio @1 | " if secondary else "") + "iterations | train s | images/s @1 |",
@@ -365,7 +385,8 @@ def fm_teacher_scores(table: dict) -> dict:
 
 
 def fm_reference(data: str, table: dict, reference: float, reference_2: float | None) -> str:
-    """The flow-matching teacher's own 35-NFE scores, as ratios to the EDM teacher's (the best its students can do)."""
+    """The flow-matching teacher's own 35-NFE scores, as ratios to the EDM teacher's (the best its unguided students
+    can do)."""
     fm = fm_teacher_scores(table)
     if not fm:
         return ""

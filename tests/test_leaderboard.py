@@ -224,3 +224,21 @@ def test_a_staged_method_is_scored_at_n_nfe_by_its_n_step_student_unguided(tmp_p
     assert all(c[2] == {"guidance_scale": 1.0} for c in student_calls)
     row = table["methods"][0]
     assert {n: row["rows"][n]["sw2"] for n in row["rows"]} == {str(n): pytest.approx(0.1 * n) for n in lb.NFES}
+
+
+def test_rows_distilled_with_autoguidance_are_named_with_their_range_and_sampling_scale(tmp_path, monkeypatch):
+    (tmp_path / "configs" / "flow_map").mkdir(parents=True)
+    (tmp_path / "configs" / "flow_map" / "tree.yaml").write_text(
+        "model:\n  init_args: {guide_ckpt: assets/weak.pt, guidance_range: [1.0, 3.0]}\n")
+    (tmp_path / "configs" / "flow_map" / "digits.yaml").write_text("model:\n  init_args: {guide_ckpt: null}\n")
+    (tmp_path / "configs" / "cd").mkdir()
+    (tmp_path / "configs" / "cd" / "tree.yaml").write_text(
+        "model:\n  init_args: {guide_ckpt: w.pt, guidance_range: [1, 2], sampling_guidance: 1.2}\n")
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    assert lb.autoguided_rows("tree") == ["cd (lambda ~ U[1, 2] against w.pt, sampled at 1.2)",
+                                          "flow_map (lambda ~ U[1, 3] against weak.pt, sampled at 2)"]
+    assert lb.autoguided_rows("digits") == []
+    assert "sampled guided: cd (lambda ~ U[1, 2]" in "\n".join(lb.markdown("tree", table(), [0], 10))
+    monkeypatch.setattr(lb, "METHODS", ["flow_map"])
+    (tmp_path / "configs" / "flow_map" / "tree.yaml").write_text("model:\n  init_args: {lr: 0.1}\n")
+    assert "autoguidance" not in "\n".join(lb.markdown("tree", table(), [0], 10))

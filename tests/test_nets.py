@@ -313,7 +313,7 @@ def test_defaults_keep_parameters_and_computation(name, config):
 
 @pytest.mark.parametrize("asset,prefix", [
     ("edm_digits.pt", "model.net."), ("fm_digits.pt", "model.net."), ("dmd2_digits.pt", "G.net."),
-    ("edm_tree.pt", "model.net."), ("fm_tree.pt", "model.net."),
+    ("edm_tree.pt", "model.net."), ("fm_tree.pt", "model.net."), ("fm_tree_guide.pt", "model.net."),
 ])
 def test_shipped_network_weights_load_strictly(asset, prefix):
     """The shipped checkpoints' recorded net configs still build nets with exactly their keys and shapes."""
