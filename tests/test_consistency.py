@@ -317,3 +317,34 @@ def test_ddp_two_processes_run_scd(teacher_ckpt, tmp_path):
     assert "on 2 processes" in result.stdout
     model = load_module(out)
     assert type(model) is SCD and int(model.iteration) == 3
+
+
+def test_features_distance_is_the_digits_classifiers_squared_feature_difference():
+    from lit_fewstep.methods.consistency import digits_features
+    net = digits_features()
+    torch.manual_seed(0)
+    a, b = torch.rand(3, 1, 8, 8) * 2 - 1, torch.rand(3, 1, 8, 8) * 2 - 1
+    d = consistency_distance(a, b, "features", features=net)
+    assert torch.allclose(d, (net.features(a) - net.features(b)).pow(2).mean(1))
+    assert (d > 0).all() and consistency_distance(a, a, "features", features=net).abs().max() == 0
+    a.requires_grad_(True)
+    consistency_distance(a, b, "features", features=net).sum().backward()
+    assert a.grad.abs().sum() > 0 and all(p.grad is None for p in net.parameters())  # frozen, input differentiable
+    with pytest.raises(ValueError, match="distance: 'features' is the shipped digits classifier's"):
+        consistency_distance(torch.zeros(2, 2), torch.ones(2, 2), "features", features=net)
+
+
+def test_cd_with_the_features_distance_trains_and_never_saves_the_classifier():
+    from lit_fewstep.data import DigitsDataModule
+    from lit_fewstep.nets import UNet
+    net = UNet(img_resolution=8, in_channels=1, model_channels=32, channel_mult=[1, 2], num_blocks=1,
+               attn_resolutions=[4], num_classes=10)
+    cd = CD(net, str(ROOT / "lit_fewstep/assets/edm_digits.pt"), sigma_data=0.5, init_from_teacher=True,
+            distance="features")
+    data = DigitsDataModule(image_size=8, batch_size=8)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    loss = cd.consistency_loss(batch)
+    loss.backward()
+    assert loss.item() > 0 and any(p.grad is not None and p.grad.abs().sum() > 0 for p in cd.student.parameters())
+    assert cd.feature_net is not None and not any(k.startswith("feature_net.") for k in cd.state_dict_to_save())

@@ -45,7 +45,7 @@ from .base import FewStepModule, Phase
 
 __all__ = [
     "FixedScales", "SqrtScales", "ExponentialScales", "TargetRate", "DISTANCES", "consistency_distance",
-    "pseudo_huber_c", "LPIPS", "ConsistencyModel", "CD", "CT", "ICT",
+    "digits_features", "pseudo_huber_c", "LPIPS", "ConsistencyModel", "CD", "CT", "ICT",
 ]
 
 
@@ -128,7 +128,7 @@ class TargetRate:
 
 
 # ----------------------------------------------------------------------------------------------- distances
-DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
+DISTANCES = ("l2", "l1", "pseudo_huber", "lpips", "features")
 
 
 def pseudo_huber_c(dim: int) -> float:
@@ -136,8 +136,17 @@ def pseudo_huber_c(dim: int) -> float:
     return 0.00054 * math.sqrt(dim)
 
 
-def consistency_distance(a: Tensor, b: Tensor, kind: str, c: float = 0.0, lpips: nn.Module | None = None) -> Tensor:
-    """d(a, b) per sample [B]: l2 / l1 = mean over elements; pseudo_huber = sqrt(||a - b||^2 + c^2) - c."""
+def digits_features() -> nn.Module:
+    """The shipped digits classifier, frozen (gradients flow to its input): the perceptual distance "features" of
+    8x8 digits, standing in for the papers' LPIPS, which has no meaning at that size."""
+    from ..metrics.features import load_digits_classifier
+    return load_digits_classifier()[0].requires_grad_(False).eval()
+
+
+def consistency_distance(a: Tensor, b: Tensor, kind: str, c: float = 0.0, lpips: nn.Module | None = None,
+                         features: nn.Module | None = None) -> Tensor:
+    """d(a, b) per sample [B]: l2 / l1 = mean over elements; pseudo_huber = sqrt(||a - b||^2 + c^2) - c;
+    lpips = LPIPS(a, b); features = mean squared difference of `features.features` (`digits_features`)."""
     diff = (a - b).flatten(1)
     if kind == "l2":
         return diff.pow(2).mean(1)
@@ -147,6 +156,11 @@ def consistency_distance(a: Tensor, b: Tensor, kind: str, c: float = 0.0, lpips:
         return torch.sqrt(diff.pow(2).sum(1) + c * c) - c
     if kind == "lpips":
         return lpips(a, b)
+    if kind == "features":
+        if tuple(a.shape[1:]) not in ((1, 8, 8), (1, 16, 16)):
+            raise ValueError(f"distance: 'features' is the shipped digits classifier's (1 x 8 x 8 or 1 x 16 x 16); it "
+                             f"cannot compare samples of shape {tuple(a.shape[1:])}. Choose l2, pseudo_huber or lpips.")
+        return (features.features(a) - features.features(b)).pow(2).mean(1)
     raise ValueError(f"distance: unknown {kind!r}; choose one of {DISTANCES}.")
 
 
@@ -255,7 +269,8 @@ class ConsistencyModel(ConsistencyFamily):
     Args:
         net: a `lit_fewstep.nets` network F_theta.
         sigma_data, sigma_min (= eps), sigma_max (= T), rho: path and Karras grid.
-        distance: "l2", "l1", "pseudo_huber" or "lpips".
+        distance: "l2", "l1", "pseudo_huber", "lpips" (the CM paper's best) or "features" (the shipped digits
+            classifier's features, digits only: LPIPS's stand-in there).
         huber_c: pseudo-Huber c (default 0.00054 sqrt(dim)).
         lpips_weights: local LPIPS-VGG state dict (distance "lpips").
         lr, betas, weight_decay, ema_decay (sampling EMA), grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule`.
@@ -284,7 +299,8 @@ class ConsistencyModel(ConsistencyFamily):
         self.huber_c = pseudo_huber_c(math.prod(self.data_shape)) if huber_c is None else huber_c
         self.lpips_weights = lpips_weights
         self.lpips = None  # built at setup (or first use) from the local file, never saved
-        self.unsaved_prefixes = ("teacher.", "lpips.")
+        self.feature_net = None  # distance "features": the shipped digits classifier, loaded at first use, never saved
+        self.unsaved_prefixes = ("teacher.", "lpips.", "feature_net.")
         self._initialized = False
         self.phases = [Phase("consistency", "consistency_loss", ("student",), lr=lr, betas=tuple(betas),
                              weight_decay=weight_decay, updates_ema=True)]
@@ -298,6 +314,11 @@ class ConsistencyModel(ConsistencyFamily):
         if self.distance == "lpips" and self.lpips is None:
             self.lpips = LPIPS(self.lpips_weights).to(self.device)
         return self.lpips
+
+    def _feature_net(self) -> nn.Module | None:
+        if self.distance == "features" and self.feature_net is None:
+            self.feature_net = digits_features().to(self.device)
+        return self.feature_net
 
     def _finish_init(self) -> None:
         """Subclasses call this once `scales` and `target_rate` are set: target copy and sampling EMA."""
@@ -347,7 +368,7 @@ class ConsistencyModel(ConsistencyFamily):
             replay()
             with torch.no_grad():
                 f_target = self.target_network().x0(x_prev, sigma_n, class_labels=y_s)
-        d = consistency_distance(f_online, f_target, self.distance, self.huber_c, self._lpips())
+        d = consistency_distance(f_online, f_target, self.distance, self.huber_c, self._lpips(), self._feature_net())
         return (self.weight(sigma_n, sigma_next) * d).mean()
 
     # -------------------------------------------------------------- target update and logging

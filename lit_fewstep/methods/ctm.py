@@ -58,7 +58,7 @@ from ..diffusion.solvers import (NFECounter, TwoTimeJump, gaussian_noise, heun_s
 from ..metrics.lpips import LPIPS
 from ..nets.heads import DiscriminatorHead
 from .base import FewStepModule, Phase
-from .consistency import consistency_distance, pseudo_huber_c, same_dropout_masks
+from .consistency import consistency_distance, digits_features, pseudo_huber_c, same_dropout_masks
 from .dmd import frozen
 
 __all__ = ["CTM", "CTM_DISTANCES", "DISCRIMINATORS", "adaptive_weight", "balance_weight", "heun_step_probs", "last_layer",
@@ -260,19 +260,16 @@ class CTM(FewStepModule):
     def _features(self) -> nn.Module:
         """The shipped digits classifier's feature body (frozen; gradients flow to its input), never saved."""
         if self.feature_net is None:
-            from ..metrics.features import load_digits_classifier
-            self.feature_net = load_digits_classifier()[0].to(self.device).requires_grad_(False).eval()
+            self.feature_net = digits_features().to(self.device)
         return self.feature_net
 
     # -------------------------------------------------------------- distances
     def ctm_distance(self, a: Tensor, b: Tensor) -> Tensor:
         """d(a, b) per sample [B] (see `distance`)."""
-        if self.distance == "features":
-            net = self._features()
-            return (net.features(a) - net.features(b)).pow(2).mean(1)
         if self.distance == "lpips" and self.lpips is None:
             self.lpips = LPIPS(self.lpips_weights).to(self.device)
-        return consistency_distance(a, b, self.distance, self.huber_c, self.lpips)
+        features = self._features() if self.distance == "features" else None
+        return consistency_distance(a, b, self.distance, self.huber_c, self.lpips, features)
 
     # -------------------------------------------------------------- the CTM draw
     def grid(self) -> Tensor:
