@@ -168,9 +168,8 @@ def test_phase_optimizer_class(name, cls, tmp_path):
     assert type(opt) is cls
 
 
-def test_learning_rate_warmup_is_linear_in_the_phases_steps(tmp_path):
-    phase = Phase("gen", "gen_loss", ("student",), lr=0.3, warmup=3, every=2, start=1)
-    assert [phase.lr_at(s) for s in range(5)] == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3])
+def _learning_rates_seen(phase: Phase, tmp_path, iterations: int) -> list[float]:
+    """The optimizer's lr after each of `iterations` iterations of a one-phase module."""
     module = Regress()
     module.phases = [phase]
     seen = []
@@ -179,7 +178,14 @@ def test_learning_rate_warmup_is_linear_in_the_phases_steps(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, *args):
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    _trainer(tmp_path, -1, max_epochs=1, limit_train_batches=7, callbacks=[Record()]).fit(module, _data())
+    _trainer(tmp_path, -1, max_epochs=1, limit_train_batches=iterations, callbacks=[Record()]).fit(module, _data())
+    return seen
+
+
+def test_learning_rate_warmup_is_linear_in_the_phases_steps(tmp_path):
+    phase = Phase("gen", "gen_loss", ("student",), lr=0.3, warmup=3, every=2, start=1)
+    assert [phase.lr_at(s) for s in range(5)] == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3])
+    seen = _learning_rates_seen(phase, tmp_path, iterations=7)
     # active at iterations 1, 3, 5: the lr is set when the phase steps and kept until its next step
     assert seen == pytest.approx([0.3, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3])
 
@@ -269,15 +275,6 @@ def test_learning_rate_decay_is_edm2_inverse_square_root_after_decay_after(tmp_p
     assert [phase.lr_at(s) for s in range(4)] == pytest.approx([0.4, 0.4, 0.4 / 1.5 ** 0.5, 0.2 * 2 ** 0.5])
     warm = Phase("gen", "gen_loss", ("student",), lr=0.4, warmup=2, decay_after=4)
     assert [warm.lr_at(s) for s in (0, 1, 3, 15)] == pytest.approx([0.2, 0.4, 0.4, 0.2])
-    module = Regress()
-    module.phases = [phase]
-    seen = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    _trainer(tmp_path, -1, max_epochs=1, limit_train_batches=4, callbacks=[Record()]).fit(module, _data())
-    assert seen == pytest.approx([phase.lr_at(s) for s in range(4)])
+    assert _learning_rates_seen(phase, tmp_path, iterations=4) == pytest.approx([phase.lr_at(s) for s in range(4)])
     with pytest.raises(ValueError, match="decay_after"):
         Phase("gen", "gen_loss", ("student",), decay_after=-1)
