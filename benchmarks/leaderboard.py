@@ -3,7 +3,7 @@ at equal network evaluations (NFE 1, 2, 4, 8), beside the teacher itself with tr
 
     OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --data tree            # train what is not cached, score, report
     OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --data tree digits --jobs 2   # two methods at a time
-    OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --data digits --only cd dmd2
+    OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --data digits --only cd dmd2   # these rows replaced, others kept
     python benchmarks/leaderboard.py --collect                                # the report from cached scores only
     python -m lit_fewstep benchmark --data tree                               # the same, from a checkout
 
@@ -551,14 +551,42 @@ def update_readme(tables: dict[str, dict], runs: dict) -> bool:
     return True
 
 
+def merge_rows(previous: dict, table: dict) -> dict:
+    """`previous` with the rows that `table` has (teachers by solver, methods by name) replaced by its rows, in the
+    table's order: how a run of a few methods (`--only`) updates a table without dropping the rows it did not run."""
+    new = {m["name"]: m for m in table["methods"]}
+    methods = [new.pop(m["name"], m) for m in previous.get("methods", [])] + list(new.values())
+    order = {name: k for k, name in enumerate(METHODS)}
+    methods.sort(key=lambda m: order.get(m["name"], len(order)))
+    return {**previous, **{k: v for k, v in table.items() if k != "methods"}, "methods": methods}
+
+
+def partial(args, data: str, runs: dict) -> bool:
+    """Whether this run's rows of `data` go into the recorded table (`--only`) rather than replace it; a table
+    scored with other seeds or sample counts cannot take them."""
+    if not args.only or args.collect or data not in runs:
+        return False
+    if (runs[data]["seeds"], runs[data]["num"]) != (args.seeds, args.num):
+        raise SystemExit(f"--only: the recorded {data} table was scored over seeds {runs[data]['seeds']} with "
+                         f"{runs[data]['num']} samples each; re-run these rows with the same --seeds / --num, or the "
+                         f"whole table without --only.")
+    return True
+
+
 def write_report(tables: dict[str, dict], args, started: str, seconds: float) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "leaderboard.json"
     previous = json.loads(json_path.read_text()) if json_path.exists() else {}
-    merged = {**previous.get("tables", {}), **tables}
-    runs = {**previous.get("runs", {}), **{data: {"command": exact_command(), "machine": machine(), "git": git_state(),
-                                                    "started": started, "wall_s": seconds, "seeds": args.seeds,
-                                                    "num": args.num} for data in tables}}
+    merged, runs = dict(previous.get("tables", {})), dict(previous.get("runs", {}))
+    for data, table in tables.items():
+        this_run = {"command": exact_command(), "machine": machine(), "git": git_state(), "started": started,
+                    "wall_s": seconds, "seeds": args.seeds, "num": args.num}
+        if partial(args, data, runs):
+            # a partial run: its rows (and the teachers, re-scored) replace the old ones; the rest keep their run
+            merged[data] = merge_rows(merged[data], table)
+            runs[data] = {**runs[data], "updates": [*runs[data].get("updates", []), {**this_run, "rows": args.only}]}
+        else:
+            merged[data], runs[data] = table, this_run
     lines = ["# Leaderboard", "",
              "Every method from the same shipped EDM teacher, one evaluator (`lit_fewstep.evaluation.Evaluator`), at equal "
              "NFE; the teacher itself with training-free solvers as the no-training baseline. Written by "
@@ -567,6 +595,9 @@ def write_report(tables: dict[str, dict], args, started: str, seconds: float) ->
         info = runs.get(data, {})
         lines += [f"- {data}: `{info.get('command')}`; machine: {info.get('machine')}; git {info.get('git')}; "
                   f"started {info.get('started')}, {info.get('wall_s', 0):.0f} s"]
+        lines += [f"  - then rows {', '.join(u['rows'])} (and the teachers' rows) re-run: `{u['command']}`; machine: "
+                  f"{u['machine']}; git {u['git']}; started {u['started']}, {u['wall_s']:.0f} s"
+                  for u in info.get("updates", [])]
     lines.append("")
     for data, table in merged.items():
         lines += markdown(data, table, runs[data]["seeds"], runs[data]["num"])
@@ -603,6 +634,10 @@ def main(argv=None):
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     start = time.perf_counter()
     tables = {}
+    recorded = RESULTS / "leaderboard.json"
+    if not args.no_report and recorded.exists():
+        for data in args.data:  # before any training: a partial run must fit the recorded table
+            partial(args, data, json.loads(recorded.read_text()).get("runs", {}))
     for data in args.data:
         methods = args.only or METHODS
         if args.collect:  # per data set: what is cached for it

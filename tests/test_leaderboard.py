@@ -242,3 +242,29 @@ def test_rows_distilled_with_autoguidance_are_named_with_their_range_and_samplin
     monkeypatch.setattr(lb, "METHODS", ["flow_map"])
     (tmp_path / "configs" / "flow_map" / "tree.yaml").write_text("model:\n  init_args: {lr: 0.1}\n")
     assert "autoguidance" not in "\n".join(lb.markdown("tree", table(), [0], 10))
+
+
+def test_a_run_of_a_few_rows_replaces_those_rows_and_keeps_the_rest_with_their_run(tmp_path, monkeypatch):
+    """--only cd on a recorded tree table: cd's row and the teachers' rows are the new ones, dmd2 and the not-yet row
+    stay, in table order, and the report names both runs; other seeds than the table's are refused before training."""
+    recorded = table()
+    run0 = {"command": "full", "machine": "m0", "git": "g0", "started": "s0", "wall_s": 10.0, "seeds": [0, 1, 2],
+            "num": 2000}
+    (tmp_path / "leaderboard.json").write_text(json.dumps({"tables": {"tree": recorded}, "runs": {"tree": run0}}))
+    monkeypatch.setattr(lb, "RESULTS", tmp_path)
+    monkeypatch.setattr(lb, "update_readme", lambda *a: True)
+    new_cd = {"name": "cd", "rows": _rows({1: 0.09, 2: 0.08, 4: 0.07, 8: 0.06}), "iterations": 3000}
+    new_teachers = [{**t, "rows": {**t["rows"], "35": {"sw2": 0.04, "nll": 4.0}}} if t["solver"] == "heun" else t
+                    for t in recorded["teachers"]]
+    args = lb.argparse.Namespace(only=["cd"], collect=False, seeds=[0, 1, 2], num=2000)
+    lb.write_report({"tree": {"teachers": new_teachers, "methods": [new_cd]}}, args, "s1", 5.0)
+    saved = json.loads((tmp_path / "leaderboard.json").read_text())
+    methods = saved["tables"]["tree"]["methods"]
+    assert [m["name"] for m in methods] == ["cd", "dmd2", "lowdiff"] and methods[0]["iterations"] == 3000
+    assert methods[1] == recorded["methods"][1]
+    assert saved["tables"]["tree"]["teachers"][0]["rows"]["35"]["sw2"] == 0.04
+    assert saved["runs"]["tree"]["command"] == "full" and saved["runs"]["tree"]["updates"][0]["rows"] == ["cd"]
+    text = (tmp_path / "leaderboard.md").read_text()
+    assert "- tree: `full`" in text and "then rows cd (and the teachers' rows) re-run" in text
+    with pytest.raises(SystemExit, match="same --seeds"):
+        lb.main(["--data", "tree", "--only", "cd", "--seeds", "0"])
