@@ -342,10 +342,10 @@ def markdown(data: str, table: dict, seeds: list[int], num: int) -> list[str]:
              + (f" ({secondary}: {reference_2:.4g})" if secondary and reference_2 else "") + ". CAF's and flow map's "
              "rows are distilled from the shipped flow-matching teacher of the same data (they live on the linear path)"
              + fm_reference(data, table, reference, reference_2) + "; guided "
-             "distillation's row is, at n NFE, its n-step student, unguided"
-             + ("; distilled with autoguidance from a weak network of the teacher, as their papers distill, and "
-                "sampled guided: " + ", ".join(guided) if (guided := autoguided_rows(data)) else "")
-             + ". 'train s' is the fit's wall time as it "
+             "distillation's row is, at n NFE, its n-step student, unguided. "
+             + ("Distilled with autoguidance from a weak network of their teacher, as their papers distill, and "
+                "sampled guided: " + ", ".join(guided) + ". " if (guided := autoguided_rows(data)) else "")
+             + "'train s' is the fit's wall time as it "
              "ran (one thread, other fits beside it), comparable within one run only.", "",
              f"| model | {primary} @1 | @2 | @4 | @8 | ratio @1 | ratio @4 | beats best free solver @4 at 1 NFE | "
              + (f"{secondary} @1 | {secondary} ratio @1 | " if secondary else "") + "iterations | train s | images/s @1 |",
@@ -574,7 +574,6 @@ def partial(args, data: str, runs: dict) -> bool:
 
 
 def write_report(tables: dict[str, dict], args, started: str, seconds: float) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "leaderboard.json"
     previous = json.loads(json_path.read_text()) if json_path.exists() else {}
     merged, runs = dict(previous.get("tables", {})), dict(previous.get("runs", {}))
@@ -587,6 +586,13 @@ def write_report(tables: dict[str, dict], args, started: str, seconds: float) ->
             runs[data] = {**runs[data], "updates": [*runs[data].get("updates", []), {**this_run, "rows": args.only}]}
         else:
             merged[data], runs[data] = table, this_run
+    return render(merged, runs)
+
+
+def render(merged: dict[str, dict], runs: dict) -> Path:
+    """leaderboard.md, .json, the figures and the README's section from recorded tables and runs."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS / "leaderboard.json"
     lines = ["# Leaderboard", "",
              "Every method from the same shipped EDM teacher, one evaluator (`lit_fewstep.evaluation.Evaluator`), at equal "
              "NFE; the teacher itself with training-free solvers as the no-training baseline. Written by "
