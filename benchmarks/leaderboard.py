@@ -642,8 +642,9 @@ def main(argv=None):
     tables = {}
     recorded = RESULTS / "leaderboard.json"
     if not args.no_report and recorded.exists():
+        recorded_runs = json.loads(recorded.read_text()).get("runs", {})
         for data in args.data:  # before any training: a partial run must fit the recorded table
-            partial(args, data, json.loads(recorded.read_text()).get("runs", {}))
+            partial(args, data, recorded_runs)
     for data in args.data:
         methods = args.only or METHODS
         if args.collect:  # per data set: what is cached for it

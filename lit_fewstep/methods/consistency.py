@@ -45,7 +45,7 @@ from .base import FewStepModule, Phase
 
 __all__ = [
     "FixedScales", "SqrtScales", "ExponentialScales", "TargetRate", "DISTANCES", "consistency_distance",
-    "digits_features", "pseudo_huber_c", "LPIPS", "ConsistencyModel", "CD", "CT", "ICT",
+    "digits_features", "PerceptualDistance", "pseudo_huber_c", "LPIPS", "ConsistencyModel", "CD", "CT", "ICT",
 ]
 
 
@@ -164,6 +164,32 @@ def consistency_distance(a: Tensor, b: Tensor, kind: str, c: float = 0.0, lpips:
     raise ValueError(f"distance: unknown {kind!r}; choose one of {DISTANCES}.")
 
 
+class PerceptualDistance:
+    """Mixin of the modules whose distance may be perceptual: "lpips" (a local LPIPS-VGG file) or "features" (the
+    shipped digits classifier). Both frozen networks are built at first use on the module's device and never saved.
+    The module sets `distance`, `huber_c` and `lpips_weights`, then calls `init_distance_networks()`."""
+
+    def init_distance_networks(self) -> None:
+        self.lpips, self.feature_net = None, None
+        self.unsaved_prefixes = tuple(self.unsaved_prefixes) + ("lpips.", "feature_net.")
+
+    def _lpips(self) -> LPIPS | None:
+        if self.distance == "lpips" and self.lpips is None:
+            self.lpips = LPIPS(self.lpips_weights).to(self.device)
+        return self.lpips
+
+    def _features(self) -> nn.Module:
+        """The shipped digits classifier (frozen; gradients flow to its input)."""
+        if self.feature_net is None:
+            self.feature_net = digits_features().to(self.device)
+        return self.feature_net
+
+    def distance_between(self, a: Tensor, b: Tensor) -> Tensor:
+        """d(a, b) per sample [B] for the module's `distance` (`consistency_distance`)."""
+        features = self._features() if self.distance == "features" else None
+        return consistency_distance(a, b, self.distance, self.huber_c, self._lpips(), features)
+
+
 # ----------------------------------------------------------------------------------------------- shared helpers
 @contextlib.contextmanager
 def same_dropout_masks():
@@ -263,7 +289,7 @@ class ConsistencyFamily(FewStepModule):
 
 
 # ----------------------------------------------------------------------------------------------- CD / CT / iCT
-class ConsistencyModel(ConsistencyFamily):
+class ConsistencyModel(PerceptualDistance, ConsistencyFamily):
     """Discrete-time consistency model on the EDM path (shared by CD, CT, iCT; not used directly).
 
     Args:
@@ -298,9 +324,7 @@ class ConsistencyModel(ConsistencyFamily):
         self.distance = distance
         self.huber_c = pseudo_huber_c(math.prod(self.data_shape)) if huber_c is None else huber_c
         self.lpips_weights = lpips_weights
-        self.lpips = None  # built at setup (or first use) from the local file, never saved
-        self.feature_net = None  # distance "features": the shipped digits classifier, loaded at first use, never saved
-        self.unsaved_prefixes = ("teacher.", "lpips.", "feature_net.")
+        self.init_distance_networks()  # LPIPS built at setup (or first use), never saved
         self._initialized = False
         self.phases = [Phase("consistency", "consistency_loss", ("student",), lr=lr, betas=tuple(betas),
                              weight_decay=weight_decay, updates_ema=True)]
@@ -309,16 +333,6 @@ class ConsistencyModel(ConsistencyFamily):
         super().setup(stage)
         if stage == "fit" and self.distance == "lpips":
             self._lpips()
-
-    def _lpips(self) -> LPIPS | None:
-        if self.distance == "lpips" and self.lpips is None:
-            self.lpips = LPIPS(self.lpips_weights).to(self.device)
-        return self.lpips
-
-    def _feature_net(self) -> nn.Module | None:
-        if self.distance == "features" and self.feature_net is None:
-            self.feature_net = digits_features().to(self.device)
-        return self.feature_net
 
     def _finish_init(self) -> None:
         """Subclasses call this once `scales` and `target_rate` are set: target copy and sampling EMA."""
@@ -368,7 +382,7 @@ class ConsistencyModel(ConsistencyFamily):
             replay()
             with torch.no_grad():
                 f_target = self.target_network().x0(x_prev, sigma_n, class_labels=y_s)
-        d = consistency_distance(f_online, f_target, self.distance, self.huber_c, self._lpips(), self._feature_net())
+        d = self.distance_between(f_online, f_target)
         return (self.weight(sigma_n, sigma_next) * d).mean()
 
     # -------------------------------------------------------------- target update and logging

@@ -55,10 +55,9 @@ from torch import Tensor, nn
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.solvers import (NFECounter, TwoTimeJump, gaussian_noise, heun_step, karras_sigmas, run_steps,
                                  sample_edm_heun)
-from ..metrics.lpips import LPIPS
 from ..nets.heads import DiscriminatorHead
 from .base import FewStepModule, Phase
-from .consistency import consistency_distance, digits_features, pseudo_huber_c, same_dropout_masks
+from .consistency import PerceptualDistance, pseudo_huber_c, same_dropout_masks
 from .dmd import frozen
 
 __all__ = ["CTM", "CTM_DISTANCES", "DISCRIMINATORS", "adaptive_weight", "balance_weight", "heun_step_probs", "last_layer",
@@ -119,7 +118,7 @@ def heun_step_probs(max_steps: int, weighting: str = "weighted") -> Tensor:
     return p / p.sum()
 
 
-class CTM(FewStepModule):
+class CTM(PerceptualDistance, FewStepModule):
     """Consistency trajectory model distilled from an EDM(-path) teacher; see the module docstring.
 
     Args:
@@ -193,7 +192,7 @@ class CTM(FewStepModule):
         self.sigma_data, self.sigma_min, self.sigma_max, self.rho = sigma_data, sigma_min, sigma_max, rho
         self.distance = distance
         self.huber_c = pseudo_huber_c(math.prod(self.data_shape)) if huber_c is None else huber_c
-        self.lpips_weights, self.lpips, self.feature_net = lpips_weights, None, None
+        self.lpips_weights = lpips_weights
         self.target_mu, self.inner_target = float(target_mu), inner_target
         self.dsm_weight, self.dsm_large_fraction, self.P_mean, self.P_std = dsm_weight, dsm_large_fraction, P_mean, P_std
         self.gan_start, self.gan_weight, self.gan_adaptive = gan_start, float(gan_weight), gan_adaptive
@@ -201,7 +200,7 @@ class CTM(FewStepModule):
         self.init_from_teacher, self.zero_s_embedding = init_from_teacher, zero_s_embedding
         self._initialized = False
         self.register_frozen("teacher", path=teacher_ckpt)
-        self.unsaved_prefixes = tuple(self.unsaved_prefixes) + ("lpips.", "feature_net.")
+        self.init_distance_networks()
         if zero_s_embedding:
             s_embedding = getattr(getattr(net, "cond", None), "s", None)
             if s_embedding is not None:
@@ -256,20 +255,6 @@ class CTM(FewStepModule):
 
     def _labels(self, net: nn.Module, y: Tensor | None) -> Tensor | None:
         return y if getattr(net, "num_classes", 0) > 0 else None
-
-    def _features(self) -> nn.Module:
-        """The shipped digits classifier's feature body (frozen; gradients flow to its input), never saved."""
-        if self.feature_net is None:
-            self.feature_net = digits_features().to(self.device)
-        return self.feature_net
-
-    # -------------------------------------------------------------- distances
-    def ctm_distance(self, a: Tensor, b: Tensor) -> Tensor:
-        """d(a, b) per sample [B] (see `distance`)."""
-        if self.distance == "lpips" and self.lpips is None:
-            self.lpips = LPIPS(self.lpips_weights).to(self.device)
-        features = self._features() if self.distance == "features" else None
-        return consistency_distance(a, b, self.distance, self.huber_c, self.lpips, features)
 
     # -------------------------------------------------------------- the CTM draw
     def grid(self) -> Tensor:
@@ -328,7 +313,7 @@ class CTM(FewStepModule):
             estimate, jump = self.ctm_estimate(x_t, t, s, y)
             replay()
             target = self.ctm_target(x_t, i, n, u, s, y)
-        return self.ctm_distance(estimate, target), estimate, jump
+        return self.distance_between(estimate, target), estimate, jump
 
     # -------------------------------------------------------------- DSM
     def dsm_sigmas(self, x: Tensor) -> Tensor:
