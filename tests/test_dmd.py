@@ -543,3 +543,32 @@ def test_distribution_matching_draws_the_official_grid_indices(toy_teacher):
     drawn = set(model.grid_sigmas(100_000, (0.02, 0.98)).unique().tolist())
     assert drawn == set(from_min[20:981].tolist())
     assert set(model.grid_sigmas(100_000).unique().tolist()) == set(from_min.tolist())
+
+
+def test_features_regression_is_the_digits_classifiers_distance_and_is_refused_off_digits(image_teacher, toy_teacher,
+                                                                                          tmp_path):
+    """reg_distance="features" (the shared `PerceptualDistance`): L_reg = mean_i ||phi(G(z_i)) - phi(y_i)||^2 / F with
+    phi the shipped digits classifier, frozen and never saved; a 2-D teacher is refused naming the field."""
+    from lit_fewstep.methods.consistency import digits_features
+
+    torch.manual_seed(0)
+    out = tmp_path / "pairs.pt"
+    pairs_main(["--teacher", image_teacher, "--num", "6", "--nfe", "3", "--out", str(out)])
+    model = DMD(image_teacher, pairs_path=str(out), reg_batch_size=6, reg_distance="features")
+    model.prepare()
+    pairs = load_pairs(out)
+    model.randint = lambda low, high, shape, like, generator=None, shared=False: torch.arange(6)
+    reg = model.regression_loss()
+    with torch.no_grad():
+        x = model.G.x0(80.0 * pairs["noise"], torch.full((6,), 80.0), pairs["labels"])
+        phi = digits_features()
+        reference = (phi.features(x) - phi.features(pairs["x"])).pow(2).mean(1).mean()
+    torch.testing.assert_close(reg, reference)
+    reg.backward()
+    assert all(p.grad is not None for p in model.G.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.feature_net.parameters())
+    assert not any(k.startswith("feature_net.") for k in model.state_dict_to_save())
+    toy_pairs = tmp_path / "toy_pairs.pt"
+    pairs_main(["--teacher", toy_teacher, "--num", "4", "--nfe", "3", "--out", str(toy_pairs)])
+    with pytest.raises(ValueError, match="reg_distance: 'features' is the shipped digits classifier's"):
+        DMD(toy_teacher, pairs_path=str(toy_pairs), reg_distance="features").prepare()

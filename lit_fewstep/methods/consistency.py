@@ -136,6 +136,9 @@ def pseudo_huber_c(dim: int) -> float:
     return 0.00054 * math.sqrt(dim)
 
 
+FEATURE_SHAPES = ((1, 8, 8), (1, 16, 16))  # the sample shapes the shipped digits classifier reads
+
+
 def digits_features() -> nn.Module:
     """The shipped digits classifier, frozen (gradients flow to its input): the perceptual distance "features" of
     8x8 digits, standing in for the papers' LPIPS, which has no meaning at that size."""
@@ -157,7 +160,7 @@ def consistency_distance(a: Tensor, b: Tensor, kind: str, c: float = 0.0, lpips:
     if kind == "lpips":
         return lpips(a, b)
     if kind == "features":
-        if tuple(a.shape[1:]) not in ((1, 8, 8), (1, 16, 16)):
+        if tuple(a.shape[1:]) not in FEATURE_SHAPES:
             raise ValueError(f"distance: 'features' is the shipped digits classifier's (1 x 8 x 8 or 1 x 16 x 16); it "
                              f"cannot compare samples of shape {tuple(a.shape[1:])}. Choose l2, pseudo_huber or lpips.")
         return (features.features(a) - features.features(b)).pow(2).mean(1)

@@ -46,16 +46,15 @@ from ..diffusion.guidance import guided_x0
 from ..diffusion.paths import EDMPath, _bcast, convert
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.solvers import denoise_renoise, karras_sigmas
-from ..metrics.lpips import LPIPS
 from ..nets.heads import DiscriminatorHead
 from ..utils.config import to_config
 from .base import FewStepModule, Phase, load_teacher
-from .consistency import consistency_distance
+from .consistency import FEATURE_SHAPES, PerceptualDistance
 
 __all__ = ["DMD", "DMD2", "frozen", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "per_sample")
-REG_DISTANCES = ("l2", "lpips")
+REG_DISTANCES = ("l2", "lpips", "features")
 GRID_SIZE = 1000  # the 1000-point Karras grid on which DMD2's code draws every noise level
 
 
@@ -80,7 +79,7 @@ def reduce_loss(elementwise: Tensor, reduction: str) -> Tensor:
     return elementwise.flatten(1).sum(1).mean()
 
 
-class DMD(FewStepModule):
+class DMD(PerceptualDistance, FewStepModule):
     """One-step Diffusion with Distribution Matching Distillation (Yin et al., CVPR 2024).
 
     Each iteration: one generator step on L_DM (+ lambda_reg L_reg), then one fake-score step on the same,
@@ -101,8 +100,8 @@ class DMD(FewStepModule):
             (sum over each sample's elements, mean over the batch; dL/dx = grad / B).
         pairs_path: regression pairs from ``python -m lit_fewstep.data.pairs`` (None: no regression loss).
         reg_weight: lambda_reg (0.25 in the paper, with LPIPS).
-        reg_distance: d of L_reg: "l2" (mean squared error per sample) or "lpips" (the paper's; needs
-            `lpips_weights`).
+        reg_distance: d of L_reg: "l2" (mean squared error per sample), "lpips" (the paper's; needs
+            `lpips_weights`) or "features" (the shipped digits classifier's features; 8x8 digits only).
         lpips_weights: local LPIPS-VGG file (lpips package state dict, or torchvision's vgg16-397923af.pth with
             torchmetrics' shipped heads; see `metrics.lpips.LPIPS`); nothing is downloaded.
         reg_batch_size: pairs per generator step (0: the data batch size).
@@ -111,7 +110,6 @@ class DMD(FewStepModule):
     """
 
     generator_name = "G"
-    unsaved_prefixes = ("teacher.", "lpips.")
     # Only the generator (and its EMA) is needed to sample: `export` drops the critic, checkpoints keep it.
     critic_prefixes: tuple[str, ...] = ("fake_score.", "head.")
     training_only_prefixes = critic_prefixes
@@ -153,8 +151,8 @@ class DMD(FewStepModule):
         if reg_distance == "lpips" and self.uses_regression and not lpips_weights:
             raise ValueError("lpips_weights: reg_distance 'lpips' needs a local LPIPS-VGG weights file; give "
                              "lpips_weights: PATH or set reg_distance: l2.")
-        self.reg_distance, self.lpips_weights = reg_distance, lpips_weights
-        self.lpips: LPIPS | None = None  # built by `prepare` from the local file, never saved
+        self.distance, self.huber_c, self.lpips_weights = reg_distance, 0.0, lpips_weights
+        self.init_distance_networks()  # LPIPS / classifier: built at first use, never saved
 
     def _init_common(self, teacher_ckpt, net, preconditioning, sigma_data, generator_sigmas, real_guidance_scale,
                      dm_step_range, dm_reduction) -> None:
@@ -235,8 +233,11 @@ class DMD(FewStepModule):
             self._attach_teacher(load_teacher(self.teacher_ckpt, field_name="teacher_ckpt"))  # checks, critic, init
         if getattr(self, "uses_regression", False) and not hasattr(self, "pair_noise"):
             self._load_pairs()
-        if getattr(self, "uses_regression", False) and self.reg_distance == "lpips" and self.lpips is None:
-            self.lpips = LPIPS(self.lpips_weights).to(self.sigma_grid.device)
+        if getattr(self, "uses_regression", False):
+            if self.distance == "features" and tuple(self.data_shape) not in FEATURE_SHAPES:
+                raise ValueError(f"reg_distance: 'features' is the shipped digits classifier's (samples 1 x 8 x 8 or "
+                                 f"1 x 16 x 16); this teacher makes {tuple(self.data_shape)}. Choose l2 or lpips.")
+            self._lpips()  # fails here, not mid-fit, when the LPIPS file is unreadable
 
     def configure_model(self) -> None:
         self.prepare()
@@ -336,12 +337,13 @@ class DMD(FewStepModule):
 
     def regression_loss(self) -> Tensor:
         """DMD Eq. 9: L_reg = E_(z, y) d(G(z), y) on the teacher's ODE pairs, d = `reg_distance` (LPIPS in the
-        paper; "l2": mean squared error per sample), averaged over `reg_batch_size` random pairs."""
+        paper; "l2": mean squared error per sample; "features": the digits classifier's), averaged over
+        `reg_batch_size` random pairs."""
         n = self.reg_batch_size or 64
         z, target, labels = self.random_pairs(n)
         sigma = torch.full((n,), self.generator_sigmas[0], device=z.device)
         x = self.G.x0_from(_bcast(sigma, z) * z, sigma, self.edm, class_labels=labels)
-        return consistency_distance(x, target, self.reg_distance, lpips=self.lpips).mean()
+        return self.distance_between(x, target).mean()
 
     def with_regression(self, loss: Tensor, batch) -> Tensor:
         """loss + lambda_reg L_reg when a pair set is given (else loss unchanged); logs train/reg_loss."""
