@@ -52,7 +52,11 @@ VARIANTS: dict[str, str] = {}
 # on the same couplings (configs/caf/<data>_2rf.yaml).
 CONFIG_OF = {"caf_2rf": "caf/{data}_2rf"}
 TEACHER = {"tree": "lit_fewstep/assets/edm_tree.pt", "digits": "lit_fewstep/assets/edm_digits.pt"}
-TEACHER_SOLVERS = ["heun", "euler", "dpmpp_2m", "unipc"]
+# (solver, grid): EDM's Heun on EDM's Karras grid is the 35-NFE reference; the few-step rows are what a user gets for
+# free, on the Karras grid and on the cosine grid (even in VP cosine time, `cosine_sigmas`), which at 4 NFE is
+# several times better (the Karras grid spends its last step on sigma 0.002 -> 0).
+TEACHER_SOLVERS = [("heun", "karras"), ("euler", "karras"), ("dpmpp_2m", "karras"), ("unipc", "karras"),
+                   ("euler", "cosine"), ("dpmpp_2m", "cosine"), ("unipc", "cosine")]
 # CAF and flow maps live on the linear path: their rows are distilled from the shipped flow-matching teacher of the
 # same data, scored here at 35 NFE (Heun) as their own reference beside the EDM teacher's.
 FM_TEACHER = {"tree": "lit_fewstep/assets/fm_tree.pt", "digits": "lit_fewstep/assets/fm_digits.pt"}
@@ -207,6 +211,24 @@ def score_model(module, evaluator, nfes: list[int], seeds: list[int], num: int, 
     return rows
 
 
+def is_reference(teacher: dict) -> bool:
+    """Whether a teacher row is the reference of every ratio: EDM's Heun on EDM's grid (rows recorded before grids
+    were rows had no "grid": Karras)."""
+    return teacher["solver"] == "heun" and teacher.get("grid", "karras") == "karras"
+
+
+def teacher_label(teacher: dict) -> str:
+    """'unipc' on the Karras grid, 'unipc, cosine grid' on another."""
+    grid = teacher.get("grid", "karras")
+    return teacher["solver"] + ("" if grid == "karras" else f", {grid} grid")
+
+
+def best_free_solver(table: dict, primary: str) -> tuple[float, str]:
+    """The teacher's best score at 4 NFE over its training-free solvers and grids, and which one it was."""
+    best = min(table["teachers"], key=lambda t: t["rows"]["4"][primary])
+    return best["rows"]["4"][primary], teacher_label(best)
+
+
 def scored(name: str, data: str, path: Path, evaluator, seeds: list[int], num: int, nfes: list[int],
            options: dict, cache_file: Path) -> dict:
     """Scores of one model, cached in `cache_file` (keyed by the model's hash, seeds, num and options)."""
@@ -250,10 +272,13 @@ def run(data: str, methods: list[str], seeds: list[int], num: int, steps: int | 
                                          seeds, num, [35], {"solver": "heun"}, CACHE / data / "fm-teacher-heun.scores.json")
             continue
         if kind == "teacher":
-            nfes = NFES + ([35] if name == "heun" else [])
-            result = scored(f"teacher ({name})", data, ROOT / TEACHER[data], evaluator, seeds, num, nfes,
-                            {"solver": name}, CACHE / data / f"teacher-{name}.scores.json")
-            table["teachers"].append({**result, "solver": name})
+            solver, grid = name
+            nfes = NFES + ([35] if is_reference({"solver": solver, "grid": grid}) else [])
+            options = {"solver": solver, **({} if grid == "karras" else {"grid": grid})}
+            cache = CACHE / data / f"teacher-{solver}{'' if grid == 'karras' else '-' + grid}.scores.json"
+            result = scored(f"teacher ({teacher_label(options)})", data, ROOT / TEACHER[data], evaluator, seeds, num,
+                            nfes, options, cache)
+            table["teachers"].append({**result, "solver": solver, "grid": grid})
             continue
         if config_path(name, data) is None:
             missing = f"no {config_file(name, data).relative_to(ROOT)} yet"
@@ -332,13 +357,13 @@ def _fmt(value) -> str:
 
 def markdown(data: str, table: dict, seeds: list[int], num: int) -> list[str]:
     primary, secondary = PRIMARY[data], SECONDARY.get(data)
-    reference = next(t for t in table["teachers"] if t["solver"] == "heun")["rows"]["35"][primary]
-    reference_2 = next(t for t in table["teachers"] if t["solver"] == "heun")["rows"]["35"].get(secondary)
-    best_free_4 = min(t["rows"]["4"][primary] for t in table["teachers"])
+    reference = next(t for t in table["teachers"] if is_reference(t))["rows"]["35"][primary]
+    reference_2 = next(t for t in table["teachers"] if is_reference(t))["rows"]["35"].get(secondary)
+    best_free_4, best_solver = best_free_solver(table, primary)
     lines = [f"## {data}", "",
              f"Primary metric: {primary} (lower is better), median over sampling seeds {seeds}, {num} samples each. "
              f"Teacher reference: Heun at 35 NFE, {primary} {reference:.4g}; best training-free solver at 4 NFE: "
-             f"{best_free_4:.4g}. Ratios are to the 35-NFE reference"
+             f"{best_free_4:.4g} ({best_solver}). Ratios are to the 35-NFE reference"
              + (f" ({secondary}: {reference_2:.4g})" if secondary and reference_2 else "") + ". CAF's and flow map's "
              "rows are distilled from the shipped flow-matching teacher of the same data (they live on the linear path)"
              + fm_reference(data, table, reference, reference_2) + "; guided "
@@ -366,7 +391,7 @@ def markdown(data: str, table: dict, seeds: list[int], num: int) -> list[str]:
                 f"{extra}| {iterations} | {train_s} | {_fmt(rate)} |")
 
     for t in table["teachers"]:
-        lines.append(row(f"teacher, {t['solver']} (no training)", t))
+        lines.append(row(f"teacher, {teacher_label(t)} (no training)", t))
     for m in table["methods"]:
         if "missing" in m:
             lines.append(f"| {m['name']} | not yet ({m['missing']}) |" + " |" * (12 if secondary else 10))
@@ -400,9 +425,9 @@ def fm_reference(data: str, table: dict, reference: float, reference_2: float | 
 def targets(data: str, table: dict) -> list[str]:
     """Which distillation rows meet the leaderboard's targets (TARGETS), each with its ratio; from-scratch methods
     and rows not scored at the NFE (a one-step generator at 4 NFE) are said, not counted."""
-    heun = next(t for t in table["teachers"] if t["solver"] == "heun")["rows"]
+    heun = next(t for t in table["teachers"] if is_reference(t))["rows"]
     primary = PRIMARY[data]
-    best_free_4 = min(t["rows"]["4"][primary] for t in table["teachers"])
+    best_free_4, best_solver = best_free_solver(table, primary)
     rows = [m for m in table["methods"] if "missing" not in m and m["name"] not in FROM_SCRATCH]
     lines = [f"Targets for the distillation rows (from-scratch rows, not held to them: "
              f"{', '.join(sorted(FROM_SCRATCH))}):", ""]
@@ -411,7 +436,7 @@ def targets(data: str, table: dict) -> list[str]:
                lambda v, metric=metric, limit=limit: v / heun["35"][metric] <= limit,
                lambda v, metric=metric: f"{v / heun['35'][metric]:.2f}x", metric, only, True)
               for metric, nfe, limit, only in TARGETS[data]]
-    checks.append((f"{primary} @1 below the best training-free solver @4 ({best_free_4:.4g})", 1,
+    checks.append((f"{primary} @1 below the best training-free solver @4 ({best_solver}: {best_free_4:.4g})", 1,
                    lambda v: v < best_free_4, lambda v: f"{v:.4g}", primary, None, False))
     fm = fm_teacher_scores(table)
     for title, nfe, ok, shown, metric, only, vs_teacher in checks:
@@ -490,7 +515,7 @@ def figures(data: str, table: dict) -> list[str]:
     primary = PRIMARY[data]
     nfe_series, dashed = {}, set()
     for t in table["teachers"]:
-        name = f"teacher {t['solver']}"
+        name = f"teacher {teacher_label(t)}"
         nfe_series[name] = [(n, t["rows"].get(str(n), {}).get(primary)) for n in NFES]
         dashed.add(name)
     time_series = {}
@@ -520,8 +545,8 @@ def readme_section(tables: dict[str, dict], runs: dict) -> list[str]:
     lines = ["| data | model | metric | @1 | @2 | @4 | @8 | @1 / teacher at 35 NFE |", "|---|---|---|---|---|---|---|---|"]
     for data, table in tables.items():
         primary = PRIMARY[data]
-        reference = next(t for t in table["teachers"] if t["solver"] == "heun")["rows"]["35"][primary]
-        rows = [(f"teacher, {t['solver']} (no training)", t) for t in table["teachers"]]
+        reference = next(t for t in table["teachers"] if is_reference(t))["rows"]["35"][primary]
+        rows = [(f"teacher, {teacher_label(t)} (no training)", t) for t in table["teachers"]]
         rows += [(m["name"], m) for m in table["methods"] if "missing" not in m]
         for name, result in rows:
             values = [result["rows"].get(str(n), {}).get(primary) for n in NFES]
@@ -564,7 +589,7 @@ def merge_rows(previous: dict, table: dict) -> dict:
 def partial(args, data: str, runs: dict) -> bool:
     """Whether this run's rows of `data` go into the recorded table (`--only`) rather than replace it; a table
     scored with other seeds or sample counts cannot take them."""
-    if not args.only or args.collect or data not in runs:
+    if not (args.only or args.teachers_only) or args.collect or data not in runs:
         return False
     if (runs[data]["seeds"], runs[data]["num"]) != (args.seeds, args.num):
         raise SystemExit(f"--only: the recorded {data} table was scored over seeds {runs[data]['seeds']} with "
@@ -583,10 +608,16 @@ def write_report(tables: dict[str, dict], args, started: str, seconds: float) ->
         if partial(args, data, runs):
             # a partial run: its rows (and the teachers, re-scored) replace the old ones; the rest keep their run
             merged[data] = merge_rows(merged[data], table)
-            runs[data] = {**runs[data], "updates": [*runs[data].get("updates", []), {**this_run, "rows": args.only}]}
+            runs[data] = {**runs[data], "updates": [*runs[data].get("updates", []),
+                                                    {**this_run, "rows": args.only or []}]}
         else:
             merged[data], runs[data] = table, this_run
     return render(merged, runs)
+
+
+def updated_rows(rows: list[str]) -> str:
+    """What a partial run re-ran: some methods' rows (and, always, the teachers'), or the teachers' alone."""
+    return f"rows {', '.join(rows)} (and the teachers' rows)" if rows else "the teachers' rows"
 
 
 def render(merged: dict[str, dict], runs: dict) -> Path:
@@ -601,9 +632,8 @@ def render(merged: dict[str, dict], runs: dict) -> Path:
         info = runs.get(data, {})
         lines += [f"- {data}: `{info.get('command')}`; machine: {info.get('machine')}; git {info.get('git')}; "
                   f"started {info.get('started')}, {info.get('wall_s', 0):.0f} s"]
-        lines += [f"  - then rows {', '.join(u['rows'])} (and the teachers' rows) re-run: `{u['command']}`; machine: "
-                  f"{u['machine']}; git {u['git']}; started {u['started']}, {u['wall_s']:.0f} s"
-                  for u in info.get("updates", [])]
+        lines += [f"  - then {updated_rows(u['rows'])} re-run: `{u['command']}`; machine: {u['machine']}; git "
+                  f"{u['git']}; started {u['started']}, {u['wall_s']:.0f} s" for u in info.get("updates", [])]
     lines.append("")
     for data, table in merged.items():
         lines += markdown(data, table, runs[data]["seeds"], runs[data]["num"])
@@ -619,6 +649,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python benchmarks/leaderboard.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", nargs="+", default=["tree"], choices=sorted(TEACHER))
     parser.add_argument("--only", nargs="+", default=None, choices=METHODS, help="these methods only")
+    parser.add_argument("--teachers_only", action="store_true",
+                        help="re-score the teachers' rows alone (e.g. after a solver or grid was added); the methods' "
+                             "rows of the recorded table stay")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampling seeds (medians over them)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--num", type=int, default=2000, help="samples per score")
@@ -646,10 +679,10 @@ def main(argv=None):
         for data in args.data:  # before any training: a partial run must fit the recorded table
             partial(args, data, recorded_runs)
     for data in args.data:
-        methods = args.only or METHODS
+        methods = [] if args.teachers_only else args.only or METHODS
         if args.collect:  # per data set: what is cached for it
             methods = collectable(methods, data)
-        elif args.jobs > 1:
+        elif args.jobs > 1 and methods:
             run(data, [], args.seeds, args.num, args.steps, args.seed, hardware)  # the teachers' rows, once
             shared = ["--data", data, "--seeds", *map(str, args.seeds), "--seed", str(args.seed), "--num",
                       str(args.num), "--no_report", *(["--steps", str(args.steps)] if args.steps else []),

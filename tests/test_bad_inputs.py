@@ -274,6 +274,7 @@ def test_disk_full_while_saving(tmp_path, monkeypatch):
     ("--guidance_scale", "nan", "expected a finite number, got 'nan'"),
     ("--solver", "rk4", "invalid choice: 'rk4'"),
     ("--solver", "Euler", "invalid choice: 'Euler'"),
+    ("--grid", "linear", "invalid choice: 'linear'"),
 ])
 def test_sample_cli_refuses_bad_values_before_loading(flag, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -287,6 +288,8 @@ def test_sample_api_refuses_unknown_options_and_nan_guidance():
         teacher.sample(2, 1, guidance_scale=float("nan"))
     with pytest.raises(ValueError, match=r"^solver: unknown method 'rk4'; choose one of heun, euler, dpmpp_2m, unipc"):
         teacher.sample(2, 3, solver="rk4")
+    with pytest.raises(ValueError, match=r"^grid: unknown grid 'linear'; choose one of karras, cosine"):
+        teacher.sample(2, 3, grid="linear")
     student = load_module(ROOT / "lit_fewstep" / "assets" / "dmd2_digits.pt")
     with pytest.raises(ValueError, match=r"^solver: DMD2 takes no 'solver' option at sampling"):
         student.sample(2, 1, solver="euler")

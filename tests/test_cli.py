@@ -85,6 +85,21 @@ def test_sample_writes_npz(asset, tmp_path):
     assert Path(png).stat().st_size > 1000
 
 
+def test_sample_grid_option_reaches_the_teacher(tmp_path):
+    """`--grid cosine` samples what `module.sample(..., grid="cosine")` does, and not what the Karras grid does."""
+    from lit_fewstep.methods.sampling import draw
+    from lit_fewstep.utils.checkpoint import load_module
+
+    ckpt = ROOT / "lit_fewstep" / "assets" / "edm_tree.pt"
+    args = ["sample", "--ckpt", str(ckpt), "--nfe", "4", "--num", "16", "--solver", "unipc", "--seed", "3"]
+    main([*args, "--grid", "cosine", "--out", str(tmp_path / "cosine.npz")])
+    main([*args, "--out", str(tmp_path / "karras.npz")])
+    cosine, karras = np.load(tmp_path / "cosine.npz"), np.load(tmp_path / "karras.npz")
+    expected = draw(load_module(str(ckpt)), 16, 4, 3, solver="unipc", grid="cosine")[0].numpy()
+    assert int(cosine["nfe"]) == 4 and np.allclose(cosine["samples"], expected, atol=1e-6)
+    assert not np.allclose(cosine["samples"], karras["samples"], atol=1e-3)
+
+
 def test_shipped_assets_record_no_absolute_paths():
     """A shipped student must find its teacher on any machine: recorded paths are relative to the repository root."""
     import json

@@ -4,13 +4,15 @@ schedule, stage hand-over, export and the two samplers."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from conformance_methods import fit
 from lit_fewstep.diffusion.guidance import guided_x0, scale_from_cfg_w
 from lit_fewstep.diffusion.paths import VPCosinePath
-from lit_fewstep.diffusion.solvers import DDIMStep, SamplerState
+from lit_fewstep.diffusion.solvers import DDIMStep, SamplerState, cosine_sigmas
 from lit_fewstep.methods import GuidedDistillation
 from lit_fewstep.methods.guided_distillation import halving_schedule, pd_target, vp_time
 from lit_fewstep.utils.checkpoint import load_checkpoint, load_module
@@ -133,6 +135,21 @@ def test_stage_schedule_halves_n_as_configured():
     assert grid[0] == pytest.approx(vp_time(80.0)) and grid[-1] == 0 and torch.allclose(grid.diff(), grid.diff()[0])
     only_stage1 = tree_module(teacher_steps=0)
     assert [(s.name, s.stop) for s in only_stage1.stages] == [("guidance", None)]
+    # the grid in EDM noise levels is the teachers' cosine grid (sample_edm_heun(grid="cosine")): one grid, two units
+    assert torch.allclose(torch.tan(0.5 * math.pi * module.grid(8)), cosine_sigmas(8, 80.0), rtol=1e-12, atol=1e-12)
+
+
+def test_lr_decay_restarts_in_every_stage():
+    """lr_decay_after: EDM2's inverse-square-root decay counted from each stage's own start (a fresh optimizer per
+    halving, as in progressive distillation), so every halving begins at the full lr."""
+    module = tree_module(guidance_iterations=40, teacher_steps=4, halving_iterations=40, lr=1e-3, lr_decay_after=10)
+    stage1, halving = module.phases[0], module.phases[1]
+    assert stage1.scheduled and halving.scheduled
+    lr_at = lambda phase, iteration: phase.lr_at(module._phase_steps_before(phase, iteration))  # noqa: E731
+    assert lr_at(stage1, 39) == pytest.approx(1e-3 / math.sqrt(40 / 10))
+    assert lr_at(halving, 40) == pytest.approx(1e-3)  # the halving's first step
+    assert lr_at(halving, 79) == pytest.approx(1e-3 / math.sqrt(40 / 10))
+    assert not tree_module().phases[0].scheduled  # default: constant lr
 
 
 # --------------------------------------------------------------------------------------------- stages in a fit

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_fewstep.diffusion.paths import EDMPath, VPCosinePath
-from lit_fewstep.diffusion.solvers import (DDIMStep, DPMSolverPP2M, NFECounter, UniPC, run_steps,
+from lit_fewstep.diffusion.solvers import (DDIMStep, DPMSolverPP2M, NFECounter, UniPC, cosine_sigmas, run_steps,
                                            sample_edm_heun)
 
 MU, S2 = 0.7, 0.25  # data N(MU, S2) in every coordinate
@@ -118,3 +118,30 @@ def test_teacher_sampler_spends_exactly_the_nfe(method, nfe):
 def test_unknown_solver_is_named():
     with pytest.raises(ValueError, match=r"^solver: unknown method 'dpm'; choose one of heun, euler, dpmpp_2m, unipc"):
         sample_edm_heun(edm_x0, torch.zeros(1, 2), 4, method="dpm")
+
+
+def test_cosine_grid_is_even_in_vp_time_and_nests_when_halving():
+    sigmas = cosine_sigmas(8, 80.0)
+    assert sigmas[0] == pytest.approx(80.0, rel=1e-12) and sigmas[-1] == 0.0 and len(sigmas) == 9
+    times = 2 / math.pi * torch.atan(sigmas)
+    assert torch.allclose(times.diff(), times.diff()[0].expand(8), rtol=0, atol=1e-12)
+    assert torch.equal(cosine_sigmas(4, 80.0), sigmas[::2])  # a 4-step grid is every other point of the 8-step one
+
+
+@pytest.mark.parametrize("nfe", [1, 4])
+def test_euler_on_the_cosine_grid_is_ddim_on_the_vp_cosine_path(nfe):
+    """EDM's x = z / a and sigma = b / a turn DDIM's update into Euler's: the same samples, every nfe, counted."""
+    noise = torch.randn(500, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    counter = NFECounter()
+    euler = sample_edm_heun(counter.counted(edm_x0), noise, nfe, method="euler", grid="cosine")
+    vp = VPCosinePath()
+    t = 2 / math.pi * torch.atan(cosine_sigmas(nfe, 80.0))
+    vp_x0 = lambda z, tt: gaussian_x0(z, vp.a(tt).reshape(-1, 1), vp.b(tt).reshape(-1, 1))  # noqa: E731
+    ddim = run_steps(vp_x0, noise * vp.b(t[0]), t, DDIMStep(vp)).x
+    assert counter.count == nfe
+    assert torch.allclose(euler, ddim, rtol=0, atol=1e-9)
+
+
+def test_unknown_grid_is_named():
+    with pytest.raises(ValueError, match=r"^grid: unknown grid 'uniform'; choose one of karras, cosine"):
+        sample_edm_heun(edm_x0, torch.zeros(1, 2), 4, grid="uniform")

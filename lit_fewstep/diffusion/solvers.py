@@ -52,6 +52,8 @@ __all__ = [
     "NFECounter",
     "karras_sigmas",
     "uniform_times",
+    "cosine_sigmas",
+    "SIGMA_GRIDS",
     "lognormal_sigmas",
     "pf_ode_velocity",
     "euler_step",
@@ -122,6 +124,19 @@ def uniform_times(num_steps: int, t_max: float = 1.0, t_min: float = 0.0, dtype=
     return torch.linspace(t_max, t_min, num_steps + 1, dtype=dtype)
 
 
+def cosine_sigmas(num_steps: int, sigma_max: float = 80.0, dtype=torch.float64) -> Tensor:
+    """num_steps + 1 noise levels from sigma_max down to 0, evenly spaced in the time t = (2 / pi) atan(sigma) of the
+    variance-preserving cosine path (sigma = b / a = tan(pi t / 2)): the grid of DDIM in the progressive-distillation
+    code. Unlike the Karras grid (whose last step, sigma_min -> 0, barely moves), every step moves; on the tree toy and
+    digits the training-free solvers at 4 NFE do several times better on it (benchmarks/results/leaderboard.md)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps: must be >= 1, got {num_steps}.")
+    t = torch.linspace(2.0 / math.pi * math.atan(sigma_max), 0.0, num_steps + 1, dtype=dtype)
+    sigmas = torch.tan(0.5 * math.pi * t)
+    sigmas[-1] = 0.0  # tan(0) exactly, whatever the rounding of the last linspace point
+    return sigmas
+
+
 def lognormal_sigmas(normal: Tensor, P_mean: float = -1.2, P_std: float = 1.2) -> Tensor:
     """ln(sigma) ~ N(P_mean, P_std^2), the EDM training distribution (Karras et al. 2022, Sec. 5),
     from standard normal draws `normal`."""
@@ -181,24 +196,33 @@ def heun_schedule_for_nfe(nfe: int) -> tuple[int, int]:
 
 
 def sample_edm_heun(x0_fn: X0Fn, noise: Tensor, nfe: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                    rho: float = 7.0, method: str = "heun") -> Tensor:
+                    rho: float = 7.0, method: str = "heun", grid: str = "karras") -> Tensor:
     """Deterministic EDM sampler with exactly `nfe` evaluations of `x0_fn` (in EDM coordinates).
 
     `noise` is unit Gaussian; the start is sigma_max * noise. method: "heun" (Karras et al.'s schedule, see
     `heun_schedule_for_nfe`), "euler", or the training-free multistep solvers "dpmpp_2m" (`DPMSolverPP2M`) and
-    "unipc" (`UniPC`), which take `nfe` steps on the Karras grid (nfe sigmas, then 0).
+    "unipc" (`UniPC`), which take `nfe` steps. grid: "karras" (Karras et al.'s Eq. 5: the steps' sigmas from
+    sigma_max to sigma_min with `rho`, then 0) or "cosine" (`cosine_sigmas`: even in the VP cosine time from sigma_max
+    to 0; Euler on it is DDIM).
     """
     if method not in ODE_SOLVERS:
         raise ValueError(f"solver: unknown method {method!r}; choose one of {', '.join(ODE_SOLVERS)}.")
+    if grid not in SIGMA_GRIDS:
+        raise ValueError(f"grid: unknown grid {grid!r}; choose one of {', '.join(SIGMA_GRIDS)}.")
     path = EDMPath(sigma_min, sigma_max)
+
+    def sigmas_for(steps: int) -> Tensor:
+        sigmas = (karras_sigmas(steps, sigma_min, sigma_max, rho) if grid == "karras"
+                  else cosine_sigmas(steps, sigma_max))
+        return sigmas.to(noise.dtype)
+
     if method in MULTISTEP_SOLVERS:
-        sigmas = karras_sigmas(nfe, sigma_min, sigma_max, rho).to(noise.dtype)
-        return run_steps(x0_fn, noise * sigma_max, sigmas, MULTISTEP_SOLVERS[method](path)).x
+        return run_steps(x0_fn, noise * sigma_max, sigmas_for(nfe), MULTISTEP_SOLVERS[method](path)).x
     if method == "euler":
         heun, euler = 0, nfe
     else:
         heun, euler = heun_schedule_for_nfe(nfe)
-    sigmas = karras_sigmas(heun + euler, sigma_min, sigma_max, rho).to(noise.dtype)
+    sigmas = sigmas_for(heun + euler)
     return solve_ode(x0_fn, noise * sigma_max, sigmas, path, method="heun", euler_last=euler)
 
 
@@ -631,6 +655,7 @@ class UniPC(Step):
 # Training-free multistep solvers by name (`sample --solver`); each takes one evaluation per step.
 MULTISTEP_SOLVERS: dict[str, type[Step]] = {"dpmpp_2m": DPMSolverPP2M, "unipc": UniPC}
 ODE_SOLVERS = ("heun", "euler", *MULTISTEP_SOLVERS)
+SIGMA_GRIDS = ("karras", "cosine")  # the noise-level grids of `sample_edm_heun`
 
 
 def run_steps(model_fn: Callable[..., Tensor], x: Tensor | SamplerState, times: Tensor | Sequence[float],

@@ -72,8 +72,9 @@ class DiffusionTeacher(FewStepModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def _sample(self, noise, class_labels, nfe, net, guidance_scale: float | Tensor | None = None,
-                solver: str = "heun", guide: nn.Module | None = None):
-        """Heun (or Euler) on the PF-ODE in EDM coordinates; `guidance_scale` a float or one scale per sample.
+                solver: str = "heun", guide: nn.Module | None = None, grid: str = "karras"):
+        """Heun (or Euler) on the PF-ODE in EDM coordinates; `guidance_scale` a float or one scale per sample;
+        `solver` and `grid` (Karras or cosine noise levels) as in `sample_edm_heun`.
 
         Without `guide`: classifier-free guidance with the null label (unconditional draws are not guided).
         With `guide` (a trained lit_fewstep module or network of the same task, e.g. a smaller, shorter-trained
@@ -94,7 +95,7 @@ class DiffusionTeacher(FewStepModule):
             if class_labels is None:
                 scale = 1.0  # an unconditional draw is not guided by CFG
             x0_fn = lambda x_t, t: guided_x0(net, x_t, t, class_labels, scale, path=edm, counter=counter)  # noqa: E731
-        return sample_edm_heun(x0_fn, noise, nfe, method=solver), counter.count
+        return sample_edm_heun(x0_fn, noise, nfe, method=solver, grid=grid), counter.count
 
 
 class EDMDiffusion(DiffusionTeacher):

@@ -111,6 +111,8 @@ class GuidedDistillation(FewStepModule):
         lr, betas, weight_decay: Adam(W) of every stage (each stage gets a fresh optimizer, as each halving in PD).
         ema_decay, grad_clip, nonfinite, max_consecutive_skips: see `FewStepModule`. With an EMA, a stage's frozen
             previous model and the new student's start are the EMA weights.
+        lr_decay_after: EDM2's inverse-square-root learning-rate decay within each stage, lr / sqrt(k / this) after
+            the stage's k-th step (0: constant lr; `Phase.decay_after`). Each stage starts again at the full lr.
     """
 
     generator_name = "student"
@@ -122,7 +124,8 @@ class GuidedDistillation(FewStepModule):
                  final_steps: int = 1, halving_iterations: int = 1000, sigma_min: float = 0.002,
                  sigma_max: float = 80.0, weighting: str = "snr_trunc", lr: float = 1e-4,
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.0,
-                 grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100):
+                 grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100,
+                 lr_decay_after: int = 0):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -165,7 +168,7 @@ class GuidedDistillation(FewStepModule):
             raise ValueError("net: guided distillation distills classifier-free guidance, which needs a "
                              "class-conditional network (num_classes > 0) and teacher.")
         self.init_ema()
-        kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, updates_ema=True)
+        kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, decay_after=lr_decay_after, updates_ema=True)
         stages = [Stage("guidance", 0, guidance_iterations if self.student_steps else None,
                         [Phase("guidance", "guidance_loss", ("student",), **kw)])]
         start = guidance_iterations

@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..conditioning import Conditioning
-from ..diffusion.solvers import ODE_SOLVERS
+from ..diffusion.solvers import ODE_SOLVERS, SIGMA_GRIDS
 
 from ..utils.args import finite_float, parse_bool, positive_int
 from ..utils.checkpoint import TRUST_FLAG, load_module
@@ -83,6 +83,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CFG scale (1 = none; default: the model's): one for all samples, or one per sample")
     parser.add_argument("--solver", choices=SOLVERS, default=None,
                         help="ODE solver of a teacher (default: heun; dpmpp_2m and unipc: one evaluation per step)")
+    parser.add_argument("--grid", choices=SIGMA_GRIDS, default=None,
+                        help="noise levels of a teacher's solver: karras (default, EDM's) or cosine (even in the VP "
+                             "cosine time; better at a few steps, benchmarks/results/leaderboard.md)")
     parser.add_argument("--stochastic", type=parse_bool, default=None,
                         help="Meng et al.'s stochastic N-step sampler instead of DDIM (guided distillation students)")
     parser.add_argument("--guide", default=None, metavar="PATH",
@@ -113,6 +116,8 @@ def sampling_options(args: argparse.Namespace, num: int | None = None) -> dict:
         raise ValueError(f"--guidance_scale: {expected}, got {len(scales)}.")
     if args.solver:
         options["solver"] = args.solver
+    if getattr(args, "grid", None):
+        options["grid"] = args.grid
     if getattr(args, "gamma", None) is not None:
         options["gamma"] = args.gamma
     if getattr(args, "stochastic", None) is not None:
