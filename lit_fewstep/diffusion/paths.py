@@ -31,6 +31,7 @@ __all__ = [
     "GaussianPath",
     "EDMPath",
     "VPCosinePath",
+    "vp_cosine_time",
     "TrigFlowPath",
     "LinearPath",
     "convert",
@@ -153,6 +154,12 @@ class VPCosinePath(GaussianPath):
 
     def t_from_log_snr(self, log_snr):
         return torch.atan(torch.exp(-torch.as_tensor(log_snr))) * (2.0 / math.pi)
+
+
+def vp_cosine_time(sigma: float) -> float:
+    """The time of `VPCosinePath` whose EDM noise level b / a is sigma: t = (2 / pi) atan(sigma) (a Python float, for
+    grids and time ranges; `VPCosinePath.t_from_sigma` is the tensor version)."""
+    return 2.0 / math.pi * math.atan(float(sigma))
 
 
 class TrigFlowPath(GaussianPath):

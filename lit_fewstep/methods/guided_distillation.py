@@ -37,7 +37,6 @@ Notes (conventions, what the original code does, what is not reproduced): docs/g
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 
 from ..diffusion.guidance import guided_x0
 from ..diffusion.paths import VPCosinePath, _bcast
+from ..diffusion.paths import vp_cosine_time as vp_time  # the EDM sigma's VP cosine time, (2 / pi) atan(sigma)
 from ..diffusion.precond import PreconditionedNet
 from ..diffusion.solvers import DDIMStep, NFECounter, SamplerState, StochasticDDIMStep, gaussian_noise, run_steps
 from ..utils.config import instantiate, to_config
@@ -53,11 +53,6 @@ from .base import FewStepModule, Phase, Stage, load_teacher
 __all__ = ["GuidedDistillation", "halving_schedule", "pd_target", "vp_time"]
 
 WEIGHTINGS = ("snr_trunc", "constant")
-
-
-def vp_time(sigma: float) -> float:
-    """The VP cosine time of the EDM noise level sigma = b / a: t = (2 / pi) atan(sigma)."""
-    return 2.0 / math.pi * math.atan(float(sigma))
 
 
 def halving_schedule(teacher_steps: int, final_steps: int = 1) -> list[int]:
