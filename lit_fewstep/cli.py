@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .data.pairs import make_pairs, save_pairs
 from .methods.base import FewStepModule, NonFiniteError, load_teacher
-from .methods.sampling import add_checkpoint_arguments, draw, load_for_sampling, sampling_options
+from .methods.sampling import add_checkpoint_arguments, check_sigmas, draw, load_for_sampling, sampling_options
 from .utils.args import check_writable, parse_bool, positive_int
 from .utils.checkpoint import TRUST_FLAG
 from .utils.distributed import leave_process_group
@@ -46,6 +46,7 @@ def sample_main(argv: list[str]) -> Path:
     parser.add_argument("--class_labels", type=int, nargs="+", default=None,
                         help="one label for all samples, or one per sample")
     args = parser.parse_args(argv)
+    check_sigmas(parser, args, [args.nfe])
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         out = out.with_suffix(".npz")

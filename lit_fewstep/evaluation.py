@@ -20,7 +20,7 @@ import yaml
 from lightning.pytorch import LightningDataModule
 
 from .methods.analog_bits import token_total_variation
-from .methods.sampling import add_checkpoint_arguments, draw, load_for_sampling, sampling_options
+from .methods.sampling import add_checkpoint_arguments, check_sigmas, draw, load_for_sampling, sampling_options
 from .metrics import MMD, ExactNLL, PrecisionRecall, SlicedWasserstein2, load_digits_features, make_fid
 from .utils.args import check_writable, positive_int
 from .utils.checkpoint import TRUST_FLAG
@@ -150,6 +150,7 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
                         "recorded in --ckpt as teacher_ckpt)")
     parser.add_argument("--out", default=None, help="JSON file (default: next to the checkpoint)")
     args = parser.parse_args(argv)
+    check_sigmas(parser, args, args.nfe)
     out = check_writable(Path(args.out) if args.out else resolve_run_pointer(args.ckpt).with_suffix(".eval.json"),
                          "--out")
     module = load_for_sampling(args.ckpt, args.device, args.trust_checkpoint, allow_modules=args.allow_module)
@@ -171,6 +172,12 @@ def evaluate_main(argv: list[str]) -> list[dict[str, Any]]:
                 model.check_nfe(nfe)
             except ValueError as err:
                 parser.error(f"--{'teacher_' if name == 'teacher' else ''}nfe: {err}")
+    if args.sigmas is not None:  # the model checks its levels (one sample), also before any work
+        try:
+            with torch.no_grad():
+                module.sample(1, args.nfe[0], use_ema=args.ema, sigmas=args.sigmas)
+        except ValueError as err:
+            parser.error(f"--sigmas: {err}")
     if args.data is not None:
         datamodule = data_from_config(args.data, trust=args.trust_checkpoint)
     elif module.data_config is not None:

@@ -279,6 +279,35 @@ def test_default_intermediate_levels():
     assert consistency_sigmas(3, sigmas=[10.0, 1.0]).tolist() == [80.0, 10.0, 1.0]
 
 
+def test_sigmas_option_of_sample_and_evaluate(tmp_path, capsys):
+    """`--sigmas` samples what `module.sample(..., sigmas=...)` does; the default levels given by hand change nothing;
+    a count that does not fit --nfe, or levels out of order, are refused before any sampling, naming the flag."""
+    import numpy as np
+
+    from lit_fewstep.cli import main
+    from lit_fewstep.methods.sampling import draw
+
+    model = make("ct", None, ema_decay=0.0)
+    ckpt = str(tmp_path / "ct.pt")
+    model.export(ckpt)
+    default = [str(s) for s in consistency_sigmas(3, model.sigma_min, model.sigma_max)[1:].tolist()]
+    args = ["sample", "--ckpt", ckpt, "--nfe", "3", "--num", "16", "--seed", "2"]
+    main([*args, "--out", str(tmp_path / "default.npz")])
+    main([*args, "--sigmas", *default, "--out", str(tmp_path / "by_hand.npz")])
+    main([*args, "--sigmas", "20", "0.5", "--out", str(tmp_path / "tuned.npz")])
+    by_hand, tuned = np.load(tmp_path / "by_hand.npz")["samples"], np.load(tmp_path / "tuned.npz")["samples"]
+    assert np.array_equal(np.load(tmp_path / "default.npz")["samples"], by_hand)
+    expected = draw(load_module(ckpt), 16, 3, 2, sigmas=[20.0, 0.5])[0].numpy()
+    assert np.allclose(tuned, expected, atol=1e-6) and not np.allclose(tuned, by_hand, atol=1e-3)
+    with pytest.raises(SystemExit):
+        main([*args, "--sigmas", "1.0", "--out", str(tmp_path / "x.npz")])
+    assert "--sigmas: 1 intermediate noise levels make 2 NFE, but --nfe is 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--ckpt", ckpt, "--nfe", "3", "--sigmas", "0.5", "20", "--out", str(tmp_path / "e.json")])
+    assert "--sigmas: sigmas: intermediate levels must decrease" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "e.json").exists()
+
+
 # ------------------------------------------------------------------------------------------ training / checkpoints
 # Training 3 iterations, export (no teacher inside) and reload without the teacher giving identical samples:
 # tests/test_conformance.py.

@@ -272,7 +272,7 @@ class ConsistencyFamily(FewStepModule):
         """`FewStepModule.sample`; multistep sampling draws its fresh noise from the same `generator`.
 
         Options: ``sigmas``: the nfe - 1 intermediate EDM noise levels (default: `consistency_sigmas`,
-        the Karras grid with nfe + 1 points).
+        the Karras grid with nfe + 1 points; the CLI's ``--sigmas``; benchmarks/consistency_sigmas.py searches them).
         """
         return super().sample(n, nfe, class_labels=class_labels, generator=generator, use_ema=use_ema,
                               _generator=generator, **options)

@@ -21,7 +21,8 @@ from ..utils.args import finite_float, parse_bool, positive_int
 from ..utils.checkpoint import TRUST_FLAG, load_module
 from .base import FewStepModule
 
-__all__ = ["load_for_sampling", "draw", "resolve_device", "add_checkpoint_arguments", "sampling_options", "SOLVERS"]
+__all__ = ["load_for_sampling", "draw", "resolve_device", "add_checkpoint_arguments", "check_sigmas",
+           "sampling_options", "SOLVERS"]
 
 SOLVERS = ODE_SOLVERS  # heun, euler, dpmpp_2m, unipc (diffusion/solvers.py)
 
@@ -93,12 +94,23 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                              "at --guidance_scale (Karras et al. 2024); counts two evaluations per guided step")
     parser.add_argument("--gamma", type=finite_float, default=None,
                         help="CTM gamma-sampling: 0 deterministic long jumps (default) ... 1 consistency multistep")
+    parser.add_argument("--sigmas", type=finite_float, nargs="+", default=None, metavar="SIGMA",
+                        help="consistency models (CD, CT, iCT, sCD, sCT): the nfe - 1 intermediate EDM noise levels "
+                             "of multistep sampling, decreasing (default: the Karras grid with nfe + 1 points; the "
+                             "CM papers tune them per model)")
     parser.add_argument("--allow_module", action="append", default=[], metavar="PACKAGE",
                         help="also build classes defined in this package (your own methods; repeatable; pickle stays "
                              "off). Same as LIT_FEWSTEP_ALLOW_MODULES=PACKAGE,...")
     parser.add_argument("--trust_checkpoint", type=parse_bool, default=False,
                         help="allow pickle loading and classes outside lit_fewstep (runs code from the file: only for "
                              "files you trust)")
+
+
+def check_sigmas(parser: argparse.ArgumentParser, args: argparse.Namespace, nfes: list[int]) -> None:
+    """--sigmas fixes the NFE (one more than the levels): refuse a mismatch before any work."""
+    if args.sigmas is not None and any(nfe != len(args.sigmas) + 1 for nfe in nfes):
+        parser.error(f"--sigmas: {len(args.sigmas)} intermediate noise levels make {len(args.sigmas) + 1} NFE, but "
+                     f"--nfe is {' '.join(map(str, nfes))}; give nfe - 1 levels, one NFE at a time.")
 
 
 def sampling_options(args: argparse.Namespace, num: int | None = None) -> dict:
@@ -120,6 +132,8 @@ def sampling_options(args: argparse.Namespace, num: int | None = None) -> dict:
         options["grid"] = args.grid
     if getattr(args, "gamma", None) is not None:
         options["gamma"] = args.gamma
+    if getattr(args, "sigmas", None) is not None:
+        options["sigmas"] = args.sigmas
     if getattr(args, "stochastic", None) is not None:
         options["stochastic"] = args.stochastic
     if getattr(args, "guide", None):
