@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .paths import EDMPath, GaussianPath, _bcast, vp_cosine_time
+from .paths import EDMPath, GaussianPath, VPCosinePath, _bcast, vp_cosine_time
 from .predictions import to_x0_eps
 
 __all__ = [
@@ -132,7 +132,7 @@ def cosine_sigmas(num_steps: int, sigma_max: float = 80.0, dtype=torch.float64) 
     if num_steps < 1:
         raise ValueError(f"num_steps: must be >= 1, got {num_steps}.")
     t = torch.linspace(vp_cosine_time(sigma_max), 0.0, num_steps + 1, dtype=dtype)
-    sigmas = torch.tan(0.5 * math.pi * t)
+    sigmas = VPCosinePath().sigma(t)
     sigmas[-1] = 0.0  # tan(0) exactly, whatever the rounding of the last linspace point
     return sigmas
 
