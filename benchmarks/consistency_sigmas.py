@@ -44,6 +44,15 @@ def score(module, evaluator, sigmas: list[float], seeds: list[int], num: int, pr
     return {"sigmas": sigmas, "nfe": nfe, primary: row[primary], "per_seed": row[f"{primary}_per_seed"]}
 
 
+def table(rows: list[dict], primary: str) -> list[str]:
+    """Markdown rows: NFE, the levels (marked when they are the default), the median score and the per-seed ones."""
+    lines = [f"| NFE | levels | {primary} | per seed |", "|---|---|---|---|"]
+    for r in rows:
+        levels_ = " ".join(f"{s:.4g}" for s in r["sigmas"]) + (" (default)" if r["default"] else "")
+        lines.append(f"| {r['nfe']} | {levels_} | {r[primary]:.4g} | {', '.join(f'{v:.4g}' for v in r['per_seed'])} |")
+    return lines
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a consistency model (.pt export or .ckpt)")
@@ -77,19 +86,13 @@ def main(argv=None) -> Path:
 
     name = args.name or Path(args.ckpt).resolve().parent.parent.name
     out = ROOT / "benchmarks" / "results" / f"consistency_sigmas_{name}.md"
-    fmt = lambda r: " ".join(f"{s:.4g}" for s in r["sigmas"]) + (" (default)" if r["default"] else "")  # noqa: E731
     lines = [f"# Intermediate noise levels of multistep consistency sampling: {name}", "",
              f"`{exact_command()}`; machine: {machine()}; git {git_state()}; "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Checkpoint `{args.ckpt}`. "
              f"{primary} of {args.num} samples, medians over the seeds (`benchmarks.leaderboard.score_model`, the "
              f"data set's evaluator).", "",
-             f"## Search (seeds {args.search_seeds})", "", f"| NFE | levels | {primary} | per seed |", "|---|---|---|---|"]
-    lines += [f"| {r['nfe']} | {fmt(r)} | {r[primary]:.4g} | {', '.join(f'{v:.4g}' for v in r['per_seed'])} |"
-              for r in search]
-    lines += ["", f"## Default and the search's best, on the report seeds {args.seeds}", "",
-              f"| NFE | levels | {primary} | per seed |", "|---|---|---|---|"]
-    lines += [f"| {r['nfe']} | {fmt(r)} | {r[primary]:.4g} | {', '.join(f'{v:.4g}' for v in r['per_seed'])} |"
-              for r in report]
+             f"## Search (seeds {args.search_seeds})", "", *table(search, primary),
+             "", f"## Default and the search's best, on the report seeds {args.seeds}", "", *table(report, primary)]
     write_atomically(out, "\n".join(lines) + "\n")
     write_atomically(out.with_suffix(".json"), json.dumps({"command": exact_command(), "search": search,
                                                            "report": report}, indent=1))
