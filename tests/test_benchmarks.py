@@ -1,5 +1,6 @@
 """The benchmark harness and the timing benchmark measure what they say (no speed targets here: see benchmarks/)."""
 
+import json
 import sys
 import time
 
@@ -178,3 +179,30 @@ def test_dmd_ratio_only_rewrites_its_section_and_keeps_the_rest(tmp_path):
     text = report.read_text()
     assert text.startswith(head) and text.endswith(tail) and "old figures" not in text
     assert "**ratio 1.025**" in text and "**1.115**" in text and text.count(dmd.TIMING_HEADING) == 1
+
+
+def test_variants_table_rows_and_cache_key(tmp_path, monkeypatch):
+    """benchmarks/variants.py: one row per variant in the given order, the first NFE's extra metrics, '–' where a
+    model cannot take an NFE; the cache key follows the overrides' words, not their spacing."""
+    from benchmarks import variants
+
+    scores = {"": {"1": {"sw2": 0.05, "nll": 5.5}, "2": {"sw2": 0.04, "nll": 6.0}},
+              "--x 1": {"1": {"sw2": 0.5, "nll": 9.25}}}
+    monkeypatch.setattr(variants, "run_variant", lambda args, tag, overrides: {
+        "variant": tag, "overrides": overrides, "fit_command": f"fit {tag}", "train_wall_s": 90.4,
+        "rows": scores[overrides]})
+    out = variants.main(["--method", "cd", "--data", "tree", "--name", "t", "--out_dir", str(tmp_path), "--nfe", "1",
+                         "2", "--extra", "nll", "--variant", "shipped", "", "--variant", "x", "--x 1"])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert rows[0] == "| variant | overrides | sw2 @1 | sw2 @2 | nll @1 | train s |"
+    assert rows[1] == "| shipped | `(as shipped)` | 0.05 | 0.04 | 5.5 | 90 |"
+    assert rows[2] == "| x | `--x 1` | 0.5 | – | 9.25 | 90 |"
+    assert [v["variant"] for v in json.loads(out.with_suffix(".json").read_text())["variants"]] == ["shipped", "x"]
+    with pytest.raises(SystemExit):
+        variants.main(["--method", "cd", "--data", "tree", "--name", "t", "--out_dir", str(tmp_path),
+                       "--variant", "a", "", "--variant", "a", "--x 1"])
+    protocol = {"nfe": [1], "seeds": [0], "num": 10}
+    key = variants.variant_key("cd", "tree", "--x  1", protocol)
+    assert key == variants.variant_key("cd", "tree", "--x 1", protocol)
+    assert key != variants.variant_key("cd", "tree", "--x 2", protocol)
+    assert key != variants.variant_key("cd", "tree", "--x 1", {**protocol, "num": 20})
