@@ -87,7 +87,8 @@ class Recording:
 # Hyperparameters a record was made with where the config has since moved to other values: the record still checks
 # the same loss computation. CT's tree config now ends its curriculum at s1 = 20 with mu0 = 0.5 (a 1,500-iteration CPU
 # budget: benchmarks/results/ct_tree_budget.md); its record was made at the paper's s1 = 150, mu0 = 0.9.
-PINNED = {"configs/ct/tree.yaml": {"model.init_args.s1": "150", "model.init_args.mu0": "0.9"},
+PINNED = {"configs/cd/tree.yaml": {"model.init_args.target_mu": "0.0"},  # the config's EMA target came later
+          "configs/ct/tree.yaml": {"model.init_args.s1": "150", "model.init_args.mu0": "0.9"},
           # sCD's tree config now starts from the teacher, where the first losses are ~1e-10 (F = F- = the teacher's
           # velocity: rounding noise, not a cross-CPU record); the record keeps the random start it was made with
           "configs/scd/tree.yaml": {"model.init_args.init_from_teacher": "false",
