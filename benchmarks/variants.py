@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import shlex
@@ -26,10 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.leaderboard import PRIMARY, config_path, evaluator_for, run_in_workers, score_model  # noqa: E402
+from benchmarks.leaderboard import (PRIMARY, _fmt, config_path, evaluator_for, run_in_workers,  # noqa: E402
+                                    score_model)
 from benchmarks.run import exact_command, git_state, load, machine, train, write_atomically  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "runs" / "variants"
+
+# one evaluator per data set and process (its reference features are the costly part), as the leaderboard does
+evaluator = functools.lru_cache(maxsize=None)(evaluator_for)
 
 
 def variant_key(method: str, data: str, overrides: str, protocol: dict) -> str:
@@ -48,7 +53,7 @@ def run_variant(args, tag: str, overrides: str) -> dict:
         raise SystemExit(f"--method / --data: no configs/{args.method}/{args.data}.yaml")
     entry = {"config": str(config.relative_to(ROOT)), "fit_args": shlex.split(overrides)}
     model, seconds, command = train(entry, f"variants/{args.name}/{tag}", 0)
-    rows = score_model(load(model), evaluator_for(args.data, 0), args.nfe, args.seeds, args.num, {})
+    rows = score_model(load(model), evaluator(args.data, 0), args.nfe, args.seeds, args.num, {})
     result = {"variant": tag, "overrides": overrides, "fit_command": command, "train_wall_s": seconds,
               "rows": {str(nfe): row for nfe, row in rows.items()}}
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +74,7 @@ def markdown(args, results: list[dict], started: str) -> list[str]:
     for r in results:
         values = [r["rows"].get(str(n), {}).get(primary) for n in args.nfe]
         values += [r["rows"].get(str(args.nfe[0]), {}).get(m) for m in args.extra]
-        cells = ["–" if v is None else f"{v:.4g}" for v in values]
-        lines.append(f"| {r['variant']} | `{r['overrides'] or '(as shipped)'}` | " + " | ".join(cells)
+        lines.append(f"| {r['variant']} | `{r['overrides'] or '(as shipped)'}` | " + " | ".join(map(_fmt, values))
                      + f" | {r['train_wall_s']:.0f} |")
     lines += ["", "Fit commands:", "```", *[r["fit_command"] for r in results], "```"]
     return lines
@@ -109,6 +113,7 @@ def main(argv=None) -> Path | None:
         results.append(run_variant(args, tag, overrides))
         print(json.dumps({k: results[-1][k] for k in ("variant", "train_wall_s")}), flush=True)
     out = args.out_dir / f"{args.name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out, "\n".join(markdown(args, results, started)) + "\n")
     write_atomically(out.with_suffix(".json"), json.dumps({"command": exact_command(), "machine": machine(),
                                                            "git": git_state(), "seeds": args.seeds,

@@ -191,7 +191,7 @@ def test_variants_table_rows_and_cache_key(tmp_path, monkeypatch):
     monkeypatch.setattr(variants, "run_variant", lambda args, tag, overrides: {
         "variant": tag, "overrides": overrides, "fit_command": f"fit {tag}", "train_wall_s": 90.4,
         "rows": scores[overrides]})
-    out = variants.main(["--method", "cd", "--data", "tree", "--name", "t", "--out_dir", str(tmp_path), "--nfe", "1",
+    out = variants.main(["--method", "cd", "--data", "tree", "--name", "t", "--out_dir", str(tmp_path / "new"), "--nfe", "1",
                          "2", "--extra", "nll", "--variant", "shipped", "", "--variant", "x", "--x 1"])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
     assert rows[0] == "| variant | overrides | sw2 @1 | sw2 @2 | nll @1 | train s |"
