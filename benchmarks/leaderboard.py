@@ -8,7 +8,7 @@ at equal network evaluations (NFE 1, 2, 4, 8), beside the teacher itself with tr
     python -m lit_fewstep benchmark --data tree                               # the same, from a checkout
 
 Budget: every method trains with its own CPU config, `configs/<method>/<data>.yaml` (2-rectified flow, row caf_2rf:
-`configs/caf/<data>_2rf.yaml`), as shipped (the iterations and
+`configs/caf/<data>_2rf.yaml`; DMD2 on digits: `configs/dmd2/digits_long.yaml`), as shipped (the iterations and
 the training wall time are in each row; `--steps N` sets one optimizer-step budget for all). Each trained model is
 cached under `benchmarks/runs/leaderboard/<data>/<method>-<hash>/` where the hash covers the config file, the
 overrides and the seed; scores are cached beside it, so a rerun (or a run stopped and started again) trains and
@@ -48,9 +48,11 @@ METHODS = ["cd", "ct", "ict", "scd", "sct", "dmd", "dmd2", "msd", "ctm", "guided
            "caf_2rf", "analog_bits", "lowdiff"]
 # Conformance-registry entries that are ablations of a method above, reported with it rather than as rows of their own.
 VARIANTS: dict[str, str] = {}
-# Rows whose config is not configs/<method>/<data>.yaml: 2-rectified flow is CAF's class without the acceleration net,
-# on the same couplings (configs/caf/<data>_2rf.yaml).
-CONFIG_OF = {"caf_2rf": "caf/{data}_2rf"}
+# Rows whose config is not configs/<method>/<data>.yaml (a path pattern, or one per data set): 2-rectified flow is
+# CAF's class without the acceleration net, on the same couplings (configs/caf/<data>_2rf.yaml); DMD2's digits config
+# is the README's first job (1,000 iterations, minutes), so its row trains the 9,000-iteration settings of the shipped
+# student instead (configs/dmd2/digits_long.yaml).
+CONFIG_OF: dict[str, str | dict[str, str]] = {"caf_2rf": "caf/{data}_2rf", "dmd2": {"digits": "dmd2/digits_long"}}
 TEACHER = {"tree": "lit_fewstep/assets/edm_tree.pt", "digits": "lit_fewstep/assets/edm_digits.pt"}
 # (solver, grid): EDM's Heun on EDM's Karras grid is the 35-NFE reference; the few-step rows are what a user gets for
 # free, on the Karras grid and on the cosine grid (even in VP cosine time, `cosine_sigmas`), which at 4 NFE is
@@ -92,7 +94,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 # ------------------------------------------------------------------------------------------------ entries
 def config_file(method: str, data: str) -> Path:
     """Where the config of `method` on `data` lives (configs/<method>/<data>.yaml unless CONFIG_OF says otherwise)."""
-    return ROOT / "configs" / f"{CONFIG_OF.get(method, method + '/{data}').format(data=data)}.yaml"
+    pattern = CONFIG_OF.get(method, method + "/{data}")
+    if isinstance(pattern, dict):
+        pattern = pattern.get(data, method + "/{data}")
+    return ROOT / "configs" / f"{pattern.format(data=data)}.yaml"
 
 
 def config_path(method: str, data: str) -> Path | None:

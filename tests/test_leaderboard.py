@@ -105,6 +105,8 @@ def test_the_cache_key_follows_the_config_the_overrides_and_the_seed():
     assert lb.config_path("cd", "nowhere") is None
     # 2-rectified flow is a row of its own, trained by CAF's config for it on CAF's couplings
     assert lb.config_path("caf_2rf", "digits") == ROOT / "configs" / "caf" / "digits_2rf.yaml"
+    assert lb.config_path("dmd2", "digits") == ROOT / "configs" / "dmd2" / "digits_long.yaml"
+    assert lb.config_path("dmd2", "tree") == ROOT / "configs" / "dmd2" / "tree.yaml"
     assert lb.PAIRS["caf_2rf"] is lb.PAIRS["caf"]
 
 
