@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.leaderboard import (PRIMARY, _fmt, config_path, evaluator_for, run_in_workers,  # noqa: E402
-                                    score_model)
+from benchmarks.leaderboard import (PRIMARY, SAMPLING, STAGED, _fmt, config_file, config_path,  # noqa: E402
+                                    ensure_pairs, evaluator_for, run_in_workers, score_model)
 from benchmarks.run import exact_command, git_state, load, machine, train, write_atomically  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "runs" / "variants"
@@ -50,10 +50,13 @@ def run_variant(args, tag: str, overrides: str) -> dict:
         return json.loads(cached.read_text())
     config = config_path(args.method, args.data)
     if config is None:
-        raise SystemExit(f"--method / --data: no configs/{args.method}/{args.data}.yaml")
-    entry = {"config": str(config.relative_to(ROOT)), "fit_args": shlex.split(overrides)}
+        raise SystemExit(f"--method / --data: no {config_file(args.method, args.data).relative_to(ROOT)}")
+    # the leaderboard's teacher pairs (DMD's regression, CAF's couplings) before the variant's own overrides
+    entry = {"config": str(config.relative_to(ROOT)),
+             "fit_args": ensure_pairs(args.method, args.data) + shlex.split(overrides)}
     model, seconds, command = train(entry, f"variants/{args.name}/{tag}", 0)
-    rows = score_model(load(model), evaluator(args.data, 0), args.nfe, args.seeds, args.num, {})
+    rows = score_model(load(model), evaluator(args.data, 0), args.nfe, args.seeds, args.num,
+                       SAMPLING.get(args.method, {}))
     result = {"variant": tag, "overrides": overrides, "fit_command": command, "train_wall_s": seconds,
               "rows": {str(nfe): row for nfe, row in rows.items()}}
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,8 @@ def markdown(args, results: list[dict], started: str) -> list[str]:
     head = [f"{primary} @{n}" for n in args.nfe] + [f"{m} @{args.nfe[0]}" for m in args.extra]
     lines = [f"# {args.method} on {args.data}: config variants", "",
              f"`{exact_command()}`; machine: {machine()}; git {git_state()}; started {started} UTC.",
-             f"Config `configs/{args.method}/{args.data}.yaml` with each variant's overrides, training seed 0 unless "
+             f"Config `{config_file(args.method, args.data).relative_to(ROOT)}` with each variant's overrides "
+             f"(and the leaderboard's teacher pairs where the method reads them), training seed 0 unless "
              f"the overrides say otherwise; scores: medians over sampling seeds {args.seeds}, {args.num} samples each, "
              "the data set's one evaluator (`benchmarks.leaderboard.score_model`, as the leaderboard scores)."
              + (f" {args.note}" if args.note else ""), "",
@@ -99,6 +103,9 @@ def main(argv=None) -> Path | None:
     variants = dict(args.variant)
     if len(variants) != len(args.variant):
         parser.error("--variant: every TAG must be different")
+    if args.method in STAGED:
+        parser.error(f"--method {args.method}: a staged method leaves one student per stage, which the leaderboard "
+                     "scores stage by stage; compare its variants with the leaderboard's --only instead")
 
     if args.only_variant is not None:
         run_variant(args, args.only_variant, variants[args.only_variant])

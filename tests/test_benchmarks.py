@@ -191,8 +191,8 @@ def test_variants_table_rows_and_cache_key(tmp_path, monkeypatch):
     monkeypatch.setattr(variants, "run_variant", lambda args, tag, overrides: {
         "variant": tag, "overrides": overrides, "fit_command": f"fit {tag}", "train_wall_s": 90.4,
         "rows": scores[overrides]})
-    out = variants.main(["--method", "cd", "--data", "tree", "--name", "t", "--out_dir", str(tmp_path / "new"), "--nfe", "1",
-                         "2", "--extra", "nll", "--variant", "shipped", "", "--variant", "x", "--x 1"])
+    out = variants.main(["--method", "cd", "--data", "tree", "--name", "t", "--out_dir", str(tmp_path / "new"),
+                         "--nfe", "1", "2", "--extra", "nll", "--variant", "shipped", "", "--variant", "x", "--x 1"])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
     assert rows[0] == "| variant | overrides | sw2 @1 | sw2 @2 | nll @1 | train s |"
     assert rows[1] == "| shipped | `(as shipped)` | 0.05 | 0.04 | 5.5 | 90 |"
@@ -206,3 +206,29 @@ def test_variants_table_rows_and_cache_key(tmp_path, monkeypatch):
     assert key == variants.variant_key("cd", "tree", "--x 1", protocol)
     assert key != variants.variant_key("cd", "tree", "--x 2", protocol)
     assert key != variants.variant_key("cd", "tree", "--x 1", {**protocol, "num": 20})
+
+
+def test_variants_train_as_the_leaderboard_does(tmp_path, monkeypatch):
+    """A variant of a method that reads teacher pairs trains on the leaderboard's pairs (its overrides after them),
+    is scored with the leaderboard's sampling options, and a staged method is refused with the reason."""
+    from benchmarks import variants
+
+    seen = {}
+    monkeypatch.setattr(variants, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(variants, "ensure_pairs", lambda method, data: ["--model.init_args.pairs_path", f"{method}.pt"])
+    monkeypatch.setattr(variants, "train",
+                        lambda entry, where, seed: (seen.update(entry=entry), "m.pt", 1.0, "fit")[1:])
+    monkeypatch.setattr(variants, "load", lambda path: path)
+    monkeypatch.setattr(variants, "evaluator", lambda data, seed: None)
+    monkeypatch.setattr(variants, "score_model", lambda module, ev, nfes, seeds, num, options:
+                        (seen.update(options=options), {1: {"fid": 5.0}})[1])
+    args = variants.argparse.Namespace(method="dmd", data="digits", name="t", nfe=[1], seeds=[0], num=10)
+    result = variants.run_variant(args, "a", "--model.init_args.reg_weight 0.5")
+    assert seen["entry"] == {"config": "configs/dmd/digits.yaml", "fit_args": [
+        "--model.init_args.pairs_path", "dmd.pt", "--model.init_args.reg_weight", "0.5"]}
+    assert seen["options"] == {} and result["rows"] == {"1": {"fid": 5.0}}
+    monkeypatch.setattr(variants, "SAMPLING", {"dmd": {"guidance_scale": 1.0}})
+    variants.run_variant(args, "b", "")
+    assert seen["options"] == {"guidance_scale": 1.0}
+    with pytest.raises(SystemExit):
+        variants.main(["--method", "guided_distillation", "--data", "digits", "--name", "t", "--variant", "a", ""])
