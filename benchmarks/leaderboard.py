@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import exact_command, git_state, machine, write_atomically  # noqa: E402
+from benchmarks.run import exact_command, git_state, load, machine, write_atomically  # noqa: E402
 
 # Every method of the zoo, in the order of the table. Teachers are rows of their own (TEACHER_SOLVERS).
 METHODS = ["cd", "ct", "ict", "scd", "sct", "dmd", "dmd2", "msd", "ctm", "guided_distillation", "flow_map", "caf",
@@ -94,10 +94,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 # ------------------------------------------------------------------------------------------------ entries
 def config_file(method: str, data: str) -> Path:
     """Where the config of `method` on `data` lives (configs/<method>/<data>.yaml unless CONFIG_OF says otherwise)."""
-    pattern = CONFIG_OF.get(method, method + "/{data}")
+    pattern = CONFIG_OF.get(method)
     if isinstance(pattern, dict):
-        pattern = pattern.get(data, method + "/{data}")
-    return ROOT / "configs" / f"{pattern.format(data=data)}.yaml"
+        pattern = pattern.get(data)
+    return ROOT / "configs" / f"{(pattern or method + '/{data}').format(data=data)}.yaml"
 
 
 def config_path(method: str, data: str) -> Path | None:
@@ -237,15 +237,13 @@ def best_free_solver(table: dict, primary: str) -> tuple[float, str]:
 def scored(name: str, data: str, path: Path, evaluator, seeds: list[int], num: int, nfes: list[int],
            options: dict, cache_file: Path) -> dict:
     """Scores of one model, cached in `cache_file` (keyed by the model's hash, seeds, num and options)."""
-    from lit_fewstep.utils.checkpoint import load_module
-
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     key = json.dumps([digest, seeds, num, nfes, options], sort_keys=True)
     if cache_file.exists():
         cached = json.loads(cache_file.read_text())
         if cached.get("key") == key:
             return cached
-    module = load_module(str(path)).eval()
+    module = load(path)
     rows = score_model(module, evaluator, nfes, seeds, num, options)
     result = {"key": key, "name": name, "data": data, "model": f"{path.relative_to(ROOT)} sha256:{digest}",
               "iterations": int(module.iteration) if hasattr(module, "iteration") else None,
