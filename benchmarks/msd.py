@@ -158,6 +158,9 @@ def main() -> None:
                         help="number of half-width students (default: 2 on the tree, 4 on digits)")
     parser.add_argument("--num", type=int, default=None, help="samples per final score (default: 2000 digits, 5000 tree)")
     parser.add_argument("--num_progress", type=int, default=1000)
+    parser.add_argument("--ema_decay", type=float, default=None,
+                        help="the sampling EMA of every run (default: the settings' 0.95); other than the default, "
+                             "each run's name gets the suffix _ema<decay>")
     parser.add_argument("--train_seed", type=int, default=SEED,
                         help="training seed; other than the default, each run's name gets the suffix _seed<N>")
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
@@ -202,6 +205,8 @@ def main() -> None:
         if name not in runs:
             parser.error(f"--runs: no run {name!r} for {data}; choose from {', '.join(runs)}")
         run, run_iters = runs[name], iters
+        if args.ema_decay is not None:
+            run["kw"]["ema_decay"] = args.ema_decay
         if args.tsm_iters is not None and name.startswith("half"):
             # the warm-up comes on top of the full DMD2 budget; the run without it gets the same total
             run_iters = iters + args.tsm_iters
@@ -210,7 +215,7 @@ def main() -> None:
             run["kw"]["tsm_iterations"] = int(run["kw"]["tsm_iterations"] * iters)
         model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress, args.train_seed)
         per_seed = [scored(model, evaluator, num, seed) for seed in SAMPLING_SEEDS]
-        info.update(name=run["name"] + (f"_seed{args.train_seed}" if args.train_seed != SEED else ""),
+        info.update(name=run_name(run["name"], args.ema_decay, args.train_seed),
                     train_seed=args.train_seed, method=run["cls"], students=run["students"], command=command,
                     kw={k: v for k, v in run["kw"].items() if k != "student_net"},
                     width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
@@ -244,7 +249,7 @@ def measure_speed(data: str, rounds: int = 5) -> None:
     r = json.loads(out.read_text())
     runs = {run["name"]: run for run in runs_for(data, r["lr"], 0.0, None)}
     def rebuilt(x: dict):  # with the number of students it was trained with (--half_students may differ)
-        run = runs[x["name"].split("_seed")[0]]
+        run = runs[base_run(x["name"])]
         kw = dict(run["kw"], num_students=x["students"]) if run["cls"] == "MSD" else run["kw"]
         return build(dict(run, iters=1, students=x["students"], kw=kw), data, None).eval()
 
@@ -262,6 +267,17 @@ def measure_speed(data: str, rounds: int = 5) -> None:
     write_report()
 
 
+def run_name(base: str, ema_decay: float | None, train_seed: int) -> str:
+    """A run's name in the table: its kind (`runs_for`), then _ema<decay> and _seed<N> where they differ from the
+    settings (`base_run` reads the kind back)."""
+    return base + (f"_ema{ema_decay:g}" if ema_decay is not None else "") + (
+        f"_seed{train_seed}" if train_seed != SEED else "")
+
+
+def base_run(name: str) -> str:
+    return name.split("_seed")[0].split("_ema")[0]
+
+
 def merged(earlier: list[dict], new: list[dict]) -> list[dict]:
     """Runs of an earlier invocation (--runs subset) kept unless re-done now; their images/s were measured then."""
     names = {x["name"] for x in new}
@@ -275,6 +291,8 @@ def write_report() -> None:
                                                          *sorted(RESULTS.glob(f"msd_{data}_*.json"))] if p.exists()]
     for path in paths:
         r = json.loads(path.read_text())
+        if "results" not in r or "data" not in r:  # another script's table (msd_digits_ema.json: variants.py)
+            continue
         data = r["data"]
         keys, head = METRICS[data], HEADLINE[data]
         commands = r.get("commands") or [r["command"]]
@@ -287,7 +305,8 @@ def write_report() -> None:
                       "one-step samples per measure, 1 thread, 5 interleaved rounds, median.", ""]
         lines += [
                   f"Machine: {r['machine']}; load average (1 min) {r['load_start']:.1f} at the start, "
-                  f"{r.get('load_end', float('nan')):.1f} at the end. Training seed {SEED} (a run named *_seed<N>: N); sampling seeds "
+                  f"{r.get('load_end', float('nan')):.1f} at the end. Training seed {SEED} (a run named *_seed<N>: "
+                  f"N; *_ema<d>: sampling EMA d instead of the settings'); sampling seeds "
                   f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds. "
                   f"Iterations per run in the table, batch {r['settings']['data']['init_args']['batch_size']}, "
                   f"lr {r['lr']}, settings {r['settings']['common']} (lr overridden), GAN {r['settings']['gan']}, "

@@ -232,3 +232,16 @@ def test_variants_train_as_the_leaderboard_does(tmp_path, monkeypatch):
     assert seen["options"] == {"guidance_scale": 1.0}
     with pytest.raises(SystemExit):
         variants.main(["--method", "guided_distillation", "--data", "digits", "--name", "t", "--variant", "a", ""])
+
+
+def test_msd_run_names_read_back_to_their_kind():
+    # benchmarks/msd.py's speed pass rebuilds each row's architecture from its kind: a name with both suffixes
+    # (a non-default EMA and training seed) must still find it, and the defaults add no suffix
+    from benchmarks.msd import SEED, base_run, run_name
+
+    assert run_name("k2", None, SEED) == "k2"
+    for kind in ("one", "k2", "k4_kmeans", "half_tsm", "half_none"):
+        for ema, seed in [(None, 1), (0.99, SEED), (0.995, 2)]:
+            name = run_name(kind, ema, seed)
+            assert base_run(name) == kind and name != kind
+    assert run_name("one", 0.99, 2) == "one_ema0.99_seed2"
