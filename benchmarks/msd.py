@@ -334,11 +334,13 @@ def write_report() -> None:
                 v = [row[head] for row in x["curve"] if row["iteration"] == it]
                 cells.append(f"{v[0]:.4g}" if v else "")
             lines.append(f"| {it} | " + " | ".join(cells) + " |")
-        one = next((x for x in r["results"] if x["name"] == "one"), None)
-        if one is not None:
-            stop = plateau(one["curve"], head)
+        singles = [x for x in r["results"] if base_run(x["name"]) == "one"]
+        if singles:
+            stops = [(x["name"], plateau(x["curve"], head)) for x in singles]
             lines += ["", f"Single student stopped improving (rule: the best {head} of the next 3 checkpoints is not "
-                          f"5% below the best so far): " + (f"at iteration {stop}." if stop else "never within the run.")]
+                          "5% below the best so far): " + "; ".join(
+                              f"{name} at iteration {stop}" if stop else f"{name} never within the run"
+                              for name, stop in stops) + "."]
         lines.append("")
     # the hand-written reading below the tables survives regeneration
     path = RESULTS / "msd.md"
