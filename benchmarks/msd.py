@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -163,6 +164,9 @@ def main() -> None:
                              "each run's name gets the suffix _ema<decay>")
     parser.add_argument("--train_seed", type=int, default=SEED,
                         help="training seed; other than the default, each run's name gets the suffix _seed<N>")
+    parser.add_argument("--name_iters", action="store_true",
+                        help="each run's name gets the suffix _it<iterations>, to keep a run at a longer or shorter "
+                             "budget beside the same kind's row")
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
     parser.add_argument("--speed", action="store_true",
                         help="only re-measure images/s of the runs in msd_{data}.json, all in this process")
@@ -215,7 +219,7 @@ def main() -> None:
             run["kw"]["tsm_iterations"] = int(run["kw"]["tsm_iterations"] * iters)
         model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress, args.train_seed)
         per_seed = [scored(model, evaluator, num, seed) for seed in SAMPLING_SEEDS]
-        info.update(name=run_name(run["name"], args.ema_decay, args.train_seed),
+        info.update(name=run_name(run["name"], args.ema_decay, args.train_seed, run_iters if args.name_iters else None),
                     train_seed=args.train_seed, method=run["cls"], students=run["students"], command=command,
                     kw={k: v for k, v in run["kw"].items() if k != "student_net"},
                     width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
@@ -267,15 +271,15 @@ def measure_speed(data: str, rounds: int = 5) -> None:
     write_report()
 
 
-def run_name(base: str, ema_decay: float | None, train_seed: int) -> str:
+def run_name(base: str, ema_decay: float | None, train_seed: int, iterations: int | None = None) -> str:
     """A run's name in the table: its kind (`runs_for`), then _ema<decay> and _seed<N> where they differ from the
-    settings (`base_run` reads the kind back)."""
+    settings, and _it<N> when asked (`base_run` reads the kind back)."""
     return base + (f"_ema{ema_decay:g}" if ema_decay is not None else "") + (
-        f"_seed{train_seed}" if train_seed != SEED else "")
+        f"_seed{train_seed}" if train_seed != SEED else "") + (f"_it{iterations}" if iterations is not None else "")
 
 
 def base_run(name: str) -> str:
-    return name.split("_seed")[0].split("_ema")[0]
+    return re.split(r"_seed\d|_ema\d|_it\d", name)[0]
 
 
 def merged(earlier: list[dict], new: list[dict]) -> list[dict]:
