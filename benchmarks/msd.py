@@ -129,7 +129,8 @@ def plateau(curve: list[dict], key: str, window: int = 3, tol: float = 0.05) -> 
     return None
 
 
-def train(run: dict, data: str, iters: int, evaluator: Evaluator, every: int, num_progress: int, seed: int = SEED):
+def train(run: dict, data: str, iters: int, evaluator: Evaluator, every: int, num_progress: int, seed: int = SEED,
+          batch_size: int | None = None):
     L.seed_everything(seed, verbose=False)  # the module's training noise is keyed by this seed (PL_GLOBAL_SEED)
     run = dict(run, iters=iters)
     start = time.perf_counter()
@@ -139,8 +140,12 @@ def train(run: dict, data: str, iters: int, evaluator: Evaluator, every: int, nu
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[progress],
                         default_root_dir=f"/tmp/lit_fewstep_msd_bench/{data}_{run['name']}")
-    trainer.fit(model, instantiate(SETTINGS[data]["data"]))
+    datamodule = SETTINGS[data]["data"]
+    if batch_size is not None:
+        datamodule = dict(datamodule, init_args=dict(datamodule["init_args"], batch_size=batch_size))
+    trainer.fit(model, instantiate(datamodule))
     return model.eval(), {"iterations": int(model.iteration), "optimizer_steps": int(trainer.global_step),
+                          "batch_size": datamodule["init_args"]["batch_size"],
                           "train_s": round(time.perf_counter() - start, 1), "curve": progress.rows}
 
 
@@ -169,6 +174,11 @@ def main() -> None:
     parser.add_argument("--name_iters", action="store_true",
                         help="each run's name gets the suffix _it<iterations>, to keep a run at a longer or shorter "
                              "budget beside the same kind's row")
+    parser.add_argument("--student_batch", action="store_true",
+                        help="a K-student run trains on K times the batch for 1/K of the iterations, so that each "
+                             "student's steps see as many samples as the single student's (the same compute per "
+                             "student-class pair, the same total of optimizer steps over the students); the run's "
+                             "name gets the suffix _sb")
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
     parser.add_argument("--speed", action="store_true",
                         help="only re-measure images/s of the runs in msd_{data}.json, all in this process")
@@ -219,9 +229,14 @@ def main() -> None:
             run["kw"]["tsm_iterations"] = args.tsm_iters if name == "half_tsm" else 0
         elif isinstance(run["kw"].get("tsm_iterations"), float):
             run["kw"]["tsm_iterations"] = int(run["kw"]["tsm_iterations"] * iters)
-        model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress, args.train_seed)
+        batch_size = None
+        if args.student_batch and run["students"] > 1:
+            batch_size = SETTINGS[data]["data"]["init_args"]["batch_size"] * run["students"]
+            run_iters //= run["students"]
+        model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress, args.train_seed, batch_size)
         per_seed = [scored(model, evaluator, num, seed) for seed in SAMPLING_SEEDS]
-        info.update(name=run_name(run["name"], args.ema_decay, args.train_seed, run_iters if args.name_iters else None),
+        info.update(name=run_name(run["name"], args.ema_decay, args.train_seed, run_iters if args.name_iters else None,
+                                  student_batch=batch_size is not None),
                     train_seed=args.train_seed, method=run["cls"], students=run["students"], command=command,
                     kw={k: v for k, v in run["kw"].items() if k != "student_net"},
                     width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
@@ -273,15 +288,16 @@ def measure_speed(data: str, rounds: int = 5) -> None:
     write_report()
 
 
-def run_name(base: str, ema_decay: float | None, train_seed: int, iterations: int | None = None) -> str:
-    """A run's name in the table: its kind (`runs_for`), then _ema<decay> and _seed<N> where they differ from the
-    settings, and _it<N> when asked (`base_run` reads the kind back)."""
-    return base + (f"_ema{ema_decay:g}" if ema_decay is not None else "") + (
+def run_name(base: str, ema_decay: float | None, train_seed: int, iterations: int | None = None,
+             student_batch: bool = False) -> str:
+    """A run's name in the table: its kind (`runs_for`), then _sb (`--student_batch`), _ema<decay> and _seed<N>
+    where they differ from the settings, and _it<N> when asked (`base_run` reads the kind back)."""
+    return base + ("_sb" if student_batch else "") + (f"_ema{ema_decay:g}" if ema_decay is not None else "") + (
         f"_seed{train_seed}" if train_seed != SEED else "") + (f"_it{iterations}" if iterations is not None else "")
 
 
 def base_run(name: str) -> str:
-    return re.split(r"_seed\d|_ema\d|_it\d", name)[0]
+    return re.split(r"_sb|_seed\d|_ema\d|_it\d", name)[0]
 
 
 def merged(earlier: list[dict], new: list[dict]) -> list[dict]:
@@ -312,14 +328,15 @@ def write_report() -> None:
         lines += [
                   f"Machine: {r['machine']}; load average (1 min) {r['load_start']:.1f} at the start, "
                   f"{r.get('load_end', float('nan')):.1f} at the end. Training seed {SEED} (a run named *_seed<N>: "
-                  f"N; *_ema<d>: sampling EMA d instead of the settings'); sampling seeds "
+                  f"N; *_ema<d>: sampling EMA d instead of the settings'; *_sb: K times the batch for 1/K of the iterations, "
+                  f"`--student_batch`); sampling seeds "
                   f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds. "
                   f"Iterations per run in the table, batch {r['settings']['data']['init_args']['batch_size']}, "
                   f"lr {r['lr']}, settings {r['settings']['common']} (lr overridden), GAN {r['settings']['gan']}, "
                   "TTUR 5.", "",
-                  "| run | students | partition | width | iterations | optimizer steps | "
+                  "| run | students | partition | width | iterations | batch | optimizer steps | "
                   + " | ".join(f"{k} (median)" for k in keys) + f" | {head} per seed | images/s | train s |",
-                  "|---|---|---|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
+                  "|---|---|---|---|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
         for x in r["results"]:
             width = x["width"] if isinstance(x["width"], str) else (
                 f"hidden {x['width']['hidden']}" if "hidden" in x["width"] else f"channels {x['width']['model_channels']}")
@@ -327,7 +344,8 @@ def write_report() -> None:
             width += f", TSM {tsm} it at lr {x['kw'].get('tsm_lr') or x['kw']['lr']}" if tsm else (", from scratch" if x["name"].startswith("half") else "")
             partition = "-" if x["partition"] is None else " ".join("{" + ",".join(map(str, g)) + "}" for g in x["partition"])
             ips = f"{x['images_per_s']:.0f}" if "images_per_s" in x else "n/a"
-            lines.append(f"| {x['name']} | {x['students']} | {partition} | {width} | {x['iterations']} | "
+            batch = x.get("batch_size", r["settings"]["data"]["init_args"]["batch_size"])
+            lines.append(f"| {x['name']} | {x['students']} | {partition} | {width} | {x['iterations']} | {batch} | "
                          f"{x['optimizer_steps']} | " + " | ".join(f"{x['median'][k]:.4g}" for k in keys) + " | "
                          + ", ".join(f"{s[head]:.4g}" for s in x["per_seed"]) + f" | {ips} | {x['train_s']:.0f} |")
         lines += ["", f"Progress ({head}, module EMA, sampling seed 0, {r['num_progress']} samples):", "",

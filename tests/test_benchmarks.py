@@ -241,8 +241,10 @@ def test_msd_run_names_read_back_to_their_kind():
 
     assert run_name("k2", None, SEED) == "k2"
     for kind in ("one", "k2", "k4_kmeans", "half_tsm", "half_none"):
-        for ema, seed, iterations in [(None, 1, None), (0.99, SEED, None), (0.995, 2, None), (None, SEED, 5000)]:
-            name = run_name(kind, ema, seed, iterations)
+        for ema, seed, iterations, sb in [(None, 1, None, False), (0.99, SEED, None, False), (0.995, 2, None, True),
+                                          (None, SEED, 5000, False), (None, SEED, None, True)]:
+            name = run_name(kind, ema, seed, iterations, student_batch=sb)
             assert base_run(name) == kind and name != kind
     assert run_name("one", 0.99, 2) == "one_ema0.99_seed2"
     assert run_name("k4", 0.99, SEED, 5000) == "k4_ema0.99_it5000"
+    assert run_name("k2", 0.99, 1, student_batch=True) == "k2_sb_ema0.99_seed1"
