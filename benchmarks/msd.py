@@ -28,6 +28,7 @@ Runs (tree has 2 classes, so K <= 2 there):
     half_tsm  MSD, K half-width students from scratch: teacher-score-matching warm-up (`--tsm` of the
               iterations), then DMD2 for the rest
     half_none the same students and iterations without the warm-up (DMD2 from scratch)
+    one_half_tsm  one half-width student with the warm-up: the single student of the half_* students' size
 
 Protocol: every `--every` iterations each run is scored with the module's EMA on `--num_progress` samples
 (sampling seed 0), the curve used to decide whether the single student has stopped improving. At the end each run
@@ -79,11 +80,13 @@ def runs_for(data: str, lr: float, tsm: float, tsm_lr: float | None, half_studen
     runs += [dict(name=f"k{k}", cls="MSD", kw=dict(dmd2, num_students=k), students=k) for k in (2, 4) if k <= k_max]
     if data == "digits":
         runs.append(dict(name="k4_kmeans", cls="MSD", kw=dict(dmd2, num_students=4, partition="kmeans"), students=4))
-    runs += [dict(name="half_tsm", cls="MSD", kw=dict(dmd2, num_students=k_half, student_net=HALF[data], tsm_iterations=tsm,
-                                                      tsm_lr=tsm_lr),
+    half = dict(dmd2, student_net=HALF[data])
+    runs += [dict(name="half_tsm", cls="MSD", kw=dict(half, num_students=k_half, tsm_iterations=tsm, tsm_lr=tsm_lr),
                   students=k_half),
-             dict(name="half_none", cls="MSD", kw=dict(dmd2, num_students=k_half, student_net=HALF[data], tsm_iterations=0),
-                  students=k_half)]
+             dict(name="half_none", cls="MSD", kw=dict(half, num_students=k_half, tsm_iterations=0), students=k_half),
+             # the single student of the same half width: K half-width students against one of their own size
+             dict(name="one_half_tsm", cls="MSD", kw=dict(half, num_students=1, tsm_iterations=tsm, tsm_lr=tsm_lr),
+                  students=1)]
     return runs
 
 
@@ -225,10 +228,10 @@ def main() -> None:
         run, run_iters = runs[name], iters
         if args.ema_decay is not None:
             run["kw"]["ema_decay"] = args.ema_decay
-        if args.tsm_iters is not None and name.startswith("half"):
+        if args.tsm_iters is not None and "student_net" in run["kw"]:
             # the warm-up comes on top of the full DMD2 budget; the run without it gets the same total
             run_iters = iters + args.tsm_iters
-            run["kw"]["tsm_iterations"] = args.tsm_iters if name == "half_tsm" else 0
+            run["kw"]["tsm_iterations"] = 0 if name == "half_none" else args.tsm_iters
         elif isinstance(run["kw"].get("tsm_iterations"), float):
             run["kw"]["tsm_iterations"] = int(run["kw"]["tsm_iterations"] * iters)
         batch_size = None
@@ -360,9 +363,12 @@ def write_report() -> None:
                 v = [row[head] for row in x["curve"] if row["iteration"] == it]
                 cells.append(f"{v[0]:.4g}" if v else "")
             lines.append(f"| {it} | " + " | ".join(cells) + " |")
-        singles = [x for x in r["results"] if base_run(x["name"]) == "one"]
+        singles = [x for x in r["results"] if base_run(x["name"]) in ("one", "one_half_tsm")]
         if singles:
-            stops = [(x["name"], plateau(x["curve"], head)) for x in singles]
+            # a warm-up's one-step scores are not a DMD2 student's: its plateau is looked for after the warm-up
+            stops = [(x["name"], plateau([row for row in x["curve"]
+                                          if row["iteration"] > (x["kw"].get("tsm_iterations") or 0)], head))
+                     for x in singles]
             lines += ["", f"Single student stopped improving (rule: the best {head} of the next 3 checkpoints is not "
                           "5% below the best so far): " + "; ".join(
                               f"{name} at iteration {stop}" if stop else f"{name} never within the run"

@@ -240,7 +240,7 @@ def test_msd_run_names_read_back_to_their_kind():
     from benchmarks.msd import SEED, base_run, run_name
 
     assert run_name("k2", None, SEED) == "k2"
-    for kind in ("one", "k2", "k4_kmeans", "half_tsm", "half_none"):
+    for kind in ("one", "k2", "k4_kmeans", "half_tsm", "half_none", "one_half_tsm"):
         for ema, seed, iterations, sb in [(None, 1, None, False), (0.99, SEED, None, False), (0.995, 2, None, True),
                                           (None, SEED, 5000, False), (None, SEED, None, True)]:
             name = run_name(kind, ema, seed, iterations, student_batch=sb)
