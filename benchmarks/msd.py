@@ -10,6 +10,9 @@
         --name_iters --train_seed 0        # row k4_ema0.99_it5000 beside the 3,000-iteration k4_ema0.99
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 5000 --every 250 --runs k2 --ema_decay 0.99 \
         --student_batch                    # row k2_sb_ema0.99: batch 128 for 2,500 iterations, 64 per student step
+    OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 3000 --every 500 --runs one_half_tsm \
+        --half_students 2 --tsm_iters 3000 --tsm_lr 1e-3 --ema_decay 0.99 --name_iters   # then --runs half_tsm:
+                                           # K = 2 half-width students against one of their size
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 700 --every 100 --tsm 0.3 --tsm_lr 1e-3 \
         --runs one k4 k2 k4_kmeans          # --runs: a subset, in this order, added to earlier results
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --speed   # images/s of all runs in one process
