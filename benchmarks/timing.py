@@ -135,6 +135,7 @@ class _Recorder(L.Callback):
         self.steps: list[_Step] = []
         self._handles, self._current, self._start, self._seen, self._depth = [], None, 0.0, 0, 0
         self._entered, self._autograd_depth = 0.0, 0
+        self.device = torch.device("cpu")  # where the steps ran (the fit's teardown moves the module to the CPU)
 
     def _pre_hook(self, net, args, kwargs):
         if self._depth == 0 and self._autograd_depth == 0:
@@ -167,6 +168,7 @@ class _Recorder(L.Callback):
         return hook
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.device = pl_module.device
         if self._seen >= self.warmup:
             self._current, self._depth = _Step(), 0
             for name, network in networks_of(pl_module).items():
@@ -297,7 +299,10 @@ def training_step_ratio(module, datamodule, steps: int = 20, warmup: int = 5, re
     if len(recorder.steps) < steps:
         raise RuntimeError(f"timing: only {len(recorder.steps)} measured steps; the loader has too few batches "
                            f"for warmup={warmup} + steps={steps}.")
-    device = module.device
+    # Lightning's teardown moved the module to the CPU: replay the passes where the steps ran (a GPU fit's recorded
+    # inputs are on the GPU)
+    device = recorder.device
+    module.to(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)
                 if precision.endswith("-mixed") else contextlib.nullcontext())
     cache: dict[int, float] = {}
