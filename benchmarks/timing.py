@@ -167,8 +167,10 @@ class _Recorder(L.Callback):
                 torch.is_grad_enabled(), any(o.requires_grad for o in outputs), jvp))
         return hook
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def on_train_start(self, trainer, pl_module):
         self.device = pl_module.device
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._seen >= self.warmup:
             self._current, self._depth = _Step(), 0
             for name, network in networks_of(pl_module).items():

@@ -125,7 +125,6 @@ def measure(method: str, args, device: torch.device, workdir: Path) -> dict:
     trainer.fit(module, datamodule)
     fit_s = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    module.to(device)  # Lightning's teardown moved it to the CPU; sampling is measured on the device
     timing = training_step_ratio(module, datamodule, steps=args.steps, warmup=3, repeats=3, accelerator=args.accelerator,
                                  precision=args.precision)
     module.eval()
