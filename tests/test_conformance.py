@@ -4,7 +4,7 @@
 - `sample` at every NFE it supports spends exactly that NFE (reported and counted at the network);
 - export and reload give bit-identical samples;
 - resume is bit-exact when cut inside epoch 0, exactly at the epoch boundary and inside epoch 1 (with a
-  different global seed at resume);
+  different global seed at resume, on a data set whose size is not a multiple of the batch);
 - frozen networks (a teacher with dropout here) stay in eval mode after fit, after `sample()` during training and
   after a sample-grid callback;
 - a NaN loss in each phase stops training with an error naming that phase;

@@ -385,3 +385,22 @@ def test_stateful_loader_resumes_exactly(make):
     assert torch.equal(x4, full[3][0]) and torch.equal(y4, full[3][1])
     # and it is not just the first batch again
     assert not torch.equal(x4, full[0][0])
+
+
+def test_a_state_saved_after_an_epochs_last_batch_resumes_at_the_next_epoch():
+    """1,618 digits at batch 64: 25 batches and 18 items that drop_last leaves out. The state after the last batch
+    must read as the end of the epoch (the next epoch's first batch comes next), not as 18 items still to come."""
+    make = lambda: DigitsDataModule(image_size=8, batch_size=64, seed=0)  # noqa: E731
+    dm = make()
+    assert len(dm.train_dataset) % 64 == 18
+    loader = dm.train_dataloader()
+    assert len(loader) == len(dm.train_dataset) // 64 and len(loader.sampler) == len(loader) * 64
+    epoch_0 = list(loader)
+    state = loader.state_dict()
+    loader.sampler.set_epoch(1)  # what Lightning does before the next epoch
+    x_next, y_next = next(iter(loader))
+    resumed = make().train_dataloader()
+    resumed.load_state_dict(state)
+    x, y = next(iter(resumed))
+    assert torch.equal(x, x_next) and torch.equal(y, y_next)
+    assert not torch.equal(x, epoch_0[0][0])  # epoch 1's order, not epoch 0's again

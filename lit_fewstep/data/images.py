@@ -139,11 +139,16 @@ class EpochShuffleSampler(DistributedSampler):
     before), and rank r of W takes perm[r::W], so with a per-process batch of B / W the union of the
     ranks' batches is the single-process batch of B: one global batch, any number of processes.
     It is a `DistributedSampler` so Lightning keeps it instead of inserting its own under DDP.
+
+    Only whole batches of `batch_size` (per process) are handed out: the items that `drop_last` would drop are
+    never yielded, so a state saved after an epoch's last batch reads as the end of that epoch. (When the sampler
+    yielded them, a run resumed from that state finished the old epoch on the leftover items, and Lightning then
+    counted an extra epoch: every later epoch used the next epoch's order, and the resume was not exact.)
     """
 
-    def __init__(self, num_items: int, seed: int = 0):
+    def __init__(self, num_items: int, seed: int = 0, batch_size: int = 1):
         super().__init__(range(num_items), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
-        self.num_items = num_items
+        self.num_items, self.batch_size = num_items, batch_size
         self.yielded = 0  # indices handed out in the current epoch (this rank)
         self._resume_at = 0
 
@@ -156,7 +161,7 @@ class EpochShuffleSampler(DistributedSampler):
     def __iter__(self):
         world, rank = self._world()
         perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
-        indices = perm[rank::world][: self.num_items // world].tolist()
+        indices = perm[rank::world][: len(self)].tolist()
         start, self._resume_at = self._resume_at, 0
         return self._count(indices, start)
 
@@ -178,7 +183,8 @@ class EpochShuffleSampler(DistributedSampler):
             self.epoch, self._resume_at = self.epoch + 1, 0
 
     def __len__(self) -> int:
-        return self.num_items // self._world()[0]
+        """Items per epoch on this process: its share, cut to whole batches."""
+        return self.num_items // self._world()[0] // self.batch_size * self.batch_size
 
 
 class _OfflineDataModule(Configurable, L.LightningDataModule):
@@ -258,7 +264,7 @@ class _OfflineDataModule(Configurable, L.LightningDataModule):
         return StatefulDataLoader(
             self._augment(train),
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(train), self.seed),
+            sampler=EpochShuffleSampler(len(train), self.seed, self.batch_size),
             drop_last=True,
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
