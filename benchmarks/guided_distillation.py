@@ -46,15 +46,18 @@ TEACHER_NFE = 35
 CLAIM = 1.2
 
 
-def stage_checkpoints(run: Path) -> tuple[dict[int, Path], Path | None]:
+def stage_checkpoints(run: Path, every: list | None = None) -> tuple[dict[int, Path], Path | None]:
     """One pass over the fit's checkpoints: {student steps: the checkpoint that ends that progressive stage (its last
-    update in the stage)}, and the checkpoint that ends stage 1 (the guidance-conditioned model) if the fit kept it."""
+    update in the stage)}, and the checkpoint that ends stage 1 (the guidance-conditioned model) if the fit kept it.
+    `every` (a list) receives (iteration, steps, path) of every checkpoint of a progressive stage."""
     found: dict[int, tuple[int, Path]] = {}
     stage_one = None
     for ckpt in (run / "checkpoints").glob("*step=*.ckpt"):
         module = load(ckpt)
         iteration = int(module.iteration)
         steps = module.current_steps(iteration - 1)
+        if steps is not None and every is not None:
+            every.append((iteration, steps, ckpt))
         if steps is not None and (steps not in found or iteration > found[steps][0]):
             found[steps] = (iteration, ckpt)
         if iteration > 0 and steps is None and module.current_steps(iteration) is not None:
@@ -133,6 +136,9 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=5000, help="samples per score")
     parser.add_argument("--num_reference", type=int, default=10000, help="toy reference samples")
     parser.add_argument("--out", default=None, help="default benchmarks/results/guided_distillation_<data>.md")
+    parser.add_argument("--along", type=int, default=None, metavar="STEPS",
+                        help="score every kept checkpoint of the STEPS-step student's stage instead of its last one "
+                        "(how that stage's student improves with its iterations)")
     parser.add_argument("--stages", action="store_true", help="also score where the students' error comes from: the "
                         "conditional teacher and the stage-1 model, each with the first halving's N DDIM steps")
     args = parser.parse_args()
@@ -148,11 +154,17 @@ def main() -> None:
         run = model.parent
     else:
         run = Path(args.run)
-    found, stage_one = stage_checkpoints(run)
+    every = []
+    found, stage_one = stage_checkpoints(run, every)
     bounds = stage_bounds(stage_one, next(iter(found.values()))) if args.stages else []
     if args.steps:
         found = {k: v for k, v in found.items() if k in args.steps}
-    first = load(next(iter(found.values())))
+    # (steps, checkpoint) pairs to score: each stage's last checkpoint, or with --along all of one stage's
+    to_score = ([(steps, path) for _, steps, path in sorted(every, key=lambda e: e[0]) if steps == args.along]
+                if args.along is not None else list(found.items()))
+    if not to_score:
+        raise SystemExit(f"--along {args.along}: no kept checkpoint of a {args.along}-step stage under {run}")
+    first = load(to_score[0][1])
     teacher = load(ROOT / first.teacher_ckpt)
     evaluator = Evaluator(instantiate(first.data_config), num_reference=args.num_reference, seed=0)
     primary = PRIMARY[evaluator.is_image]
@@ -175,7 +187,7 @@ def main() -> None:
         for name, module, steps, unguided_only in bounds:
             if scale == 1.0 or not unguided_only:
                 add_row(name, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
-        for steps, path in found.items():
+        for steps, path in to_score:
             iterations = re.search(r"step=(\d+)", path.name).group(1)
             add_row(f"student ({iterations} it)", load(path), steps, scale, teacher_x, teacher_row,
                     ckpt=str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
