@@ -178,6 +178,8 @@ def test_tangent_normalization():
     torch.testing.assert_close(normalize_tangent(g, "l2", 0.1), g / torch.tensor([[5.1], [0.1]]))
     torch.testing.assert_close(normalize_tangent(g, "rms", 0.1), g / (5 / math.sqrt(2) + 0.1) * torch.tensor([[1.], [0.]]))
     assert normalize_tangent(g, "none") is g
+    mixed = torch.tensor([[3.0, -0.5], [-2.0, 0.25]])  # clipping: only the elements outside [-1, 1] move
+    torch.testing.assert_close(normalize_tangent(mixed, "clip"), torch.tensor([[1.0, -0.5], [-1.0, 0.25]]))
 
 
 @pytest.mark.parametrize("teacher_cls", [EDMDiffusion, FlowMatching])

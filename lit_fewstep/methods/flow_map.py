@@ -75,7 +75,7 @@ class AYF(FewStepModule):
         t_max: the largest time (sampling starts at t_max z). 1 for flow-matching teachers; for an EDM teacher
             sigma_max / (1 + sigma_max) (0.9877 for 80), where the teacher is still defined.
         t_eps: the smallest time a teacher is evaluated at (its velocity divides by t).
-        tangent_norm, tangent_c: sCM's tangent normalization ("l2", "rms" or "none"; g / (||g|| + c)).
+        tangent_norm, tangent_c: sCM's tangent normalization ("l2", "rms", "clip" or "none"; g / (||g|| + c)).
         warmup_steps: tangent warm-up r = min(1, k / warmup_steps) on the derivative terms (0: none).
         init_from_teacher: start the student (and its EMA) from a flow-matching teacher's weights; the s (and
             guidance) embeddings' last layers start at zero, so F(x, t, s) = v_teacher(x, t) at the start.

@@ -43,7 +43,7 @@ from .consistency import ConsistencyFamily, same_dropout_masks
 
 __all__ = ["AdaptiveWeight", "trigflow_jvp", "scm_tangent", "normalize_tangent", "SCM", "SCD", "SCT"]
 
-TANGENT_NORMS = ("l2", "rms", "none")
+TANGENT_NORMS = ("l2", "rms", "clip", "none")
 
 
 class AdaptiveWeight(nn.Module):
@@ -88,9 +88,12 @@ def scm_tangent(F_minus: Tensor, cs_dF_dt: Tensor, dxdt: Tensor, x_t: Tensor, t:
 
 def normalize_tangent(g: Tensor, kind: str = "l2", c: float = 0.1) -> Tensor:
     """Tangent normalization g / (||g|| + c) (sCM Sec. 4.2): "l2" per-sample Euclidean norm (the paper's),
-    "rms" per-sample norm / sqrt(D) (FastGen's "spatially invariant" variant), "none" leaves g."""
+    "rms" per-sample norm / sqrt(D) (FastGen's "spatially invariant" variant); "clip" clips every element to
+    [-1, 1] (sCM Sec. 4.2's alternative, "tangent clipping"; c unused); "none" leaves g."""
     if kind == "none":
         return g
+    if kind == "clip":
+        return g.clamp(-1.0, 1.0)
     norm = g.flatten(1).norm(dim=1)
     if kind == "rms":
         norm = norm / math.sqrt(g[0].numel())
@@ -108,7 +111,8 @@ class SCM(ConsistencyFamily):
         P_mean, P_std: time proposal tau ~ N(P_mean, P_std^2), sigma = e^tau, t = arctan(sigma / sigma_d)
             (CIFAR-10 -1.0, 1.4; ImageNet-512 -0.8, 1.6).
         sigma_min, sigma_max: EDM range of the proposal (sCD: the teacher's) and of sampling (T = arctan(sigma_max/sigma_d)).
-        tangent_norm: "l2" (paper), "rms" (FastGen) or "none" (ablation); tangent_c: the c of g / (||g|| + c).
+        tangent_norm: "l2" (paper), "rms" (FastGen), "clip" (the paper's alternative: g clipped to [-1, 1]) or
+            "none" (ablation); tangent_c: the c of g / (||g|| + c).
         warmup_steps: tangent warm-up r(k) = min(1, k / warmup_steps) (0: r = 1 from the start).
         adaptive_weighting: learn w_phi(t) (its parameters share the student's optimizer); False: w = 0.
         prior_weighting: multiply the regression term by 1 / (sigma_d tan t) (FastGen's default; off in the paper's form).
