@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/ctm.py --data digits --steps 150 --runs cd ctm ctm_features
     OMP_NUM_THREADS=1 python benchmarks/ctm.py --render        # rewrite the tables from the saved runs
     OMP_NUM_THREADS=1 python benchmarks/ctm.py --checkpoints runs/ctm_tree/version_0   # gamma = 0 along one long fit
+    OMP_NUM_THREADS=1 python benchmarks/ctm.py --checkpoints runs/ctm_digits/version_0 --data digits
 
 Every run trains from its config (`configs/cd/<data>.yaml`, `configs/ctm/<data>.yaml`, with the overrides named in
 RUNS) for `--steps` iterations from seed `--seed` and is scored with `lit_fewstep.evaluation.Evaluator` (tree: sliced
@@ -67,52 +68,70 @@ def iteration_of(path: Path) -> int:
     return int(re.search(r"step=(\d+)", path.name).group(1))
 
 
-def along_the_fit(run: Path, seeds: list[int], num: int, tag: str | None = None) -> None:
-    """Claim 2 over training time: every checkpoint of one fit, gamma = 0 at 1/2/4/8 NFE, medians over sampling
-    seeds, with the leaderboard's evaluator; and why multi-step jumps lag: the spread of the samples (std per
-    coordinate) against the teacher's 35-NFE Heun samples of the same sampling seed."""
-    from leaderboard import evaluator_for
-
-    data = "tree"
-    evaluator = evaluator_for(data, 0)
+def fit_checkpoints(run: Path) -> list[Path]:
+    """The periodic checkpoints of one fit's version folder in training order, then its last.ckpt / model.pt."""
     files = sorted(run.glob("checkpoints/epoch=*-step=*.ckpt"), key=iteration_of)
     files += [path for path in (run / "checkpoints" / "last.ckpt", run / "model.pt") if path.exists()]
     if not files:
         raise SystemExit(f"--checkpoints: no checkpoints/*.ckpt or model.pt under {run}")
-    teacher = load_module(ROOT / "lit_fewstep" / "assets" / f"edm_{data}.pt").eval()
-    reference = teacher.sample(num, 35, generator=torch.Generator().manual_seed(seeds[0])).x.std(0)
+    return files
+
+
+def along_the_fit(run: Path, data: str, seeds: list[int], num: int, tag: str | None = None) -> None:
+    """Claim 2 over training time: every checkpoint of one fit, gamma = 0 at 1/2/4/8 NFE, medians over sampling
+    seeds, with the leaderboard's evaluator; on the tree also why multi-step jumps lag: the spread of the samples
+    (std per coordinate) against the teacher's 35-NFE Heun samples of the same sampling seed. On digits the rows
+    are the leaderboard's own scores (`leaderboard.score_model`: its sampler, seeds and samples)."""
+    from leaderboard import evaluator_for, score_model
+
+    evaluator = evaluator_for(data, 0)
+    image = data != "tree"
+    metrics = ("fid", "precision", "recall") if image else ("sw2", "nll", "mmd", "precision", "recall")
+    primary = metrics[0]
+    if not image:
+        teacher = load_module(ROOT / "lit_fewstep" / "assets" / f"edm_{data}.pt").eval()
+        reference = teacher.sample(num, 35, generator=torch.Generator().manual_seed(seeds[0])).x.std(0)
     rows = []
-    for path in files:
+    for path in fit_checkpoints(run):
         module = load_module(path).eval()
         steps = int(module.iteration)  # training iterations (batches), saved with the module
         if any(r["iteration"] == steps for r in rows):
             continue  # the export of the last periodic checkpoint
+        if image:
+            for nfe, scored in score_model(module, evaluator, NFES, seeds, num, {}).items():
+                rows.append({"iteration": steps, "nfe": nfe, **{k: scored[k] for k in metrics},
+                             f"{primary}_per_seed": [round(v, 4) for v in scored[f"{primary}_per_seed"]]})
+                print(path.name, rows[-1], flush=True)
+            continue
         for nfe in NFES:
             scored = [score(module, evaluator, nfe, num, seed, gamma=0.0) for seed in seeds]
             spread = module.sample(num, nfe, generator=torch.Generator().manual_seed(seeds[0]), gamma=0.0).x.std(0)
             rows.append({"iteration": steps, "nfe": nfe, **{k: statistics.median(r[k] for r in scored)
-                                                          for k in ("sw2", "nll", "mmd", "precision", "recall")},
+                                                          for k in metrics},
                          "sw2_per_seed": [round(r["sw2"], 4) for r in scored],
                          "spread_vs_teacher": [round(float(v), 3) for v in spread / reference]})
             print(path.name, rows[-1], flush=True)
-    command = (f"OMP_NUM_THREADS=1 python benchmarks/ctm.py --checkpoints {run} --seeds "
-               f"{' '.join(map(str, seeds))} --num {num}" + (f" --tag {tag}" if tag else ""))
+    command = (f"OMP_NUM_THREADS=1 python benchmarks/ctm.py --checkpoints {run} --data {data} --seeds "
+               f"{' '.join(map(str, seeds))} --{'num_digits' if image else 'num'} {num}"
+               + (f" --tag {tag}" if tag else ""))
     out = OUT.with_name(f"ctm_{data}_along_the_fit" + (f"_{tag}" if tag else ""))
     out.with_suffix(".json").write_text(json.dumps({"command": command, "machine": describe_machine(),
                                                     "config": (run / "config.yaml").read_text()
                                                     if (run / "config.yaml").exists() else None,
                                                     "rows": rows}, indent=1))
-    lines = [f"# CTM {data}: gamma = 0 sampling along one long fit (generated by benchmarks/ctm.py)", "",
+    header = ["iteration", "NFE", *metrics, f"{primary} per seed"] + ([] if image else ["spread (x, y)"])
+    lines = [f"# CTM {data}: gamma = 0 sampling along one fit (generated by benchmarks/ctm.py)", "",
              f"Command: `{command}`  ", f"Machine: {describe_machine()}  ",
-             f"{num} samples per score, medians over sampling seeds {seeds}; the leaderboard's evaluator "
-             "(10,000 exact reference samples). spread = std of the 1-/2-/4-/8-NFE samples per coordinate over the "
-             f"teacher's (35-NFE Heun), sampling seed {seeds[0]}.", "",
-             "| iteration | NFE | sw2 | NLL | MMD | precision | recall | sw2 per seed | spread (x, y) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{num} samples per score, medians over sampling seeds {seeds}; the leaderboard's evaluator"
+             + (" and protocol." if image else " (10,000 exact reference samples). spread = std of the 1-/2-/4-/8-NFE "
+                f"samples per coordinate over the teacher's (35-NFE Heun), sampling seed {seeds[0]}."), "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append(f"| {r['iteration']} | {r['nfe']} | {r['sw2']:.4g} | {r['nll']:.4g} | {r['mmd']:.3g} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} | {', '.join(map(str, r['sw2_per_seed']))} | "
-                     f"{', '.join(map(str, r['spread_vs_teacher']))} |")
+        cells = [r["iteration"], r["nfe"], *(f"{r[k]:.4g}" for k in metrics),
+                 ", ".join(map(str, r[f"{primary}_per_seed"]))]
+        if not image:
+            cells.append(", ".join(map(str, r["spread_vs_teacher"])))
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -134,13 +153,14 @@ def main():
     parser.add_argument("--timing_runs", type=int, default=3,
                         help="whole timing measurements (fresh model and fit each); the one of median ratio is kept")
     parser.add_argument("--checkpoints", type=Path, default=None,
-                        help="only score every checkpoint of this fit's version folder at gamma = 0 (tree)")
+                        help="only score every checkpoint of this fit's version folder at gamma = 0 (--data)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds (--checkpoints)")
-    parser.add_argument("--tag", default=None, help="--checkpoints: write ctm_tree_along_the_fit_<tag>.md/.json")
+    parser.add_argument("--tag", default=None, help="--checkpoints: write ctm_<data>_along_the_fit_<tag>.md/.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.checkpoints is not None:
-        return along_the_fit(args.checkpoints, args.seeds, args.num, args.tag)
+        num = args.num if args.data == "tree" else args.num_digits
+        return along_the_fit(args.checkpoints, args.data, args.seeds, num, args.tag)
     store = OUT.with_suffix(".json")
     saved = json.loads(store.read_text()) if store.exists() else {}
     if args.timing:
