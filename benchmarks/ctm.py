@@ -91,26 +91,38 @@ def along_the_fit(run: Path, data: str, seeds: list[int], num: int, tag: str | N
     if not image:
         teacher = load_module(ROOT / "lit_fewstep" / "assets" / f"edm_{data}.pt").eval()
         reference = teacher.sample(num, 35, generator=torch.Generator().manual_seed(seeds[0])).x.std(0)
+    # scores of the periodic checkpoints (immutable files) are kept beside the fit, so that scoring a fit while it
+    # trains and again at its end scores every checkpoint once
+    cache = run / f"along_the_fit_{data}_seeds{'-'.join(map(str, seeds))}_num{num}.json"
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
     rows = []
     for path in fit_checkpoints(run):
+        if path.name in cached:
+            rows += cached[path.name]
+            continue
         module = load_module(path).eval()
         steps = int(module.iteration)  # training iterations (batches), saved with the module
         if any(r["iteration"] == steps for r in rows):
             continue  # the export of the last periodic checkpoint
+        new_rows = []
         if image:
             for nfe, scored in score_model(module, evaluator, NFES, seeds, num, {}).items():
-                rows.append({"iteration": steps, "nfe": nfe, **{k: scored[k] for k in metrics},
-                             f"{primary}_per_seed": [round(v, 4) for v in scored[f"{primary}_per_seed"]]})
-                print(path.name, rows[-1], flush=True)
-            continue
-        for nfe in NFES:
-            scored = [score(module, evaluator, nfe, num, seed, gamma=0.0) for seed in seeds]
-            spread = module.sample(num, nfe, generator=torch.Generator().manual_seed(seeds[0]), gamma=0.0).x.std(0)
-            rows.append({"iteration": steps, "nfe": nfe, **{k: statistics.median(r[k] for r in scored)
-                                                          for k in metrics},
-                         "sw2_per_seed": [round(r["sw2"], 4) for r in scored],
-                         "spread_vs_teacher": [round(float(v), 3) for v in spread / reference]})
-            print(path.name, rows[-1], flush=True)
+                new_rows.append({"iteration": steps, "nfe": nfe, **{k: scored[k] for k in metrics},
+                                 f"{primary}_per_seed": [round(v, 4) for v in scored[f"{primary}_per_seed"]]})
+        else:
+            for nfe in NFES:
+                scored = [score(module, evaluator, nfe, num, seed, gamma=0.0) for seed in seeds]
+                spread = module.sample(num, nfe, generator=torch.Generator().manual_seed(seeds[0]),
+                                       gamma=0.0).x.std(0)
+                new_rows.append({"iteration": steps, "nfe": nfe, **{k: statistics.median(r[k] for r in scored)
+                                                                  for k in metrics},
+                                 "sw2_per_seed": [round(r["sw2"], 4) for r in scored],
+                                 "spread_vs_teacher": [round(float(v), 3) for v in spread / reference]})
+        print(path.name, *new_rows, sep="\n", flush=True)
+        rows += new_rows
+        if path.name.startswith("epoch="):
+            cached[path.name] = new_rows
+            cache.write_text(json.dumps(cached, indent=1))
     command = (f"OMP_NUM_THREADS=1 python benchmarks/ctm.py --checkpoints {run} --data {data} --seeds "
                f"{' '.join(map(str, seeds))} --{'num_digits' if image else 'num'} {num}"
                + (f" --tag {tag}" if tag else ""))
