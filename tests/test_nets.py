@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lit_fewstep.nets import DiT, DiscriminatorHead, MLP, UNet
 from lit_fewstep.utils.config import instantiate
@@ -245,6 +246,22 @@ def test_discriminator_head(name, features_shape):
     assert all(p.grad is not None for p in head.parameters())
     with pytest.raises(ValueError, match=r"class_labels must be in \[0, 3\]"):
         head(feats, torch.tensor([0, 1, 2, 9]))
+
+
+def test_discriminator_head_one_pixel_is_the_padded_conv():
+    """Vector features take the linear shortcut; it must equal the 4x4 / stride-2 conv on the 1x1 map padded by 2
+    (values and the conv weight's gradient, whose other taps get exactly zero)."""
+    torch.manual_seed(0)
+    head = DiscriminatorHead(8, hidden=6).double()
+    feats = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    h_conv = F.conv2d(feats[:, :, None, None], head.conv.weight, head.conv.bias, stride=2, padding=2)
+    expected = head.fc(F.silu(head.norm(h_conv)).mean(dim=(2, 3))).squeeze(1)
+    (g_conv,) = torch.autograd.grad(expected.square().sum(), head.conv.weight)
+    logits = head(feats)
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+    (g_fast,) = torch.autograd.grad(logits.square().sum(), head.conv.weight)
+    torch.testing.assert_close(g_fast, g_conv, rtol=1e-12, atol=1e-12)
+    assert g_conv[:, :, 2, 2].abs().sum() > 0
 
 
 def test_discriminator_head_on_net_features():

@@ -172,8 +172,8 @@ def test_true_half_precision_is_refused_naming_the_field(precision, tmp_path):
 
 
 def test_gan_head_on_vector_features_has_finite_gradients_under_bf16():
-    """The GAN head's padded 1x1-map conv (vector features of the toys) runs in float32 under autocast: torch's bf16
-    CPU kernel for it gave a NaN weight gradient in about 1 of 30-40 draws; 40 draws here, all finite."""
+    """The GAN head on vector features (the toys'), under bf16 autocast: its padded 1x1-map conv in torch's bf16 CPU
+    kernel gave a NaN weight gradient in about 1 of 30-40 draws (it is now a linear layer); 40 draws, all finite."""
     from lit_fewstep.nets.heads import DiscriminatorHead
 
     for seed in range(40):

@@ -53,15 +53,21 @@ class DiscriminatorHead(Configurable, nn.Module):
             raise ValueError(
                 f"features must have shape [B, {self.in_channels}, h, w] or [B, {self.in_channels}], got {list(features.shape)}"
             )
-        # A 4x4/stride-2 kernel needs >= 2 pixels with padding 1; on a size-1 axis pad 2 instead, so
-        # exactly one tap (the centre) sees the pixel.
-        padding = tuple(1 if n >= 2 else 2 for n in features.shape[-2:])
-        # That padded 1x1 case runs in float32 under autocast: torch 2.14's bf16 CPU kernel for it returns a NaN
-        # weight gradient now and then (1 run in 30-40 here; never on 2x2 or larger maps). It is a tiny layer.
-        one_pixel = 2 in padding and torch.is_autocast_enabled(features.device.type)
-        with torch.autocast(features.device.type, enabled=False) if one_pixel else contextlib.nullcontext():
-            h = F.conv2d(features.float() if one_pixel else features, self.conv.weight, self.conv.bias, stride=2,
-                         padding=padding)
+        if features.shape[-2:] == (1, 1):
+            # One pixel (the toys' vectors): padded by 2 on each side, only the kernel's centre tap [2, 2] meets the
+            # pixel, so the conv is exactly a linear layer with that tap; computed as one (on CPU the padded conv and
+            # its backward took about 15x the time, a large share of a 2-D toy's GAN step).
+            h = F.linear(features.flatten(1), self.conv.weight[:, :, 2, 2], self.conv.bias)[:, :, None, None]
+        else:
+            # A 4x4/stride-2 kernel needs >= 2 pixels with padding 1; on a size-1 axis pad 2 instead, so
+            # exactly one tap (the centre) sees the pixel.
+            padding = tuple(1 if n >= 2 else 2 for n in features.shape[-2:])
+            # That padded case runs in float32 under autocast: torch 2.14's bf16 CPU kernel for the padded 1x1 map
+            # returned a NaN weight gradient now and then (1 run in 30-40 here; never on 2x2 or larger maps).
+            one_pixel = 2 in padding and torch.is_autocast_enabled(features.device.type)
+            with torch.autocast(features.device.type, enabled=False) if one_pixel else contextlib.nullcontext():
+                h = F.conv2d(features.float() if one_pixel else features, self.conv.weight, self.conv.bias,
+                             stride=2, padding=padding)
         pooled = F.silu(self.norm(h)).mean(dim=(2, 3))  # [B, hidden]
         logits = self.fc(pooled).squeeze(1)
         labels = check_class_labels(class_labels, self.num_classes, features.shape[0], features.device)
