@@ -324,6 +324,9 @@ def collectable(methods: list[str], data: str) -> list[str]:
     return [m for m in methods if config_path(m, data) is None or any((CACHE / data).glob(f"{m}-*/scores*.json"))]
 
 
+TEACHERS_JOB = "teachers"  # the worker job that scores the teacher's solver rows (`--teachers_only`)
+
+
 def run_in_workers(methods: list[str], jobs: int, logs: Path, command) -> dict[str, int]:
     """Run `command(method)` for every method, `jobs` processes at a time, the next starting as soon as one ends
     (output in logs/<method>.log); returns each method's exit code. A method a process failed to finish is left to
@@ -686,13 +689,17 @@ def main(argv=None):
         if args.collect:  # per data set: what is cached for it
             methods = collectable(methods, data)
         elif args.jobs > 1 and methods:
-            run(data, [], args.seeds, args.num, args.steps, args.seed, hardware)  # the teachers' rows, once
             shared = ["--data", data, "--seeds", *map(str, args.seeds), "--seed", str(args.seed), "--num",
                       str(args.num), "--no_report", *(["--steps", str(args.steps)] if args.steps else []),
                       *hardware_flags("")]
             trainable = [m for m in methods if config_path(m, data) is not None]
-            run_in_workers(trainable if args.only else longest_first(trainable, data), args.jobs, CACHE / data / "logs",
-                           lambda method: [sys.executable, __file__, *shared, "--only", method])
+            order = trainable if args.only else longest_first(trainable, data)
+            # the teachers' rows are one job of the pool, started beside the longest fit, rather than a serial step
+            # before it that leaves every other core idle (on the tree their scores take minutes)
+            order = order[:1] + [TEACHERS_JOB] + order[1:]
+            run_in_workers(order, args.jobs, CACHE / data / "logs",
+                           lambda job: [sys.executable, __file__, *shared,
+                                        *(["--teachers_only"] if job == TEACHERS_JOB else ["--only", job])])
         in_table_order = [m for m in METHODS if m in methods]  # --only's order is the order workers start in
         tables[data] = run(data, in_table_order, args.seeds, args.num, args.steps, args.seed, hardware)
     if args.no_report:

@@ -176,7 +176,11 @@ def test_accelerator_and_devices_reach_every_worker_and_every_fit(monkeypatch):
     for command in calls["workers"]:
         assert command[command.index("--accelerator") + 1] == "gpu" and command[command.index("--devices") + 1] == "1"
         assert "--trainer.accelerator" not in command
-    assert [c[c.index("--only") + 1] for c in calls["workers"]] == ["cd", "dmd"]
+    # the teachers' rows are a worker job beside the first fit, not a serial step before the pool
+    assert [c[c.index("--only") + 1] if "--only" in c else "teachers" for c in calls["workers"]] == \
+        ["cd", "teachers", "dmd"]
+    assert "--teachers_only" in calls["workers"][1]
+    assert [methods for methods, _ in calls["run"]] == [["cd", "dmd"]]  # then the report pass, from the caches
 
 
 def test_without_only_the_longest_recorded_fit_starts_first(tmp_path, monkeypatch):

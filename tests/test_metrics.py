@@ -97,25 +97,32 @@ def test_mmd_reset_keeps_real_when_asked():
     assert torch.equal(m.compute(), v)
 
 
-def test_mmd_remembered_reference_term_is_keyed_by_the_references_values():
+@pytest.mark.parametrize("metric_cls", [MMD, PrecisionRecall, SlicedWasserstein2])
+def test_remembered_reference_terms_are_keyed_by_the_references_values(metric_cls):
+    """MMD's reference kernel sum, the reference's k-NN radii and its sorted projections are remembered per
+    reference set: a remembered term gives exactly the fresh figure, and a reference changed in place is not
+    served a stale term."""
     from lit_fewstep.metrics import distribution
 
     def fresh(x, y):
-        distribution._REAL_KERNEL_SUMS.clear()
-        m = MMD()
+        distribution._REFERENCE_TERMS.clear()
+        m = metric_cls()
         m.update(x, y)
         return m.compute()
 
     a, b = torch.randn(300, 2, generator=_gen(11)), torch.randn(400, 2, generator=_gen(12))
-    m = MMD()
+    distribution._REFERENCE_TERMS.clear()
+    m = metric_cls()
     m.update(a, b)
     first = m.compute()
+    assert len(distribution._REFERENCE_TERMS) == 1
     assert torch.equal(first, fresh(a, b))
-    m = MMD()
-    m.update(a + 0.5, b)  # another sample set against the same reference: the remembered term
-    assert torch.equal(m.compute(), fresh(a + 0.5, b))
-    b[0] += 3.0  # the reference changed in place: its term is computed again, not reused
-    m = MMD()
+    m = metric_cls()
+    m.update(a * 1.3 + 0.5, b)  # another sample set against the same reference: the remembered term
+    remembered = m.compute()
+    assert torch.equal(remembered, fresh(a * 1.3 + 0.5, b))
+    b[:20] += 3.0  # the reference changed in place: its term is computed again, not reused
+    m = metric_cls()
     m.update(a, b)
     changed = m.compute()
     assert not torch.equal(changed, first) and torch.equal(changed, fresh(a, b))

@@ -47,6 +47,27 @@ def _pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:
     return d.clamp_min_(0.0)
 
 
+_REFERENCE_TERMS: dict[tuple, Tensor] = {}  # terms that depend on the reference samples only, by their bytes
+_REFERENCE_TERMS_KEPT = 8
+_REFERENCE_TERM_MAX_ELEMENTS = 2**24  # a term larger than this (128 MiB in float64) is recomputed, not kept
+
+
+def _reference_term(name: str, y: Tensor, params: tuple, compute: Callable[[], Tensor]) -> Tensor:
+    """``compute()``, remembered for the last few reference sets: an evaluator scores many sample sets against one
+    fixed reference, and the reference-only terms (MMD's M x M kernel sum, the reference's k-NN radii, its sorted
+    projections) are most of a score's cost. Keyed by the reference's bytes, so a changed reference is recomputed."""
+    key = (name, hashlib.sha256(y.cpu().numpy().tobytes()).hexdigest(), tuple(y.shape), str(y.dtype), str(y.device),
+           params)
+    if key not in _REFERENCE_TERMS:
+        value = compute()
+        if value.numel() > _REFERENCE_TERM_MAX_ELEMENTS:
+            return value
+        while len(_REFERENCE_TERMS) >= _REFERENCE_TERMS_KEPT:
+            _REFERENCE_TERMS.pop(next(iter(_REFERENCE_TERMS)))
+        _REFERENCE_TERMS[key] = value
+    return _REFERENCE_TERMS[key]
+
+
 class _TwoSampleMetric(Metric):
     """Common state handling: ``fake`` and ``real`` sample lists gathered with ``cat``."""
 
@@ -163,16 +184,17 @@ class SlicedWasserstein2(_TwoSampleMetric):
     def compute(self) -> Tensor:
         x, y = self._samples()
         theta = self.projections(x.shape[1]).to(x.device)
+        # the reference's sorted projections are remembered when they fit the cache, else sorted chunk by chunk
+        whole = y.shape[0] * self.num_projections <= _REFERENCE_TERM_MAX_ELEMENTS
+        real_sorted = _reference_term("sorted_projections", y, (self.num_projections, self.seed),
+                                      lambda: torch.sort(y @ theta, dim=0).values) if whole else None
         total = x.new_zeros(())
         for s in range(0, self.num_projections, self.chunk_size):
             t = theta[:, s : s + self.chunk_size]
             px, _ = torch.sort(x @ t, dim=0)
-            py, _ = torch.sort(y @ t, dim=0)
+            py = real_sorted[:, s : s + self.chunk_size] if whole else torch.sort(y @ t, dim=0).values
             total = total + wasserstein2_1d_squared(px, py).sum()
         return (total / self.num_projections).sqrt()
-
-
-_REAL_KERNEL_SUMS: dict[tuple, Tensor] = {}  # MMD's reference-reference kernel sums, by the reference's bytes
 
 
 class MMD(_TwoSampleMetric):
@@ -232,15 +254,9 @@ class MMD(_TwoSampleMetric):
         return total
 
     def _real_kernel_sum(self, y: Tensor, gammas: Tensor) -> Tensor:
-        """``_kernel_sum(y, y)``, remembered for the last few reference sets: an evaluator scores many sample sets
-        against one fixed reference, and this M x M term is most of the cost (10,000 references: 100M pairs)."""
-        key = (hashlib.sha256(y.cpu().numpy().tobytes()).hexdigest(), tuple(y.shape), str(y.dtype), str(y.device),
-               tuple(gammas.tolist()), self.chunk_size)
-        if key not in _REAL_KERNEL_SUMS:
-            while len(_REAL_KERNEL_SUMS) >= 4:
-                _REAL_KERNEL_SUMS.pop(next(iter(_REAL_KERNEL_SUMS)))
-            _REAL_KERNEL_SUMS[key] = self._kernel_sum(y, y, gammas)
-        return _REAL_KERNEL_SUMS[key]
+        """``_kernel_sum(y, y)``, remembered per reference set (10,000 references: 100M pairs)."""
+        return _reference_term("mmd_kernel_sum", y, (tuple(gammas.tolist()), self.chunk_size),
+                               lambda: self._kernel_sum(y, y, gammas))
 
     def compute(self) -> Tensor:
         x, y = self._samples(min_n=2)
@@ -325,6 +341,7 @@ class PrecisionRecall(_TwoSampleMetric):
 
     def compute(self) -> Tensor:
         x, y = self._samples(min_n=self.k + 1)
-        precision = self._coverage(x, y, self._radii(y))
+        real_radii = _reference_term("knn_radii", y, (self.k, self.chunk_size), lambda: self._radii(y))
+        precision = self._coverage(x, y, real_radii)
         recall = self._coverage(y, x, self._radii(x))
         return torch.stack([precision, recall])
