@@ -264,10 +264,13 @@ def evaluator_for(data: str, seed: int):
 
 
 def run(data: str, methods: list[str], seeds: list[int], num: int, steps: int | None, train_seed: int,
-        hardware: list[str] = ()) -> dict:
+        hardware: list[str] = (), teachers: bool = True) -> dict:
+    """Train (or reuse) and score `methods` on `data`, and the teachers' rows unless `teachers` is false (a
+    method's worker: the pool's teachers job, or the report pass after it, scores those)."""
     evaluator = evaluator_for(data, train_seed)
     table = {"teachers": [], "methods": []}
-    jobs = [("teacher", s) for s in TEACHER_SOLVERS] + [("fm_teacher", "heun")] + [("method", m) for m in methods]
+    jobs = ([("teacher", s) for s in TEACHER_SOLVERS] + [("fm_teacher", "heun")] if teachers else []) + \
+        [("method", m) for m in methods]
     for k, (kind, name) in enumerate(jobs, 1):
         print(f"[{k}/{len(jobs)}] {data}: {kind} {name}", flush=True)
         if kind == "fm_teacher":
@@ -701,7 +704,9 @@ def main(argv=None):
                            lambda job: [sys.executable, __file__, *shared,
                                         *(["--teachers_only"] if job == TEACHERS_JOB else ["--only", job])])
         in_table_order = [m for m in METHODS if m in methods]  # --only's order is the order workers start in
-        tables[data] = run(data, in_table_order, args.seeds, args.num, args.steps, args.seed, hardware)
+        # a method's worker (or SLURM array task) leaves the teachers' rows to the teachers job or the report pass
+        tables[data] = run(data, in_table_order, args.seeds, args.num, args.steps, args.seed, hardware,
+                           teachers=not (args.no_report and args.only))
     if args.no_report:
         return tables
     out = write_report(tables, args, started, time.perf_counter() - start)

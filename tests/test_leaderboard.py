@@ -167,7 +167,7 @@ def test_workers_run_every_method_at_most_jobs_at_a_time(tmp_path):
 def test_accelerator_and_devices_reach_every_worker_and_every_fit(monkeypatch):
     """--accelerator/--devices: the workers get them as this script's flags, fit as trainer flags."""
     calls = {"run": [], "workers": []}
-    monkeypatch.setattr(lb, "run", lambda data, methods, *a: calls["run"].append((methods, a[-1])) or {})
+    monkeypatch.setattr(lb, "run", lambda data, methods, *a, **kw: calls["run"].append((methods, a[-1])) or {})
     monkeypatch.setattr(lb, "run_in_workers", lambda methods, jobs, logs, command: calls["workers"].extend(
         command(m) for m in methods))
     lb.main(["--data", "tree", "--only", "cd", "dmd", "--jobs", "2", "--accelerator", "gpu", "--devices", "1",
@@ -181,6 +181,21 @@ def test_accelerator_and_devices_reach_every_worker_and_every_fit(monkeypatch):
         ["cd", "teachers", "dmd"]
     assert "--teachers_only" in calls["workers"][1]
     assert [methods for methods, _ in calls["run"]] == [["cd", "dmd"]]  # then the report pass, from the caches
+
+
+@pytest.mark.parametrize("flags,methods,teachers", [
+    (["--only", "cd", "--no_report"], ["cd"], False),    # a method's worker: the teachers job scores those rows
+    (["--teachers_only", "--no_report"], [], True),      # the teachers job
+    (["--only", "cd", "--collect"], ["cd"], True),       # a report pass scores whatever is not cached
+])
+def test_only_the_teachers_job_and_the_report_score_the_teachers(monkeypatch, flags, methods, teachers):
+    calls = []
+    monkeypatch.setattr(lb, "run", lambda data, m, *a, teachers=True: calls.append((m, teachers)) or {})
+    monkeypatch.setattr(lb, "collectable", lambda m, data: m)
+    monkeypatch.setattr(lb, "write_report", lambda *a: "report")
+    monkeypatch.setattr(lb, "partial", lambda *a: None)
+    lb.main(["--data", "tree", *flags])
+    assert calls == [(methods, teachers)]
 
 
 def test_without_only_the_longest_recorded_fit_starts_first(tmp_path, monkeypatch):
