@@ -14,7 +14,8 @@ cached under `benchmarks/runs/leaderboard/<data>/<method>-<hash>/` where the has
 overrides and the seed; scores are cached beside it, so a rerun (or a run stopped and started again) trains and
 scores only what changed. Scores are medians over `--seeds` sampling seeds (2,000 samples each); a method that
 cannot sample at an NFE (a fixed-step generator) shows "–" there; a method without a config for the data is
-listed as "not yet".
+listed as "not yet". With `--jobs N` the methods train in a pool of N worker processes, longest recorded fit first,
+and the teachers' rows are one more job of the pool; the suite's wall time: `benchmarks/suite_time.py`.
 
 Output: `benchmarks/results/leaderboard.md` and `.json` (command, seeds, machine, git commit, per-row train time
 and images/s; both data sets, whichever were run last), and figures `leaderboard_<data>_nfe.svg` (quality vs NFE,
