@@ -2,6 +2,12 @@
 
     python tests/make_golden_losses.py              # the reference records (on the reference CPU: see golden.py)
     python tests/make_golden_losses.py --this-cpu   # add this processor's records to `other_cpus`, nothing else
+    python tests/make_golden_losses.py --only dmd2 msd --why "..."   # re-record these methods' reference records
+
+`--only` is for a change meant to move some methods' losses (e.g. the same math in another float order): their
+reference records are replaced, the reason is kept in the file's `updates`, and their records made on other
+processors are dropped (they cannot be re-made here), so there they are compared within the cross-CPU tolerance
+until `--this-cpu` is run on that processor again.
 
 Per method: the config, iterations, seed, overrides, library versions, and every `train/*_loss` value logged
 in the first iterations, as `float.hex` strings (bit-exact), with the iteration each value was logged at.
@@ -36,8 +42,11 @@ def environment() -> dict[str, str]:
 
 def main() -> Path:
     env = environment()
+    only = _only(sys.argv[1:])
     methods = {}
     for method, config in tree_configs().items():
+        if only is not None and method not in only:
+            continue
         rec = record(config, ITERATIONS, SEED)
         methods[method] = {
             "config": rec.config,
@@ -49,6 +58,20 @@ def main() -> Path:
             "loss_iterations": rec.loss_iterations,
         }
         print(f"{method}: " + ", ".join(f"{name} x{len(v)}" for name, v in rec.losses.items()), file=sys.stderr)
+    if only is not None:
+        why = sys.argv[sys.argv.index("--why") + 1] if "--why" in sys.argv else ""
+        if not why:
+            raise SystemExit("--only: say why these methods' losses moved (--why \"...\"); it is kept in the file.")
+        data = json.loads(OUT.read_text())
+        if data["environment"] != env:
+            raise SystemExit(f"--only: the reference records were made in {data['environment']}, this is {env}; "
+                             "re-record every method instead.")
+        data["methods"].update(methods)
+        for other in data.get("other_cpus", {}).values():
+            for method in methods:
+                other["methods"].pop(method, None)
+        data.setdefault("updates", []).append({"methods": sorted(methods), "why": why})
+        return _write(data)
     if "--this-cpu" in sys.argv[1:]:
         data = json.loads(OUT.read_text())
         data.setdefault("other_cpus", {})[cpu_name()] = {
@@ -63,6 +86,21 @@ def main() -> Path:
         "methods": methods,
     }
     return _write(data)
+
+
+def _only(argv: list[str]) -> set[str] | None:
+    """The methods named after --only (up to the next flag), or None."""
+    if "--only" not in argv:
+        return None
+    names = []
+    for arg in argv[argv.index("--only") + 1:]:
+        if arg.startswith("--"):
+            break
+        names.append(arg)
+    unknown = set(names) - set(tree_configs())
+    if not names or unknown:
+        raise SystemExit(f"--only: name methods with a tree config ({', '.join(tree_configs())}); got {names}.")
+    return set(names)
 
 
 def _write(data: dict) -> Path:

@@ -17,6 +17,9 @@ GOLDEN = json.loads((Path(__file__).resolve().parent / "golden_losses.json").rea
 def test_losses_match_golden_bit_exactly(method):
     golden = GOLDEN["methods"][method]
     records, exact, which = records_for_this_cpu(GOLDEN, "methods")
+    if method not in records:  # dropped for this processor when the method was re-recorded elsewhere (`updates`)
+        records, exact, which = GOLDEN["methods"], False, f"reference records within rtol {CROSS_CPU_RTOL}: {method} " \
+            "not recorded on this processor since its last update"
     rec = record(golden["config"], golden["iterations"], golden["seed"])
     where = (f"{method} ({golden['config']}; {which}; recorded with torch {golden['torch']} on "
              f"{GOLDEN['environment']['cpu_capability']}, now torch {torch.__version__} on "
