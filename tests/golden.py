@@ -50,15 +50,21 @@ REFERENCE_CPU = "AMD EPYC"
 CROSS_CPU_RTOL = 1e-4
 
 
-def records_for_this_cpu(golden: dict, section: str) -> tuple[dict, bool, str]:
-    """(records, exact, where): the golden `section` recorded on this processor (compare bit-exactly), or the
-    reference records to compare within CROSS_CPU_RTOL."""
+def record_for_this_cpu(golden: dict, section: str, name: str) -> tuple[dict, bool, str]:
+    """(record, exact, where): the golden `section`'s record `name` made on this processor (compare bit-exactly),
+    or the reference record to compare within CROSS_CPU_RTOL: on a processor with no records, and for a record
+    dropped from this processor's set when it was re-made on the reference CPU (the file's `updates`)."""
     model = cpu_name()
     if model.startswith(REFERENCE_CPU):
-        return golden[section], True, f"reference records ({REFERENCE_CPU})"
-    if model in golden.get("other_cpus", {}):
-        return golden["other_cpus"][model][section], True, f"records made on {model}"
-    return golden[section], False, f"reference records ({REFERENCE_CPU}) within rtol {CROSS_CPU_RTOL}: no record for {model}"
+        return golden[section][name], True, f"reference records ({REFERENCE_CPU})"
+    mine = golden.get("other_cpus", {}).get(model, {}).get(section)
+    if mine is None:
+        why = f"no record for {model}"
+    elif name not in mine:
+        why = f"{name} not recorded on {model} since its last update"
+    else:
+        return mine[name], True, f"records made on {model}"
+    return golden[section][name], False, f"reference records ({REFERENCE_CPU}) within rtol {CROSS_CPU_RTOL}: {why}"
 
 
 def tree_configs() -> dict[str, str]:

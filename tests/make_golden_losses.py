@@ -16,6 +16,7 @@ in the first iterations, as `float.hex` strings (bit-exact), with the iteration 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -41,11 +42,17 @@ def environment() -> dict[str, str]:
 
 
 def main() -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--this-cpu", action="store_true", help="add this processor's records to other_cpus")
+    parser.add_argument("--only", nargs="+", choices=sorted(tree_configs()), help="re-record these methods")
+    parser.add_argument("--why", help="why the --only methods' losses moved (kept in the file's updates)")
+    args = parser.parse_args()
+    if args.only and not args.why:
+        parser.error("--only: say why these methods' losses moved (--why \"...\"); it is kept in the file.")
     env = environment()
-    only = _only(sys.argv[1:])
     methods = {}
     for method, config in tree_configs().items():
-        if only is not None and method not in only:
+        if args.only and method not in args.only:
             continue
         rec = record(config, ITERATIONS, SEED)
         methods[method] = {
@@ -58,10 +65,7 @@ def main() -> Path:
             "loss_iterations": rec.loss_iterations,
         }
         print(f"{method}: " + ", ".join(f"{name} x{len(v)}" for name, v in rec.losses.items()), file=sys.stderr)
-    if only is not None:
-        why = sys.argv[sys.argv.index("--why") + 1] if "--why" in sys.argv else ""
-        if not why:
-            raise SystemExit("--only: say why these methods' losses moved (--why \"...\"); it is kept in the file.")
+    if args.only:
         data = json.loads(OUT.read_text())
         if data["environment"] != env:
             raise SystemExit(f"--only: the reference records were made in {data['environment']}, this is {env}; "
@@ -70,9 +74,9 @@ def main() -> Path:
         for other in data.get("other_cpus", {}).values():
             for method in methods:
                 other["methods"].pop(method, None)
-        data.setdefault("updates", []).append({"methods": sorted(methods), "why": why})
+        data.setdefault("updates", []).append({"methods": sorted(methods), "why": args.why})
         return _write(data)
-    if "--this-cpu" in sys.argv[1:]:
+    if args.this_cpu:
         data = json.loads(OUT.read_text())
         data.setdefault("other_cpus", {})[cpu_name()] = {
             "environment": env, "methods": {m: {"losses": r["losses"]} for m, r in methods.items()}}
@@ -86,21 +90,6 @@ def main() -> Path:
         "methods": methods,
     }
     return _write(data)
-
-
-def _only(argv: list[str]) -> set[str] | None:
-    """The methods named after --only (up to the next flag), or None."""
-    if "--only" not in argv:
-        return None
-    names = []
-    for arg in argv[argv.index("--only") + 1:]:
-        if arg.startswith("--"):
-            break
-        names.append(arg)
-    unknown = set(names) - set(tree_configs())
-    if not names or unknown:
-        raise SystemExit(f"--only: name methods with a tree config ({', '.join(tree_configs())}); got {names}.")
-    return set(names)
 
 
 def _write(data: dict) -> Path:

@@ -1,6 +1,6 @@
 """Every tree config's logged losses over its first iterations are bit-identical to the recorded golden values
 (tests/golden_losses.json, written by tests/make_golden_losses.py before the core refactor), on the processor they
-were recorded on; within a relative 1e-4 on one with no record (see `golden.records_for_this_cpu`)."""
+were recorded on; within a relative 1e-4 on one with no record (see `golden.record_for_this_cpu`)."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from golden import CROSS_CPU_RTOL, record, records_for_this_cpu
+from golden import CROSS_CPU_RTOL, record, record_for_this_cpu
 
 GOLDEN = json.loads((Path(__file__).resolve().parent / "golden_losses.json").read_text())
 
@@ -16,15 +16,12 @@ GOLDEN = json.loads((Path(__file__).resolve().parent / "golden_losses.json").rea
 @pytest.mark.parametrize("method", sorted(GOLDEN["methods"]))
 def test_losses_match_golden_bit_exactly(method):
     golden = GOLDEN["methods"][method]
-    records, exact, which = records_for_this_cpu(GOLDEN, "methods")
-    if method not in records:  # dropped for this processor when the method was re-recorded elsewhere (`updates`)
-        records, exact, which = GOLDEN["methods"], False, f"reference records within rtol {CROSS_CPU_RTOL}: {method} " \
-            "not recorded on this processor since its last update"
+    mine, exact, which = record_for_this_cpu(GOLDEN, "methods", method)
     rec = record(golden["config"], golden["iterations"], golden["seed"])
     where = (f"{method} ({golden['config']}; {which}; recorded with torch {golden['torch']} on "
              f"{GOLDEN['environment']['cpu_capability']}, now torch {torch.__version__} on "
              f"{torch.backends.cpu.get_cpu_capability()})")
-    golden = dict(golden, losses=records[method]["losses"])
+    golden = dict(golden, losses=mine["losses"])
     assert rec.overrides == golden["overrides"], f"{where}: overrides changed"
     assert sorted(rec.losses) == sorted(golden["losses"]), f"{where}: logged loss names changed"
     for name, hexes in golden["losses"].items():

@@ -49,7 +49,7 @@ def _pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:
 
 _REFERENCE_TERMS: dict[tuple, Tensor] = {}  # terms that depend on the reference samples only, by their bytes
 _REFERENCE_TERMS_KEPT = 8
-_REFERENCE_TERM_MAX_ELEMENTS = 2**24  # a term larger than this (128 MiB in float64) is recomputed, not kept
+_REFERENCE_TERM_MAX_ELEMENTS = 2**24  # callers keep no larger term (128 MiB in float64): they recompute it instead
 
 
 def _reference_term(name: str, y: Tensor, params: tuple, compute: Callable[[], Tensor]) -> Tensor:
@@ -59,12 +59,9 @@ def _reference_term(name: str, y: Tensor, params: tuple, compute: Callable[[], T
     key = (name, hashlib.sha256(y.cpu().numpy().tobytes()).hexdigest(), tuple(y.shape), str(y.dtype), str(y.device),
            params)
     if key not in _REFERENCE_TERMS:
-        value = compute()
-        if value.numel() > _REFERENCE_TERM_MAX_ELEMENTS:
-            return value
         while len(_REFERENCE_TERMS) >= _REFERENCE_TERMS_KEPT:
             _REFERENCE_TERMS.pop(next(iter(_REFERENCE_TERMS)))
-        _REFERENCE_TERMS[key] = value
+        _REFERENCE_TERMS[key] = compute()
     return _REFERENCE_TERMS[key]
 
 
