@@ -12,7 +12,8 @@ Budget: every method trains with its own CPU config, `configs/<method>/<data>.ya
 the training wall time are in each row; `--steps N` sets one optimizer-step budget for all). Each trained model is
 cached under `benchmarks/runs/leaderboard/<data>/<method>-<hash>/` where the hash covers the config file, the
 overrides and the seed; scores are cached beside it, so a rerun (or a run stopped and started again) trains and
-scores only what changed. Scores are medians over `--seeds` sampling seeds (2,000 samples each); a method that
+scores only what changed. Scores are medians over `--seeds` sampling seeds (2,000 samples each; a class-conditional
+model samples its classes in the reference set's proportions, `Evaluator.class_labels`); a method that
 cannot sample at an NFE (a fixed-step generator) shows "–" there; a method without a config for the data is
 listed as "not yet". With `--jobs N` the methods train in a pool of N worker processes, longest recorded fit first,
 and the teachers' rows are one more job of the pool; the suite's wall time: `benchmarks/suite_time.py`.
@@ -89,6 +90,10 @@ FROM_SCRATCH = {"ct", "ict", "sct", "analog_bits", "lowdiff"}
 TARGETS = {"tree": [("sw2", 1, 1.5, None), ("nll", 1, 1.5, None)],
            "digits": [("fid", 4, 1.5, None), ("fid", 1, 2.0, None), ("fid", 1, 1.10, {"dmd2"})]}
 CACHE = ROOT / "benchmarks" / "runs" / "leaderboard"
+# The scoring protocol, part of every score's cache key: a change here re-scores every model (not re-trains).
+# "class labels: reference" (2026-12-05): a class-conditional model's classes in the reference set's proportions,
+# where they were uniform random draws before (docs/evaluation.md).
+SCORING = "class labels: reference"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -207,7 +212,8 @@ def score_model(module, evaluator, nfes: list[int], seeds: list[int], num: int, 
             continue
         per_seed, rates, spent = [], [], None
         for seed in seeds:
-            x, _, spent, seconds = draw(module, num, nfe, seed, None, True, 1000, **options)
+            labels = evaluator.class_labels(module, num, seed)  # the reference's class proportions
+            x, _, spent, seconds = draw(module, num, nfe, seed, labels, True, 1000, **options)
             per_seed.append(evaluator.score(x))
             rates.append(num / seconds)
         metrics = {k: statistics.median(s[k] for s in per_seed) for k in per_seed[0]}
@@ -239,7 +245,7 @@ def scored(name: str, data: str, path: Path, evaluator, seeds: list[int], num: i
            options: dict, cache_file: Path) -> dict:
     """Scores of one model, cached in `cache_file` (keyed by the model's hash, seeds, num and options)."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    key = json.dumps([digest, seeds, num, nfes, options], sort_keys=True)
+    key = json.dumps([digest, seeds, num, nfes, options, SCORING], sort_keys=True)
     if cache_file.exists():
         cached = json.loads(cache_file.read_text())
         if cached.get("key") == key:
@@ -371,7 +377,8 @@ def markdown(data: str, table: dict, seeds: list[int], num: int) -> list[str]:
     reference_2 = next(t for t in table["teachers"] if is_reference(t))["rows"]["35"].get(secondary)
     best_free_4, best_solver = best_free_solver(table, primary)
     lines = [f"## {data}", "",
-             f"Primary metric: {primary} (lower is better), median over sampling seeds {seeds}, {num} samples each. "
+             f"Primary metric: {primary} (lower is better), median over sampling seeds {seeds}, {num} samples each "
+             "(classes in the reference set's proportions). "
              f"Teacher reference: Heun at 35 NFE, {primary} {reference:.4g}; best training-free solver at 4 NFE: "
              f"{best_free_4:.4g} ({best_solver}). Ratios are to the 35-NFE reference"
              + (f" ({secondary}: {reference_2:.4g})" if secondary and reference_2 else "") + ". CAF's and flow map's "

@@ -27,7 +27,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .evaluation import Evaluator
+from .evaluation import LABEL_DRAWS, Evaluator
 from .methods.sampling import draw, load_for_sampling
 from .utils.images import image_grid
 
@@ -170,16 +170,22 @@ class NFESweepCallback(Callback):
         seed: sampling seed (the reference draw uses the Evaluator's own seed stream).
         use_ema: sample from the EMA generator.
         batch_size: samples per `sample()` call.
+        class_labels: a class-conditional model's classes, "reference" (the reference set's proportions, as
+            ``evaluate``) or "uniform" (random draws).
     """
 
     def __init__(self, nfe: Sequence[int] = (1, 2, 4), num: int = 1000, every_n_iterations: int | None = None,
-                 num_reference: int = 5000, seed: int = 0, use_ema: bool = True, batch_size: int = 1000):
+                 num_reference: int = 5000, seed: int = 0, use_ema: bool = True, batch_size: int = 1000,
+                 class_labels: str = "reference"):
         self.nfe = _nfe_list(nfe, "NFESweepCallback.nfe")
         self.num = _positive(num, "NFESweepCallback.num")
         self.every_n_iterations = _positive(every_n_iterations, "NFESweepCallback.every_n_iterations", allow_none=True)
         self.num_reference = _positive(num_reference, "NFESweepCallback.num_reference")
         self.batch_size = _positive(batch_size, "NFESweepCallback.batch_size")
         self.seed, self.use_ema = int(seed), bool(use_ema)
+        if class_labels not in LABEL_DRAWS:
+            raise ValueError(f"NFESweepCallback.class_labels: unknown {class_labels!r}; choose one of {LABEL_DRAWS}.")
+        self.class_labels = class_labels
         self._evaluator = None
         self.last: dict[str, float] = {}  # the latest logged values (handy in tests and notebooks)
 
@@ -198,7 +204,8 @@ class NFESweepCallback(Callback):
         evaluator = self.evaluator(trainer)
         out: dict[str, float] = {}
         for nfe in self.nfe:
-            x, _, _, _ = draw(pl_module, self.num, nfe, self.seed, None, self.use_ema, self.batch_size)
+            labels = evaluator.class_labels(pl_module, self.num, self.seed, self.class_labels)
+            x, _, _, _ = draw(pl_module, self.num, nfe, self.seed, labels, self.use_ema, self.batch_size)
             for name, value in evaluator.score(x).items():
                 out[f"val/{name}@{nfe}"] = float(value)
         return out

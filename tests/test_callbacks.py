@@ -4,11 +4,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_fewstep.data import DigitsDataModule, Toy2DDataModule
-from lit_fewstep.evaluation import Evaluator
+from lit_fewstep.evaluation import Evaluator, proportional_labels
 from lit_fewstep.methods import EDMDiffusion
 from lit_fewstep.methods.sampling import draw
 from lit_fewstep.metrics import NFESweepCallback, SampleGridCallback, ThroughputCallback
@@ -58,7 +59,8 @@ def test_toy_callbacks_write_scatter_plots_sweep_and_throughput(tmp_path):
     # ... and its last values are the Evaluator's score of the final model's samples, recomputed here
     evaluator = Evaluator(data, num_reference=600, seed=3)
     for nfe in (1, 2):
-        x, _, spent, _ = draw(model, 300, nfe, seed=3)
+        x, labels, spent, _ = draw(model, 300, nfe, 3, evaluator.class_labels(model, 300, 3))
+        assert torch.bincount(labels).tolist() == (torch.bincount(evaluator.real_labels) / 2).round().long().tolist()
         assert spent == nfe
         for name, value in evaluator.score(x).items():
             logged = acc.Scalars(f"val/{name}@{nfe}")[-1].value
@@ -114,3 +116,35 @@ def test_callbacks_build_from_yaml(repo_root):
         callbacks = yaml.safe_load((repo_root / config).read_text())["trainer"]["callbacks"]
         built = [instantiate(c) for c in callbacks if c["class_path"].startswith("lit_fewstep.")]
         assert {type(c) for c in built} == {SampleGridCallback, NFESweepCallback, ThroughputCallback}, config
+
+
+def test_proportional_labels_are_the_closest_counts_shuffled_by_seed():
+    """Counts floor(num p_c) plus the leftovers to the largest remainders: the closest integers to num p_c
+    summing to num; the order is a permutation fixed by the seed."""
+    reference = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)  # p = 0.6, 0.3, 0.1
+    assert torch.bincount(proportional_labels(reference, 7, 0), minlength=3).tolist() == [4, 2, 1]  # 4.2 2.1 0.7
+    assert torch.bincount(proportional_labels(reference, 4, 0), minlength=3).tolist() == [3, 1, 0]  # 2.4 1.2 0.4
+    tie = torch.tensor([0, 1])
+    assert torch.bincount(proportional_labels(tie, 3, 0)).tolist() == [2, 1]  # 1.5 / 1.5: the tie to class 0
+    a, b = proportional_labels(reference, 1000, 1), proportional_labels(reference, 1000, 1)
+    assert torch.equal(a, b) and not torch.equal(a, proportional_labels(reference, 1000, 2))
+    assert torch.equal(a.sort().values, proportional_labels(reference, 1000, 2).sort().values)
+    assert (a[:500] == 0).sum().item() not in (0, 500)  # shuffled, not sorted by class
+
+
+def test_evaluator_labels_follow_the_reference_only_for_class_conditional_models():
+    data = Toy2DDataModule(name="tree", batch_size=64, num_train=128)
+    evaluator = Evaluator(data, num_reference=1000, seed=0)
+    conditional, unconditional = tiny_toy_teacher(), EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8))
+    counts = torch.bincount(evaluator.real_labels, minlength=2)
+    labels = evaluator.class_labels(conditional, 500, seed=0)
+    assert ((torch.bincount(labels, minlength=2) - counts * 500 / 1000).abs() < 1).all() and len(labels) == 500
+    assert evaluator.class_labels(unconditional, 500, seed=0) is None
+    assert evaluator.class_labels(conditional, 500, seed=0, draw="uniform") is None  # the model's own draws
+    with pytest.raises(ValueError, match="class labels: unknown draw"):
+        evaluator.class_labels(conditional, 500, seed=0, draw="balanced")
+    ten_classes = EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8, num_classes=10))
+    assert evaluator.class_labels(ten_classes, 10, seed=0).max() <= 1  # a model with more classes: the data's only
+    one_class = EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8, num_classes=1))
+    with pytest.raises(ValueError, match="has class 1 but the model takes 1 classes"):
+        evaluator.class_labels(one_class, 10, seed=0)
