@@ -289,3 +289,30 @@ def test_a_run_of_a_few_rows_replaces_those_rows_and_keeps_the_rest_with_their_r
     assert "- tree: `full`" in text and "then rows cd (and the teachers' rows) re-run" in text
     with pytest.raises(SystemExit, match="same --seeds"):
         lb.main(["--data", "tree", "--only", "cd", "--seeds", "0"])
+
+
+def test_a_run_of_every_row_on_cached_fits_is_an_update_and_the_end_to_end_run_stays(tmp_path, monkeypatch):
+    """A run without --only whose table holds fits made before it started (cached: dated earlier, or undated) does
+    not measure the suite, so the last end-to-end run stays the table's run and this one is listed as an update
+    naming what it trained; a run that trained every row replaces it."""
+    run0 = {"command": "full", "machine": "m0", "git": "g0", "started": "2026-12-01 10:00 UTC", "wall_s": 10.0,
+            "seeds": [0, 1, 2], "num": 2000}
+    monkeypatch.setattr(lb, "RESULTS", tmp_path)
+    monkeypatch.setattr(lb, "update_readme", lambda *a: True)
+    args = lb.argparse.Namespace(only=None, teachers_only=False, collect=False, seeds=[0, 1, 2], num=2000)
+    started = "2026-12-05 00:01:10 UTC"
+    new = table()
+    new["methods"][0]["fitted_at"] = "2026-12-05 00:30:00 UTC"  # cd: trained by this run
+    (tmp_path / "leaderboard.json").write_text(json.dumps({"tables": {"tree": table()}, "runs": {"tree": run0}}))
+    assert lb.reused_fits(new, started) == ["dmd2"]  # undated: cached (lowdiff has no fit)
+    new["methods"][1]["fitted_at"] = "2026-12-05 00:01:09 UTC"  # a second before the start: cached
+    lb.write_report({"tree": new}, args, started, 5.0)
+    saved = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert saved["runs"]["tree"]["started"] == run0["started"] and saved["tables"]["tree"] == new
+    assert [(u["rows"], u["reused_fits"]) for u in saved["runs"]["tree"]["updates"]] == [(["cd"], ["dmd2"])]
+    assert "then every row re-scored and rows cd re-trained (the cached fits of dmd2 reused): `" in \
+        (tmp_path / "leaderboard.md").read_text()
+    new["methods"][1]["fitted_at"] = "2026-12-05 00:40:00 UTC"  # now every row was trained after the start
+    lb.write_report({"tree": new}, args, started, 7.0)
+    saved = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert saved["runs"]["tree"]["started"] == started and "updates" not in saved["runs"]["tree"]
