@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -89,7 +88,8 @@ def score(evaluator, x: torch.Tensor) -> dict:
     return {"sw2": sliced_w2(x, evaluator.real), "nll": float(-evaluator.log_prob(x.double()).mean())}
 
 
-def evaluate(module, evaluator, nfe: int, scale: float, seeds, num: int, teacher_samples=None) -> tuple[dict, dict]:
+def evaluate(module, evaluator, nfe: int, scale: float, seeds, num: int, teacher_samples=None,
+             class_labels: str = "reference") -> tuple[dict, dict]:
     """Per-seed scores and samples of `module` at `nfe` and guidance `scale`. Toys: with `teacher_samples`, also the
     sliced W2 to the teacher's samples of the same seed; without, the teacher's own seed-to-seed value (its samples
     against the next seed's), the floor of that column at this sample count."""
@@ -97,7 +97,8 @@ def evaluate(module, evaluator, nfe: int, scale: float, seeds, num: int, teacher
 
     scores, samples = {}, {}
     for seed in seeds:
-        x, _, spent, _ = draw(module, num, nfe, seed, None, True, 1000, guidance_scale=scale)
+        labels = evaluator.class_labels(module, num, seed, class_labels)  # docs/evaluation.md
+        x, _, spent, _ = draw(module, num, nfe, seed, labels, True, 1000, guidance_scale=scale)
         scores[seed], samples[seed] = {"nfe_spent": spent, **score(evaluator, x)}, x
         if teacher_samples is not None and not evaluator.is_image:
             scores[seed]["sw2_to_teacher"] = sliced_w2(x, teacher_samples[seed])
@@ -130,6 +131,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=["tree", "digits"], default="tree")
     parser.add_argument("--run", default=None, help="log folder of a finished fit (default: fit now)")
+    parser.add_argument("--students", default=None, help="instead of --run: a leaderboard cache folder "
+                        "(benchmarks/runs/leaderboard/<data>/guided_distillation-<hash>) with its stage students")
+    parser.add_argument("--class_labels", choices=["reference", "uniform"], default="reference",
+                        help="classes of the samples: the reference's proportions (default since 2026-12-05) or "
+                             "uniform draws (the tables before)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0], help="EDM2 scales (w + 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="students to evaluate (default: all)")
@@ -149,13 +155,20 @@ def main() -> None:
     start = time.time()
     config = f"configs/guided_distillation/{args.data}.yaml"
     fit_command = None
-    if args.run is None:
+    if args.run is None and args.students is None:
         model, _, fit_command = train({"config": config}, "guided_distillation", 0)
         run = model.parent
-    else:
+    elif args.run is not None:
         run = Path(args.run)
     every = []
-    found, stage_one = stage_checkpoints(run, every)
+    if args.students:  # the leaderboard's cache keeps the checkpoint that ends each stage, not the fit's folder
+        run = Path(args.students)
+        record = json.loads((run / "train.json").read_text())
+        found, stage_one = {int(n): run / name for n, name in record["students"].items()}, None
+        if args.stages or args.along is not None:
+            raise SystemExit("--students: --stages and --along need the fit's own checkpoints (--run).")
+    else:
+        found, stage_one = stage_checkpoints(run, every)
     bounds = stage_bounds(stage_one, next(iter(found.values()))) if args.stages else []
     if args.steps:
         found = {k: v for k, v in found.items() if k in args.steps}
@@ -173,7 +186,8 @@ def main() -> None:
 
     def add_row(name: str, module, steps: int, scale: float, teacher_x=None, reference=None, **extra) -> tuple:
         """Score `module` at `steps` and `scale`; with `reference` (the teacher's row), its primary-metric ratio."""
-        per_seed, samples = evaluate(module, evaluator, steps, scale, args.seeds, args.num, teacher_x)
+        per_seed, samples = evaluate(module, evaluator, steps, scale, args.seeds, args.num, teacher_x,
+                                     args.class_labels)
         row = {"model": name, "steps": steps, "scale": scale, "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"],
                "per_seed": per_seed, **median_row(per_seed), **extra}
         if reference is not None:
@@ -188,8 +202,8 @@ def main() -> None:
             if scale == 1.0 or not unguided_only:
                 add_row(name, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
         for steps, path in to_score:
-            iterations = re.search(r"step=(\d+)", path.name).group(1)
-            add_row(f"student ({iterations} it)", load(path), steps, scale, teacher_x, teacher_row,
+            student = load(path)
+            add_row(f"student ({int(student.iteration)} it)", student, steps, scale, teacher_x, teacher_row,
                     ckpt=str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
     write(rows, args, primary, run, config, fit_command, time.time() - start)
 
