@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import PRIMARY, exact_command, git_state, load, train  # noqa: E402
+from lit_fewstep.evaluation import LABEL_DRAWS  # noqa: E402
 from lit_fewstep.utils.machine import describe_machine  # noqa: E402
 
 TEACHER_NFE = 35
@@ -93,12 +94,9 @@ def evaluate(module, evaluator, nfe: int, scale: float, seeds, num: int, teacher
     """Per-seed scores and samples of `module` at `nfe` and guidance `scale`. Toys: with `teacher_samples`, also the
     sliced W2 to the teacher's samples of the same seed; without, the teacher's own seed-to-seed value (its samples
     against the next seed's), the floor of that column at this sample count."""
-    from lit_fewstep.methods.sampling import draw
-
     scores, samples = {}, {}
     for seed in seeds:
-        labels = evaluator.class_labels(module, num, seed, class_labels)  # docs/evaluation.md
-        x, _, spent, _ = draw(module, num, nfe, seed, labels, True, 1000, guidance_scale=scale)
+        x, _, spent, _ = evaluator.sample(module, num, nfe, seed, class_labels=class_labels, guidance_scale=scale)
         scores[seed], samples[seed] = {"nfe_spent": spent, **score(evaluator, x)}, x
         if teacher_samples is not None and not evaluator.is_image:
             scores[seed]["sw2_to_teacher"] = sliced_w2(x, teacher_samples[seed])
@@ -133,7 +131,7 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="log folder of a finished fit (default: fit now)")
     parser.add_argument("--students", default=None, help="instead of --run: a leaderboard cache folder "
                         "(benchmarks/runs/leaderboard/<data>/guided_distillation-<hash>) with its stage students")
-    parser.add_argument("--class_labels", choices=["reference", "uniform"], default="reference",
+    parser.add_argument("--class_labels", choices=LABEL_DRAWS, default="reference",
                         help="classes of the samples: the reference's proportions (default since 2026-12-05) or "
                              "uniform draws (the tables before)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0], help="EDM2 scales (w + 1)")

@@ -204,16 +204,13 @@ def keep_stage_students(run: Path, folder: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ scoring
 def score_model(module, evaluator, nfes: list[int], seeds: list[int], num: int, options: dict) -> dict[int, dict]:
     """{nfe: metrics} with every metric the median over sampling seeds; NFEs the model cannot take are skipped."""
-    from lit_fewstep.methods.sampling import draw
-
     rows = {}
     for nfe in nfes:
         if (module.max_nfe is not None and nfe > module.max_nfe) or nfe < module.min_nfe:
             continue
         per_seed, rates, spent = [], [], None
         for seed in seeds:
-            labels = evaluator.class_labels(module, num, seed)  # the reference's class proportions
-            x, _, spent, seconds = draw(module, num, nfe, seed, labels, True, 1000, **options)
+            x, _, spent, seconds = evaluator.sample(module, num, nfe, seed, **options)  # docs/evaluation.md
             per_seed.append(evaluator.score(x))
             rates.append(num / seconds)
         metrics = {k: statistics.median(s[k] for s in per_seed) for k in per_seed[0]}

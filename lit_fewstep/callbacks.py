@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .evaluation import LABEL_DRAWS, Evaluator
-from .methods.sampling import draw, load_for_sampling
+from .methods.sampling import load_for_sampling
 from .utils.images import image_grid
 
 __all__ = ["SampleGridCallback", "NFESweepCallback", "ThroughputCallback"]
@@ -204,8 +204,8 @@ class NFESweepCallback(Callback):
         evaluator = self.evaluator(trainer)
         out: dict[str, float] = {}
         for nfe in self.nfe:
-            labels = evaluator.class_labels(pl_module, self.num, self.seed, self.class_labels)
-            x, _, _, _ = draw(pl_module, self.num, nfe, self.seed, labels, self.use_ema, self.batch_size)
+            x, _, _, _ = evaluator.sample(pl_module, self.num, nfe, self.seed, self.use_ema, self.batch_size,
+                                          self.class_labels)
             for name, value in evaluator.score(x).items():
                 out[f"val/{name}@{nfe}"] = float(value)
         return out
