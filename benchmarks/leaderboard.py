@@ -640,6 +640,11 @@ def write_report(tables: dict[str, dict], args, started: str, seconds: float) ->
             merged[data] = merge_rows(merged[data], table)
             runs[data] = {**runs[data], "updates": [*runs[data].get("updates", []),
                                                     {**this_run, "rows": args.only or []}]}
+        elif args.collect and data in runs:
+            # a report from cached scores trains nothing: the suite's wall time stays the recorded run's
+            merged[data] = table
+            runs[data] = {**runs[data], "updates": [*runs[data].get("updates", []),
+                                                    {**this_run, "rows": [], "collected": True}]}
         elif reused and data in runs:
             # every row, but some from fits cached before the run: its wall time is not the suite's, so the last
             # end-to-end run stays the table's run (benchmarks/suite_time.py measures from it), this one an update
@@ -647,14 +652,16 @@ def write_report(tables: dict[str, dict], args, started: str, seconds: float) ->
             trained = [m["name"] for m in table["methods"] if "missing" not in m and m["name"] not in reused]
             runs[data] = {**runs[data], "updates": [*runs[data].get("updates", []),
                                                     {**this_run, "rows": trained, "reused_fits": reused}]}
-        else:
-            merged[data], runs[data] = table, this_run
+        else:  # a first `--collect` becomes the table's run, marked so that nobody reads its wall time as the suite's
+            merged[data], runs[data] = table, {**this_run, **({"collected": True} if args.collect else {})}
     return render(merged, runs)
 
 
-def updated_rows(rows: list[str], reused: list[str] = ()) -> str:
-    """What a partial run re-ran: some methods' rows (and, always, the teachers'), or the teachers' alone; or, for
-    a run of every row that reused cached fits, which rows it trained."""
+def updated_rows(rows: list[str], reused: list[str] = (), collected: bool = False) -> str:
+    """What a partial run re-ran: some methods' rows (and, always, the teachers'), or the teachers' alone; for
+    a run of every row that reused cached fits, which rows it trained; for `--collect`, that it trained nothing."""
+    if collected:
+        return "the table collected from the cached scores (`--collect`: nothing trained or scored)"
     if reused:
         return (f"every row re-scored and rows {', '.join(rows) or 'none'} re-trained (the cached fits of "
                 f"{', '.join(reused)} reused)")
@@ -672,8 +679,10 @@ def render(merged: dict[str, dict], runs: dict) -> Path:
     for data, table in merged.items():
         info = runs.get(data, {})
         lines += [f"- {data}: `{info.get('command')}`; machine: {info.get('machine')}; git {info.get('git')}; "
-                  f"started {info.get('started')}, {info.get('wall_s', 0):.0f} s"]
-        lines += [f"  - then {updated_rows(u['rows'], u.get('reused_fits', []))}: `{u['command']}`; machine: "
+                  f"started {info.get('started')}, {info.get('wall_s', 0):.0f} s"
+                  + (" (a `--collect` report: nothing trained or scored)" if info.get("collected") else "")]
+        lines += [f"  - then {updated_rows(u['rows'], u.get('reused_fits', []), u.get('collected', False))}: "
+                  f"`{u['command']}`; machine: "
                   f"{u['machine']}; git {u['git']}; started {u['started']}, {u['wall_s']:.0f} s"
                   for u in info.get("updates", [])]
     lines.append("")

@@ -40,6 +40,9 @@ def fit_times(table: dict) -> dict[str, float]:
 def base_of(data: str, now: dict) -> tuple[dict[str, float], str]:
     """Row fit times of `data` as its last end-to-end run recorded them, and where they were read."""
     run = now["runs"][data]
+    if run.get("collected"):
+        raise SystemExit(f"{data}: the recorded run is a `--collect` report, whose wall time is not the suite's; run "
+                         f"`benchmarks/leaderboard.py --data {data} --jobs 2` end to end first.")
     if not run.get("updates"):
         return fit_times(now["tables"][data]), "this file (no update since the run)"
     commits = subprocess.run(["git", "log", "--reverse", "--format=%H", "--", TABLE], cwd=ROOT, check=True,

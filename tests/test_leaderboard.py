@@ -316,3 +316,30 @@ def test_a_run_of_every_row_on_cached_fits_is_an_update_and_the_end_to_end_run_s
     lb.write_report({"tree": new}, args, started, 7.0)
     saved = json.loads((tmp_path / "leaderboard.json").read_text())
     assert saved["runs"]["tree"]["started"] == started and "updates" not in saved["runs"]["tree"]
+
+
+def test_a_collect_report_is_an_update_and_never_the_suites_wall_time(tmp_path, monkeypatch):
+    """`--collect` trains and scores nothing, so on a recorded table it is listed as an update and the end-to-end
+    run (whose wall time benchmarks/suite_time.py reads) stays; as a table's first record it is marked, and
+    suite_time refuses it rather than report its seconds as the suite's."""
+    from benchmarks import suite_time
+
+    run0 = {"command": "full", "machine": "m0", "git": "g0", "started": "2026-12-01 10:00 UTC", "wall_s": 10.0,
+            "seeds": [0, 1, 2], "num": 2000}
+    monkeypatch.setattr(lb, "RESULTS", tmp_path)
+    monkeypatch.setattr(lb, "update_readme", lambda *a: True)
+    args = lb.argparse.Namespace(only=None, teachers_only=False, collect=True, seeds=[0, 1, 2], num=2000)
+    (tmp_path / "leaderboard.json").write_text(json.dumps({"tables": {"tree": table()}, "runs": {"tree": run0}}))
+    lb.write_report({"tree": table()}, args, "2026-12-05 01:00:00 UTC", 3.0)
+    saved = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert saved["runs"]["tree"]["started"] == run0["started"] and saved["runs"]["tree"]["wall_s"] == 10.0
+    assert [(u["rows"], u["collected"]) for u in saved["runs"]["tree"]["updates"]] == [([], True)]
+    assert "then the table collected from the cached scores" in (tmp_path / "leaderboard.md").read_text()
+
+    (tmp_path / "leaderboard.json").unlink()
+    lb.write_report({"tree": table()}, args, "2026-12-05 01:00:00 UTC", 3.0)
+    saved = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert saved["runs"]["tree"]["collected"] is True
+    assert "3 s (a `--collect` report: nothing trained or scored)" in (tmp_path / "leaderboard.md").read_text()
+    with pytest.raises(SystemExit, match="--collect. report"):
+        suite_time.base_of("tree", saved)
