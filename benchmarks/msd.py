@@ -35,7 +35,10 @@ Runs (tree has 2 classes, so K <= 2 there):
 
 Protocol: every `--every` iterations each run is scored with the module's EMA on `--num_progress` samples
 (sampling seed 0), the curve used to decide whether the single student has stopped improving. At the end each run
-is scored on `--num` samples with sampling seeds 0, 1, 2 (medians reported), then images/s of all the runs of the
+is scored on `--num` samples with sampling seeds 0, 1, 2 (medians reported; the classes in the reference set's
+proportions, `--class_labels`, as every score of the package draws them since 2026-12-05: the runs before drew them
+uniformly), and its EMA weights exported to benchmarks/runs/msd/<data>/<run>.pt (for later re-scoring with
+`python -m lit_fewstep evaluate`); then images/s of all the runs of the
 invocation are measured in the same process, interleaved over 3 rounds (median), so that load changes from other
 users hit every run alike. One process, one thread, runs one after another.
 """
@@ -60,7 +63,7 @@ import torch  # noqa: E402
 
 from benchmarks.dmd import SEED, SETTINGS, TEACHERS, build, images_per_s, machine  # noqa: E402
 from benchmarks.run import write_atomically  # noqa: E402
-from lit_fewstep.evaluation import Evaluator  # noqa: E402
+from lit_fewstep.evaluation import LABEL_DRAWS, Evaluator  # noqa: E402
 from lit_fewstep.metrics import ExactNLL, SlicedWasserstein2  # noqa: E402
 from lit_fewstep.utils.config import instantiate  # noqa: E402
 
@@ -96,27 +99,30 @@ def runs_for(data: str, lr: float, tsm: float, tsm_lr: float | None, half_studen
 class Progress(L.Callback):
     """Headline metric of the module's EMA every `every` iterations (one sampling seed)."""
 
-    def __init__(self, evaluator: Evaluator, data: str, every: int, num: int):
+    def __init__(self, evaluator: Evaluator, data: str, every: int, num: int, class_labels: str = "reference"):
         self.evaluator, self.data, self.every, self.num = evaluator, data, every, num
+        self.class_labels = class_labels
         self.rows: list[dict] = []
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         iteration = int(pl_module.iteration)
         if iteration % self.every == 0:
-            metrics = scored(pl_module, self.evaluator, self.num, SEED, quick=True)
+            metrics = scored(pl_module, self.evaluator, self.num, SEED, quick=True, class_labels=self.class_labels)
             row = {"iteration": iteration, "train_s": round(time.perf_counter() - self.start, 1), **metrics}
             self.rows.append(row)
             print(json.dumps(row), flush=True)
 
 
 @torch.no_grad()
-def scored(model, evaluator: Evaluator, num: int, seed: int, quick: bool = False) -> dict:
-    """Metrics of `num` one-step samples drawn with sampling seed `seed`. quick (progress curves): the tree's SW2
-    and NLL only (its MMD and precision/recall against 10,000 references take seconds per call)."""
+def scored(model, evaluator: Evaluator, num: int, seed: int, quick: bool = False, class_labels: str = "reference"
+           ) -> dict:
+    """Metrics of `num` one-step samples drawn with sampling seed `seed`, their classes drawn as `class_labels`
+    says (`Evaluator.class_labels`). quick (progress curves): the tree's SW2 and NLL only (its MMD and
+    precision/recall against 10,000 references take seconds per call)."""
     was_training = model.training
     model.eval()
-    x = model.sample(num, 1, generator=torch.Generator().manual_seed(seed)).x
+    x = evaluator.sample(model, num, 1, seed, class_labels=class_labels)[0]
     model.train(was_training)
     if quick and getattr(evaluator, "log_prob", None) is not None:
         sw2 = SlicedWasserstein2(sync_on_compute=False)
@@ -138,12 +144,12 @@ def plateau(curve: list[dict], key: str, window: int = 3, tol: float = 0.05) -> 
 
 
 def train(run: dict, data: str, iters: int, evaluator: Evaluator, every: int, num_progress: int, seed: int = SEED,
-          batch_size: int | None = None):
+          batch_size: int | None = None, class_labels: str = "reference"):
     L.seed_everything(seed, verbose=False)  # the module's training noise is keyed by this seed (PL_GLOBAL_SEED)
     run = dict(run, iters=iters)
     start = time.perf_counter()
     model = build(run, data, None)
-    progress = Progress(evaluator, data, every, num_progress)
+    progress = Progress(evaluator, data, every, num_progress, class_labels)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=model.optimizer_steps_for(iters), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[progress],
@@ -187,6 +193,10 @@ def main() -> None:
                              "student's steps see as many samples as the single student's (the same compute per "
                              "student-class pair, the same total of optimizer steps over the students); the run's "
                              "name gets the suffix _sb")
+    parser.add_argument("--class_labels", choices=LABEL_DRAWS, default="reference",
+                        help="how the scores draw the classes (docs/evaluation.md)")
+    parser.add_argument("--tag", default=None,
+                        help="a table of its own: msd_<data>_<tag>.json (default: the current table, msd_<data>.json)")
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
     parser.add_argument("--speed", action="store_true",
                         help="only re-measure images/s of the runs in msd_{data}.json, all in this process")
@@ -203,13 +213,13 @@ def main() -> None:
     data = args.data
     iters = args.iters or SETTINGS[data]["iters"]
     num = args.num or (2000 if data == "digits" else 5000)
-    out = RESULTS / f"msd_{data}.json"
+    out = RESULTS / (f"msd_{data}_{args.tag}.json" if args.tag else f"msd_{data}.json")
     evaluator = Evaluator(instantiate(SETTINGS[data]["data"]), num_reference=10000, seed=SEED)
     command = "OMP_NUM_THREADS=1 python benchmarks/msd.py " + " ".join(sys.argv[1:])
     header = {"data": data, "command": command,
               "machine": machine(), "iters": iters, "lr": args.lr, "tsm_fraction": args.tsm, "tsm_lr": args.tsm_lr,
               "tsm_iters": args.tsm_iters, "half_students": args.half_students,
-              "num": num,
+              "num": num, "class_labels": args.class_labels,
               "num_progress": args.num_progress, "every": args.every, "settings": {
                   k: SETTINGS[data][k] for k in ("data", "common", "gan")}, "load_start": os.getloadavg()[0]}
     results, models = [], {}
@@ -241,8 +251,9 @@ def main() -> None:
         if args.student_batch and run["students"] > 1:
             batch_size = SETTINGS[data]["data"]["init_args"]["batch_size"] * run["students"]
             run_iters //= run["students"]
-        model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress, args.train_seed, batch_size)
-        per_seed = [scored(model, evaluator, num, seed) for seed in SAMPLING_SEEDS]
+        model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress, args.train_seed, batch_size,
+                            args.class_labels)
+        per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels) for seed in SAMPLING_SEEDS]
         info.update(name=run_name(run["name"], args.ema_decay, args.train_seed, run_iters if args.name_iters else None,
                                   student_batch=batch_size is not None),
                     train_seed=args.train_seed, method=run["cls"], students=run["students"], command=command,
@@ -256,6 +267,9 @@ def main() -> None:
         print(f"[{data}] {run['name']}: {json.dumps(info['median'])} ({info['train_s']:.0f} s)", flush=True)
         results.append(info)
         models[info["name"]] = model
+        export = ROOT / "benchmarks" / "runs" / "msd" / data / f"{info['name']}.pt"
+        export.parent.mkdir(parents=True, exist_ok=True)
+        model.export(str(export))
         save()
     # images/s, all runs interleaved over 3 rounds
     speeds = {name: [] for name in models}
@@ -326,7 +340,10 @@ def write_report() -> None:
         data = r["data"]
         keys, head = METRICS[data], HEADLINE[data]
         commands = r.get("commands") or [r["command"]]
-        title = data if path.stem == f"msd_{data}" else f"{data}, earlier: {path.stem.removeprefix(f'msd_{data}_')}"
+        tag = path.stem.removeprefix(f"msd_{data}_")
+        # tables scored before the reference proportions (uniform classes) are the earlier ones
+        title = data if path.stem == f"msd_{data}" else f"{data}, {'' if 'class_labels' in r else 'earlier: '}{tag}"
+        classes = "in the reference set's proportions" if r.get("class_labels") == "reference" else "uniformly"
         lines += [f"## {title}", "", "Commands (one after another; a later `--runs` subset adds its runs to the table):", "",
                   *[f"    {c}" for c in commands], ""]
         if "speed_command" in r:
@@ -338,7 +355,8 @@ def write_report() -> None:
                   f"{r.get('load_end', float('nan')):.1f} at the end. Training seed {SEED} (a run named *_seed<N>: "
                   f"N; *_ema<d>: sampling EMA d instead of the settings'; *_sb: K times the batch for 1/K of the iterations, "
                   f"`--student_batch`); sampling seeds "
-                  f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds. "
+                  f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds; "
+                  f"classes drawn {classes}. "
                   f"Iterations per run in the table, batch {r['settings']['data']['init_args']['batch_size']}, "
                   f"lr {r['lr']}, settings {r['settings']['common']} (lr overridden), GAN {r['settings']['gan']}, "
                   "TTUR 5.", "",
