@@ -165,8 +165,9 @@ def render(result: dict) -> str:
                   f"{result['pairs_seconds']:.0f} s")
     if couplings == "digits":
         setup = ("Every run is `python -m lit_fewstep fit` on its config (commands below): the configs' UNets (32 "
-                 "channels), batch 128, AdamW lr 5e-4, EMA 0.998, official pseudo-Huber, output clamped to [-1, 1]; "
-                 f"{budget} (CAF 1,500 + 1,500 against 2-RF 3,000 by default: the same number of network updates).")
+                 "channels), batch 128, AdamW, EMA 0.998, official pseudo-Huber, output clamped to [-1, 1]; "
+                 f"{budget} (by default the same number of network updates: until 2026-12-05 CAF 1,500 + 1,500 "
+                 "against 2-RF 3,000 at lr 5e-4, since then CAF 2,250 + 750 and 2-RF 3,000 at lr 1e-3).")
         measure = ("fid = FID (the leaderboard's digits evaluator, digit-classifier features) of the samples from the "
                    f"held-out noises; the teacher's own samples x_1 of those noises score {result['teacher_floor']:.3f}")
     else:
