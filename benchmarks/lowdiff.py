@@ -49,12 +49,12 @@ BASELINE = [("heun", 7), ("heun", 9), ("heun", 13), ("heun", 19), ("heun", 27), 
             ("euler", 3), ("euler", 5), ("euler", 7), ("euler", 9), ("euler", 13), ("euler", 17),
             ("dpmpp_2m", 2), ("dpmpp_2m", 3), ("dpmpp_2m", 4), ("dpmpp_2m", 5), ("dpmpp_2m", 7), ("dpmpp_2m", 9), ("dpmpp_2m", 13),
             ("unipc", 3), ("unipc", 4), ("unipc", 5), ("unipc", 7), ("unipc", 9)]
-# (8x8 solver, evaluations at 8x8, at 16x16); Euler at 16x16
+# (8x8 solver, evaluations at 8x8, at 16x16); Euler at 16x16. UniPC at 8x8 fills the gap between 3 + 1 and 4 + 1
 CASCADE = [("heun", 5, 1), ("heun", 7, 2), ("heun", 9, 2), ("heun", 11, 2), ("heun", 11, 3), ("heun", 13, 2),
            ("heun", 13, 3), ("heun", 15, 3), ("heun", 19, 3), ("heun", 25, 3), ("heun", 25, 5), ("heun", 35, 5),
            ("dpmpp_2m", 2, 1), ("dpmpp_2m", 3, 1), ("dpmpp_2m", 4, 1), ("dpmpp_2m", 3, 2), ("dpmpp_2m", 4, 2),
            ("dpmpp_2m", 5, 2), ("dpmpp_2m", 7, 2), ("dpmpp_2m", 7, 3), ("dpmpp_2m", 9, 3),
-           ("dpmpp_2m", 13, 3)]
+           ("dpmpp_2m", 13, 3), ("unipc", 3, 1), ("unipc", 4, 1), ("unipc", 3, 2)]
 BATCH = 250
 MODELS_REL = "benchmarks/runs/lowdiff"
 MODELS = ROOT / MODELS_REL
