@@ -199,7 +199,7 @@ def main() -> None:
                         help="a table of its own: msd_<data>_<tag>.json (default: the current table, msd_<data>.json)")
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
     parser.add_argument("--speed", action="store_true",
-                        help="only re-measure images/s of the runs in msd_{data}.json, all in this process")
+                        help="only re-measure images/s of the runs in msd_{data}.json (msd_{data}_<tag>.json with --tag), all in this process")
     args = parser.parse_args()
     if args.report:
         write_report()
@@ -208,7 +208,7 @@ def main() -> None:
         parser.error("--data: give tree or digits (or --report)")
     torch.set_num_threads(1)
     if args.speed:
-        measure_speed(args.data)
+        measure_speed(args.data, args.tag)
         return
     data = args.data
     iters = args.iters or SETTINGS[data]["iters"]
@@ -284,11 +284,11 @@ def main() -> None:
     write_report()
 
 
-def measure_speed(data: str, rounds: int = 5) -> None:
-    """images/s of every run's architecture and routing, all in one process, interleaved over `rounds` rounds
-    (median), so that load from other users hits every run alike. The models are rebuilt untrained: the time of
-    a one-step forward does not depend on the weights."""
-    out = RESULTS / f"msd_{data}.json"
+def measure_speed(data: str, tag: str | None = None, rounds: int = 5) -> None:
+    """images/s of every run's architecture and routing in one table (msd_<data>.json, or msd_<data>_<tag>.json),
+    all in one process, interleaved over `rounds` rounds (median), so that load from other users hits every run
+    alike. The models are rebuilt untrained: the time of a one-step forward does not depend on the weights."""
+    out = RESULTS / (f"msd_{data}_{tag}.json" if tag else f"msd_{data}.json")
     r = json.loads(out.read_text())
     runs = {run["name"]: run for run in runs_for(data, r["lr"], 0.0, None)}
     def rebuilt(x: dict):  # with the number of students it was trained with (--half_students may differ)
@@ -304,7 +304,7 @@ def measure_speed(data: str, rounds: int = 5) -> None:
     for x in r["results"]:
         x["images_per_s"], x["images_per_s_rounds"] = statistics.median(speeds[x["name"]]), speeds[x["name"]]
         x["speed"] = "speed pass"
-    r["speed_command"] = f"OMP_NUM_THREADS=1 python benchmarks/msd.py --data {data} --speed"
+    r["speed_command"] = f"OMP_NUM_THREADS=1 python benchmarks/msd.py --data {data} --speed" + (f" --tag {tag}" if tag else "")
     r["speed_load"] = os.getloadavg()[0]
     out.write_text(json.dumps(r, indent=1))
     write_report()
