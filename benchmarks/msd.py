@@ -213,7 +213,7 @@ def main() -> None:
     data = args.data
     iters = args.iters or SETTINGS[data]["iters"]
     num = args.num or (2000 if data == "digits" else 5000)
-    out = RESULTS / (f"msd_{data}_{args.tag}.json" if args.tag else f"msd_{data}.json")
+    out = table_path(data, args.tag)
     evaluator = Evaluator(instantiate(SETTINGS[data]["data"]), num_reference=10000, seed=SEED)
     command = "OMP_NUM_THREADS=1 python benchmarks/msd.py " + " ".join(sys.argv[1:])
     header = {"data": data, "command": command,
@@ -284,11 +284,16 @@ def main() -> None:
     write_report()
 
 
+def table_path(data: str, tag: str | None) -> Path:
+    """msd_<data>.json, the current table, or msd_<data>_<tag>.json, a table of its own (`--tag`)."""
+    return RESULTS / (f"msd_{data}_{tag}.json" if tag else f"msd_{data}.json")
+
+
 def measure_speed(data: str, tag: str | None = None, rounds: int = 5) -> None:
     """images/s of every run's architecture and routing in one table (msd_<data>.json, or msd_<data>_<tag>.json),
     all in one process, interleaved over `rounds` rounds (median), so that load from other users hits every run
     alike. The models are rebuilt untrained: the time of a one-step forward does not depend on the weights."""
-    out = RESULTS / (f"msd_{data}_{tag}.json" if tag else f"msd_{data}.json")
+    out = table_path(data, tag)
     r = json.loads(out.read_text())
     runs = {run["name"]: run for run in runs_for(data, r["lr"], 0.0, None)}
     def rebuilt(x: dict):  # with the number of students it was trained with (--half_students may differ)
