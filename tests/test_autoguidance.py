@@ -44,10 +44,14 @@ def test_autoguidance_identities_and_nfe(cls):
 
 
 def test_autoguidance_of_an_unconditional_model():
-    model = EDMDiffusion(MLP(dim=2, hidden=16, depth=1, emb_dim=8), sigma_data=1.0)
-    guide = EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8), sigma_data=1.0)
+    torch.manual_seed(0)
+    model = _randomized(EDMDiffusion(MLP(dim=2, hidden=16, depth=1, emb_dim=8), sigma_data=1.0))
+    guide = _randomized(EDMDiffusion(MLP(dim=2, hidden=8, depth=1, emb_dim=8), sigma_data=1.0))
+    plain = model.sample(4, 3, generator=_g())
     out = model.sample(4, 3, generator=_g(), guide=guide, guidance_scale=2.0)
-    assert out.nfe == 6 and torch.isfinite(out.x).all()
+    assert out.nfe == 6 and torch.isfinite(out.x).all() and not torch.allclose(out.x, plain.x)
+    # without class labels too, a guide equal to the model changes nothing: D_w + s (D - D_w) = D
+    torch.testing.assert_close(model.sample(4, 3, generator=_g(), guide=model, guidance_scale=2.0).x, plain.x)
 
 
 def test_guide_of_another_task_is_refused():

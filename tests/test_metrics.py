@@ -217,12 +217,17 @@ def test_fid_metric_matches_frechet_distance_of_features():
 
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
 def test_kid_runs_with_custom_features():
-    kid = make_kid(LinearFeatures(), subsets=5, subset_size=50)
-    kid.update(torch.rand(100, 1, 8, 8, generator=_gen(19)), real=True)
-    kid.update(torch.rand(100, 1, 8, 8, generator=_gen(20)) + 0.5, real=False)
-    torch.manual_seed(0)
-    mean, std = kid.compute()
-    assert mean.item() > 0 and torch.isfinite(std)
+    """KID is an unbiased MMD^2: near zero between two draws of one distribution, clearly positive after a shift."""
+    def kid_of(shift):
+        kid = make_kid(LinearFeatures(), subsets=5, subset_size=50)
+        kid.update(torch.rand(100, 1, 8, 8, generator=_gen(19)), real=True)
+        kid.update(torch.rand(100, 1, 8, 8, generator=_gen(20)) + shift, real=False)
+        torch.manual_seed(0)
+        return kid.compute()
+
+    (same, same_std), (shifted, shifted_std) = kid_of(0.0), kid_of(0.5)
+    assert torch.isfinite(same_std) and torch.isfinite(shifted_std)
+    assert shifted.item() > 0 and abs(same.item()) < 0.1 * shifted.item()
 
 
 def test_inception_features_never_downloads(tmp_path):
