@@ -115,14 +115,14 @@ class Progress(L.Callback):
 
 
 @torch.no_grad()
-def scored(model, evaluator: Evaluator, num: int, seed: int, quick: bool = False, class_labels: str = "reference"
-           ) -> dict:
+def scored(model, evaluator: Evaluator, num: int, seed: int, quick: bool = False, class_labels: str = "reference",
+           use_ema: bool | str = True) -> dict:
     """Metrics of `num` one-step samples drawn with sampling seed `seed`, their classes drawn as `class_labels`
     says (`Evaluator.class_labels`). quick (progress curves): the tree's SW2 and NLL only (its MMD and
     precision/recall against 10,000 references take seconds per call)."""
     was_training = model.training
     model.eval()
-    x = evaluator.sample(model, num, 1, seed, class_labels=class_labels)[0]
+    x = evaluator.sample(model, num, 1, seed, use_ema=use_ema, class_labels=class_labels)[0]
     model.train(was_training)
     if quick and getattr(evaluator, "log_prob", None) is not None:
         sw2 = SlicedWasserstein2(sync_on_compute=False)
@@ -144,11 +144,13 @@ def plateau(curve: list[dict], key: str, window: int = 3, tol: float = 0.05) -> 
 
 
 def train(run: dict, data: str, iters: int, evaluator: Evaluator, every: int, num_progress: int, seed: int = SEED,
-          batch_size: int | None = None, class_labels: str = "reference"):
+          batch_size: int | None = None, class_labels: str = "reference", extra_emas: tuple[str, ...] = ()):
     L.seed_everything(seed, verbose=False)  # the module's training noise is keyed by this seed (PL_GLOBAL_SEED)
     run = dict(run, iters=iters)
     start = time.perf_counter()
     model = build(run, data, None)
+    for spec in extra_emas:  # averages only: they draw no random numbers and feed nothing back into training
+        model.add_ema(ema_label(spec), **ema_profile(spec))
     progress = Progress(evaluator, data, every, num_progress, class_labels)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=model.optimizer_steps_for(iters), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -197,6 +199,10 @@ def main() -> None:
                         help="how the scores draw the classes (docs/evaluation.md)")
     parser.add_argument("--tag", default=None,
                         help="a table of its own: msd_<data>_<tag>.json (default: the current table, msd_<data>.json)")
+    parser.add_argument("--extra_ema", nargs="+", default=[], metavar="DECAY|gGAMMA",
+                        help="further EMAs tracked in the same runs (`add_ema`), each scored and exported as a row of its "
+                             "own, named _ema<spec>: a constant decay (0.999) or EDM2's power-function profile with "
+                             "exponent GAMMA (g16.97: sigma_rel 0.05; g6.94: 0.10)")
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
     parser.add_argument("--speed", action="store_true",
                         help="only re-measure images/s of the runs in msd_{data}.json (msd_{data}_<tag>.json with --tag), all in this process")
@@ -206,6 +212,11 @@ def main() -> None:
         return
     if args.data is None:
         parser.error("--data: give tree or digits (or --report)")
+    for spec in args.extra_ema:
+        try:
+            ema_profile(spec)
+        except ValueError:
+            parser.error(f"--extra_ema: {spec!r} is neither a decay in (0, 1) nor gGAMMA with GAMMA > 0")
     torch.set_num_threads(1)
     if args.speed:
         measure_speed(args.data, args.tag)
@@ -252,7 +263,7 @@ def main() -> None:
             batch_size = SETTINGS[data]["data"]["init_args"]["batch_size"] * run["students"]
             run_iters //= run["students"]
         model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress, args.train_seed, batch_size,
-                            args.class_labels)
+                            args.class_labels, tuple(args.extra_ema))
         per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels) for seed in SAMPLING_SEEDS]
         info.update(name=run_name(run["name"], args.ema_decay, args.train_seed, run_iters if args.name_iters else None,
                                   student_batch=batch_size is not None),
@@ -270,15 +281,26 @@ def main() -> None:
         export = ROOT / "benchmarks" / "runs" / "msd" / data / f"{info['name']}.pt"
         export.parent.mkdir(parents=True, exist_ok=True)
         model.export(str(export))
+        for spec in args.extra_ema:  # the same run sampled with another average: a row without a progress curve
+            per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels, use_ema=ema_label(spec))
+                        for seed in SAMPLING_SEEDS]
+            row = dict(info, name=run_name(run["name"], spec, args.train_seed, run_iters if args.name_iters else None,
+                                           student_batch=batch_size is not None),
+                       kw=dict(info["kw"], ema_decay=None, extra_ema=spec), ema_of=info["name"], curve=[],
+                       per_seed=per_seed, median={k: statistics.median(s[k] for s in per_seed) for k in METRICS[data]})
+            print(f"[{data}] {row['name']}: {json.dumps(row['median'])}", flush=True)
+            results.append(row)
+            model.export(str(export.with_name(f"{row['name']}.pt")), ema=ema_label(spec))
         save()
-    # images/s, all runs interleaved over 3 rounds
+    # images/s, all runs interleaved over 3 rounds (a further EMA's row: its run's network, its run's speed)
     speeds = {name: [] for name in models}
     for _ in range(3):
         for name, model in models.items():
             speeds[name].append(images_per_s(model, 1))
     for info in results:
-        info["images_per_s"] = statistics.median(speeds[info["name"]])
-        info["images_per_s_rounds"], info["speed"] = speeds[info["name"]], "interleaved"
+        rounds = speeds[info.get("ema_of", info["name"])]
+        info["images_per_s"] = statistics.median(rounds)
+        info["images_per_s_rounds"], info["speed"] = rounds, "interleaved"
     header["load_end"] = os.getloadavg()[0]
     save()
     write_report()
@@ -315,16 +337,35 @@ def measure_speed(data: str, tag: str | None = None, rounds: int = 5) -> None:
     write_report()
 
 
-def run_name(base: str, ema_decay: float | None, train_seed: int, iterations: int | None = None,
+def run_name(base: str, ema: float | str | None, train_seed: int, iterations: int | None = None,
              student_batch: bool = False) -> str:
-    """A run's name in the table: its kind (`runs_for`), then _sb (`--student_batch`), _ema<decay> and _seed<N>
-    where they differ from the settings, and _it<N> when asked (`base_run` reads the kind back)."""
-    return base + ("_sb" if student_batch else "") + (f"_ema{ema_decay:g}" if ema_decay is not None else "") + (
+    """A run's name in the table: its kind (`runs_for`), then _sb (`--student_batch`), _ema<decay> (or
+    _ema<--extra_ema spec>) and _seed<N> where they differ from the settings, and _it<N> when asked (`base_run`
+    reads the kind back)."""
+    ema_text = "" if ema is None else f"_ema{ema:g}" if isinstance(ema, float) else f"_ema{ema}"
+    return base + ("_sb" if student_batch else "") + ema_text + (
         f"_seed{train_seed}" if train_seed != SEED else "") + (f"_it{iterations}" if iterations is not None else "")
 
 
 def base_run(name: str) -> str:
-    return re.split(r"_sb|_seed\d|_ema\d|_it\d", name)[0]
+    return re.split(r"_sb|_seed\d|_ema[\dg]|_it\d", name)[0]
+
+
+def ema_profile(spec: str) -> dict:
+    """`--extra_ema` spec -> `add_ema` arguments: "0.999" a constant decay, "g16.97" a power-function exponent."""
+    value = float(spec[1:] if spec.startswith("g") else spec)
+    if spec.startswith("g"):
+        if not value > 0:
+            raise ValueError(spec)
+        return {"gamma": value}
+    if not 0 < value < 1:
+        raise ValueError(spec)
+    return {"decay": value}
+
+
+def ema_label(spec: str) -> str:
+    """The module attribute name of a further EMA (``ema_<label>``): no dots."""
+    return spec.replace(".", "p")
 
 
 def merged(earlier: list[dict], new: list[dict]) -> list[dict]:
@@ -358,7 +399,9 @@ def write_report() -> None:
         lines += [
                   f"Machine: {r['machine']}; load average (1 min) {r['load_start']:.1f} at the start, "
                   f"{r.get('load_end', float('nan')):.1f} at the end. Training seed {SEED} (a run named *_seed<N>: "
-                  f"N; *_ema<d>: sampling EMA d instead of the settings'; *_sb: K times the batch for 1/K of the iterations, "
+                  f"N; *_ema<d>: sampling EMA d instead of the settings'; *_emag<γ>: EDM2's power-function EMA with "
+                  f"exponent γ; a row whose name ends like another's but for the EMA and that has no progress "
+                  f"curve is that run sampled with a further EMA tracked in it, `--extra_ema`; *_sb: K times the batch for 1/K of the iterations, "
                   f"`--student_batch`); sampling seeds "
                   f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds; "
                   f"classes drawn {classes}. "
@@ -379,17 +422,18 @@ def write_report() -> None:
             lines.append(f"| {x['name']} | {x['students']} | {partition} | {width} | {x['iterations']} | {batch} | "
                          f"{x['optimizer_steps']} | " + " | ".join(f"{x['median'][k]:.4g}" for k in keys) + " | "
                          + ", ".join(f"{s[head]:.4g}" for s in x["per_seed"]) + f" | {ips} | {x['train_s']:.0f} |")
+        curves = [x for x in r["results"] if x["curve"]]
         lines += ["", f"Progress ({head}, module EMA, sampling seed 0, {r['num_progress']} samples):", "",
-                  "| iteration | " + " | ".join(x["name"] for x in r["results"]) + " |",
-                  "|---|" + "---|" * len(r["results"])]
-        iterations = sorted({row["iteration"] for x in r["results"] for row in x["curve"]})
+                  "| iteration | " + " | ".join(x["name"] for x in curves) + " |",
+                  "|---|" + "---|" * len(curves)]
+        iterations = sorted({row["iteration"] for x in curves for row in x["curve"]})
         for it in iterations:
             cells = []
-            for x in r["results"]:
+            for x in curves:
                 v = [row[head] for row in x["curve"] if row["iteration"] == it]
                 cells.append(f"{v[0]:.4g}" if v else "")
             lines.append(f"| {it} | " + " | ".join(cells) + " |")
-        singles = [x for x in r["results"] if base_run(x["name"]) in ("one", "one_half_tsm")]
+        singles = [x for x in curves if base_run(x["name"]) in ("one", "one_half_tsm")]
         if singles:
             # a warm-up's one-step scores are not a DMD2 student's: its plateau is looked for after the warm-up
             stops = [(x["name"], plateau([row for row in x["curve"]

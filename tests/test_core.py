@@ -278,3 +278,23 @@ def test_learning_rate_decay_is_edm2_inverse_square_root_after_decay_after(tmp_p
     assert _learning_rates_seen(phase, tmp_path, iterations=4) == pytest.approx([phase.lr_at(s) for s in range(4)])
     with pytest.raises(ValueError, match="decay_after"):
         Phase("gen", "gen_loss", ("student",), decay_after=-1)
+
+
+def test_export_puts_the_chosen_named_ema_in_the_generator_slot(tmp_path):
+    """`export(ema=name)`: the file samples with that EMA (an averaging length picked after training); the default
+    keeps the sampling EMA."""
+    module = Regress(ema_decay=0.5)
+    module.add_ema("slow", decay=0.9)
+    for step in range(1, 4):
+        with torch.no_grad():
+            module.student.weight.fill_(float(step))
+        module.update_ema()
+    assert not torch.equal(module.ema.weight, module.ema_slow.weight)
+    module.export(str(tmp_path / "slow.pt"), ema="slow")
+    module.export(str(tmp_path / "default.pt"))
+    assert torch.equal(load_checkpoint(tmp_path / "slow.pt")["state_dict"]["student.weight"], module.ema_slow.weight)
+    assert torch.equal(load_checkpoint(tmp_path / "default.pt")["state_dict"]["student.weight"], module.ema.weight)
+    with pytest.raises(ValueError, match="no EMA named 'fast'"):
+        module.export(str(tmp_path / "x.pt"), ema="fast")
+    with pytest.raises(ValueError, match="ema_only=True"):
+        module.export(str(tmp_path / "x.pt"), ema_only=False, ema="slow")

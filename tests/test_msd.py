@@ -148,3 +148,21 @@ def test_kmeans_students_route_every_class_to_their_student_after_reload(eight_c
         assert sorted(seen[k][0].tolist()) == sorted(c for c in labels.tolist() if c in group)
     with pytest.raises(ValueError, match="partition: give K lists of class labels or 'kmeans'"):
         MSD(eight_class_teacher, num_students=2, partition="kmean")
+
+
+def test_every_ema_starts_from_the_teacher_when_the_teacher_loads_late(eight_class_teacher):
+    """With the student's net, preconditioning and sigma_data given, the teacher loads at `prepare` (Lightning's
+    configure_model), after any `add_ema`: the named EMAs must start from the teacher-initialised students as the
+    sampling EMA does, not from the random weights the students were built with."""
+    torch.manual_seed(7)
+    net = MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8)
+    model = MSD(eight_class_teacher, num_students=2, student_net=net, preconditioning="edm", sigma_data=1.0,
+                ema_decay=0.9)
+    model.add_ema("slow", decay=0.999)
+    random_init = [p.clone() for p in model.ema_slow.parameters()]
+    model.prepare()
+    teacher = model.frozen_network("teacher")
+    for average in (model.ema, model.ema_slow):
+        for member in average.members:
+            assert all(torch.equal(a, b) for a, b in zip(member.parameters(), teacher.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(random_init, model.ema_slow.parameters()))

@@ -336,7 +336,7 @@ class FewStepModule(Configurable, L.LightningModule):
         `decay`: a constant per-update decay (as `ema_decay`). `gamma`: EDM2's power-function profile
         (Karras et al. 2024), decay (1 - 1/n)^(gamma + 1) at the n-th update: after N updates the n-th weights
         count with (n^(gamma+1) - (n-1)^(gamma+1)) / N^(gamma+1), an average whose length grows with training
-        (gamma = 6.94 gives EDM2's sigma_rel 0.05, 16.97 gives 0.03).
+        (gamma = 6.94 gives EDM2's sigma_rel 0.10, 16.97 gives 0.05).
         """
         if (decay is None) == (gamma is None):
             raise ValueError(f"ema {name!r}: give exactly one of decay (constant) or gamma (power-function profile).")
@@ -350,6 +350,18 @@ class FewStepModule(Configurable, L.LightningModule):
     @property
     def ema_names(self) -> tuple[str, ...]:
         return tuple(self._ema_profiles)
+
+    @property
+    def averages(self) -> list[nn.Module]:
+        """Every EMA of the generator: the sampling one (if any) and the named ones."""
+        return ([self.ema] if self.ema is not None else []) + [getattr(self, f"ema_{name}") for name in self.ema_names]
+
+    @torch.no_grad()
+    def restart_emas(self) -> None:
+        """Every EMA becomes a copy of the generator (a generator just initialised from a teacher or a previous
+        stage must not be averaged with the weights it replaced)."""
+        for average in self.averages:
+            average.load_state_dict(self.generator.state_dict())
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -732,27 +744,29 @@ class FewStepModule(Configurable, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.prepare_state(checkpoint.get("state_dict", {}))
 
-    def export(self, path: str, ema_only: bool = True) -> None:
+    def export(self, path: str, ema_only: bool = True, ema: str | None = None) -> None:
         """A small self-describing file for `sample`, `evaluate` and `teacher_ckpt` (atomic write).
 
         With `ema_only` the EMA weights are stored in the generator's slot and the raw weights are
-        dropped (half the size); loading then starts the EMA from those weights.
+        dropped (half the size); loading then starts the EMA from those weights. `ema` names the EMA
+        (`add_ema`) that goes there instead of the sampling one: an averaging length chosen after training.
         """
+        if ema is not None and not ema_only:
+            raise ValueError("ema: a named EMA is exported in the generator's slot; set ema_only=True.")
+        average = self.sampling_network(ema) if ema is not None else self.ema
         state = self.state_dict_to_save()
-        if ema_only and self.ema is not None:
+        if ema_only and average is not None:
             prefix = f"{self.generator_name}."
             named = tuple(f"ema_{name}." for name in self.ema_names)
             state = {k: v for k, v in state.items() if not k.startswith(("ema.", prefix, *named))}
-            state.update({prefix + k: v for k, v in self.ema.state_dict().items()})
+            state.update({prefix + k: v for k, v in average.state_dict().items()})
         save = save_safetensors if str(path).endswith(".safetensors") else atomic_save  # .safetensors: no pickle
         save({FORMAT_KEY: self._format_entry(), "state_dict": state}, path)
 
     def on_load_state_dict_without_ema(self) -> None:
         """An EMA-only export holds no `ema.*` (nor named `ema_<name>.*`) keys: every EMA starts from the loaded
         generator."""
-        for average in [self.ema] + [getattr(self, f"ema_{name}") for name in self.ema_names]:
-            if average is not None:
-                average.load_state_dict(self.generator.state_dict())
+        self.restart_emas()
 
     def _format_entry(self) -> dict:
         return {"config": self.init_config, "data": self.data_config, "version": 1}

@@ -254,9 +254,9 @@ class ConsistencyFamily(FewStepModule):
                 raise ValueError("init_from_teacher: the student net's architecture differs from the teacher's "
                                  f"({str(err).splitlines()[0][:100]}); copy the teacher's net config or set "
                                  "init_from_teacher: false.") from err
-            for copy_ in (getattr(self, "target", None), self.ema):
-                if copy_ is not None:
-                    copy_.load_state_dict(self.student.state_dict())
+            if getattr(self, "target", None) is not None:
+                self.target.load_state_dict(self.student.state_dict())
+            self.restart_emas()
             self._initialized = True
 
     def _teacher(self) -> PreconditionedNet:

@@ -248,9 +248,8 @@ class CTM(PerceptualDistance, FewStepModule):
             raise ValueError("init_from_teacher: the student net differs from the teacher's beyond the s embedding "
                              f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}); copy the teacher's "
                              "net config and add second_time: true.")
-        for copy_ in (self.target, self.ema):
-            if copy_ is not None:
-                copy_.load_state_dict(self.student.state_dict())
+        self.target.load_state_dict(self.student.state_dict())
+        self.restart_emas()
         self._initialized = True
 
     def _labels(self, net: nn.Module, y: Tensor | None) -> Tensor | None:

@@ -214,8 +214,7 @@ class DMD(PerceptualDistance, FewStepModule):
         """G_theta starts as the teacher (DMD Sec. 3.1) when it has the teacher's architecture."""
         if self._same_architecture(self.G, teacher):
             self.G.load_state_dict(teacher.state_dict())
-            if self.ema is not None:
-                self.ema.load_state_dict(teacher.state_dict())
+            self.restart_emas()
 
     def _build_critic(self, teacher: PreconditionedNet) -> None:
         """mu_fake starts as a trainable copy of the teacher (DMD Sec. 3.2)."""

@@ -173,8 +173,7 @@ class AYF(FewStepModule):
             raise ValueError("init_from_teacher: the student net differs from the teacher's beyond the s / guidance "
                              f"embeddings (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}); copy the "
                              "teacher's net config and add second_time: true.")
-        if self.ema is not None:
-            self.ema.load_state_dict(self.student.state_dict())
+        self.restart_emas()
         self._initialized = True
 
     def _labels(self, net: nn.Module, y: Tensor | None) -> Tensor | None:

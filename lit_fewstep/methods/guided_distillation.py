@@ -207,9 +207,7 @@ class GuidedDistillation(FewStepModule):
                 raise RuntimeError(f"student from teacher: unexpected keys {unexpected[:3]}, missing {missing[:3]}")
             embedding.fc2.weight.zero_()
             embedding.fc2.bias.zero_()
-        for average in [self.ema] + [getattr(self, f"ema_{name}") for name in self.ema_names]:
-            if average is not None:
-                average.load_state_dict(self.student.state_dict())
+        self.restart_emas()
 
     def prepare(self) -> None:
         """Load the teacher (and initialise a fresh student from it) if construction did not. Lightning calls it
@@ -239,9 +237,7 @@ class GuidedDistillation(FewStepModule):
         self.register_frozen("previous", module=copy.deepcopy(source))
         with torch.no_grad():
             self.student.load_state_dict(source.state_dict())
-        for average in [self.ema] + [getattr(self, f"ema_{name}") for name in self.ema_names]:
-            if average is not None:
-                average.load_state_dict(self.student.state_dict())
+        self.restart_emas()
 
     def state_dict_to_save(self) -> dict[str, Tensor]:
         """An exported model is the student alone: no previous-stage teacher, and no record of entered stages (so

@@ -252,11 +252,10 @@ class MSD(DMD2):
                             route, forward_labels=False) if self.uses_gan else None)
 
     def _init_generator_from(self, teacher: PreconditionedNet) -> None:
-        for k, student in enumerate(self.G.members):
+        for student in self.G.members:
             if self._same_architecture(student, teacher):
                 student.load_state_dict(teacher.state_dict())
-                if self.ema is not None:
-                    self.ema.members[k].load_state_dict(teacher.state_dict())
+        self.restart_emas()
 
     def _resolved_args(self) -> dict:
         return {"student_net": self.G.net, "preconditioning": self.G.preconditioning, "sigma_data": self.G.sigma_data}
