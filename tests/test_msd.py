@@ -166,3 +166,39 @@ def test_every_ema_starts_from_the_teacher_when_the_teacher_loads_late(eight_cla
         for member in average.members:
             assert all(torch.equal(a, b) for a, b in zip(member.parameters(), teacher.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(random_init, model.ema_slow.parameters()))
+
+
+def test_emas_restart_when_distillation_follows_the_warm_up(eight_class_teacher, tmp_path):
+    """TSM then DMD2 are two stages: on entering DMD2 every EMA restarts from the warmed-up students and the power
+    profile counts from there, so no average carries the warm-up's weights. After the first DMD2 generator step a
+    power-profile EMA (decay 0 at its first update) equals the students and a constant one is
+    lerp(students before, students after, 1 - decay); carried over, both would still hold the TSM-phase weights."""
+    small = MLP(dim=2, hidden=16, depth=2, emb_dim=16, num_classes=8)
+    model = MSD(eight_class_teacher, num_students=2, student_net=small, tsm_iterations=3, generator_every=2,
+                lr=1e-3, ema_decay=0.9)
+    model.add_ema("slow", decay=0.99)
+    model.add_ema("power", gamma=4.0)
+    assert [stage.name for stage in model.stages] == ["tsm", "dmd2"]
+    seen = {}
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if int(module.iteration) == 3:
+                seen["before"] = [p.detach().clone() for p in module.G.parameters()]
+                seen["updates"] = int(module.ema_updates)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if int(module.iteration) == 4:
+                seen["after"] = [p.detach().clone() for p in module.G.parameters()]
+                seen["slow"] = [p.detach().clone() for p in module.ema_slow.parameters()]
+                seen["power"] = [p.detach().clone() for p in module.ema_power.parameters()]
+                seen["updates_after"] = int(module.ema_updates)
+
+    L.seed_everything(0)
+    trainer(tmp_path, model.optimizer_steps_for(4), [Watch()]).fit(
+        model, Toy2DDataModule(name="eight_gaussians", batch_size=32, num_train=640))
+    assert seen["updates"] == 3 and seen["updates_after"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(seen["power"], seen["after"]))
+    for slow, before, after in zip(seen["slow"], seen["before"], seen["after"]):
+        assert torch.allclose(slow, torch.lerp(before, after, 0.01), atol=1e-7)
+    assert not all(torch.equal(p, q) for p, q in zip(seen["before"], seen["after"]))

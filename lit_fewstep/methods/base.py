@@ -358,10 +358,12 @@ class FewStepModule(Configurable, L.LightningModule):
 
     @torch.no_grad()
     def restart_emas(self) -> None:
-        """Every EMA becomes a copy of the generator (a generator just initialised from a teacher or a previous
-        stage must not be averaged with the weights it replaced)."""
+        """Every EMA becomes a copy of the generator and the power profiles count their updates from here (a
+        generator just initialised from a teacher or a previous stage, or starting a new objective, must not be
+        averaged with the weights it replaced)."""
         for average in self.averages:
             average.load_state_dict(self.generator.state_dict())
+        self.ema_updates.zero_()
 
     @torch.no_grad()
     def update_ema(self) -> None:

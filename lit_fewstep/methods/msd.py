@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..diffusion.paths import _bcast
 from ..diffusion.precond import PreconditionedNet
 from ..nets.heads import DiscriminatorHead
-from .base import Phase, load_teacher
+from .base import Phase, Stage, load_teacher
 from .dmd import DMD2
 
 __all__ = ["MSD", "Routed", "contiguous_partition", "kmeans_partition", "teacher_class_means"]
@@ -153,7 +153,7 @@ class MSD(DMD2):
         student_net: architecture of every student; default (None) the teacher's, initialised from its weights.
             Any other architecture starts from scratch: give it `tsm_iterations`.
         tsm_iterations: teacher-score-matching warm-up iterations (only the students train); DMD2's generator and
-            critic phases start after it.
+            critic phases start after it, as a second stage whose sampling EMAs restart from the warmed-up students.
         tsm_lr: learning rate of the warm-up (default: `lr`); it trains a diffusion model from scratch, which can
             take a larger step than distillation.
     """
@@ -191,12 +191,14 @@ class MSD(DMD2):
                                 for k in students)
         critic.separate = True
         if self.tsm_iterations > 0:
-            for phase in self.phases:
-                phase.start = self.tsm_iterations
-            self.phases.insert(0, Phase("tsm", "tsm_loss", generator.networks, separate=True,
-                                        lr=generator.lr if tsm_lr is None else float(tsm_lr),
-                                        betas=generator.betas, weight_decay=generator.weight_decay,
-                                        updates_ema=True, stop=self.tsm_iterations))
+            tsm = Phase("tsm", "tsm_loss", generator.networks, separate=True,
+                        lr=generator.lr if tsm_lr is None else float(tsm_lr), betas=generator.betas,
+                        weight_decay=generator.weight_decay, updates_ema=True)
+            # MSD trains the TSM warm-up and the distillation as two stages: the distilled generator's averages start
+            # from the warmed-up weights, so that no EMA carries the warm-up's denoiser (a poor one-step generator)
+            # into the distilled one (with a slow EMA that share would dominate its samples).
+            self.set_stages([Stage("tsm", 0, self.tsm_iterations, [tsm]),
+                             Stage("dmd2", self.tsm_iterations, None, [generator, critic], on_enter="restart_emas")])
 
     # ------------------------------------------------------------------------------------- networks
     def _routing(self, num_classes: int) -> Tensor:
