@@ -137,6 +137,11 @@ def scored(model, evaluator: Evaluator, num: int, seed: int, quick: bool = False
     return evaluator.score(x)
 
 
+def medians(per_seed: list[dict], data: str) -> dict:
+    """Each metric's median over the sampling seeds' scores."""
+    return {k: statistics.median(s[k] for s in per_seed) for k in METRICS[data]}
+
+
 def plateau(curve: list[dict], key: str, window: int = 3, tol: float = 0.05) -> int | None:
     """First checkpoint after which the metric stopped improving: the best of the next `window` checkpoints is not
     `tol` (relative) below the best up to it. None when the curve never flattened."""
@@ -276,7 +281,7 @@ def main() -> None:
                     width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
                     partition=[sorted(int(c) for c in (model.G.route == k).nonzero().flatten()) for k in
                                range(run["students"])] if run["cls"] == "MSD" else None,
-                    per_seed=per_seed, median={k: statistics.median(s[k] for s in per_seed) for k in METRICS[data]},
+                    per_seed=per_seed, median=medians(per_seed, data),
                     # measured now in case the invocation is stopped; replaced by the interleaved rounds at the end
                     images_per_s=statistics.median(images_per_s(model, 1) for _ in range(3)), speed="alone")
         print(f"[{data}] {run['name']}: {json.dumps(info['median'])} ({info['train_s']:.0f} s)", flush=True)
@@ -291,7 +296,7 @@ def main() -> None:
             row = dict(info, name=run_name(run["name"], spec, args.train_seed, run_iters if args.name_iters else None,
                                            student_batch=batch_size is not None),
                        kw=dict(info["kw"], ema_decay=None, extra_ema=spec), ema_of=info["name"], curve=[],
-                       per_seed=per_seed, median={k: statistics.median(s[k] for s in per_seed) for k in METRICS[data]})
+                       per_seed=per_seed, median=medians(per_seed, data))
             print(f"[{data}] {row['name']}: {json.dumps(row['median'])}", flush=True)
             results.append(row)
             model.export(str(export.with_name(f"{row['name']}.pt")), ema=ema_label(spec))
