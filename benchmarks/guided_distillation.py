@@ -106,17 +106,17 @@ def evaluate(module, evaluator, nfe: int, scale: float, seeds, num: int, teacher
     return scores, samples
 
 
-def stage_bounds(stage_one: Path | None, student_path: Path) -> list[tuple[str, object, int, bool]]:
-    """(name, model, DDIM steps, s = 1 only) of what bounds every progressive student: the N-step DDIM of the stage-1
-    model (what the first halving distils) and, at s = 1 only, of the conditional teacher itself (a student reset to
-    the teacher's weights with its guidance embedding zeroed, as at iteration 0; at other s it ignores guidance)."""
-    reset = load(student_path)
-    n = 2 * reset.student_steps[0]  # the first halving distils the stage-1 model at twice its steps
-    reset._init_student_from(reset.frozen_network("teacher"))
-    bounds = [("conditional teacher (untrained student), DDIM", reset, n, True)]
+def stage_bounds(stage_one: Path | None, student_path: Path) -> list[tuple[str, object, int]]:
+    """(name, model, DDIM steps) of what bounds every progressive student: the N-step DDIM of the stage-1 model (what
+    the first halving distils) and of the guided teacher itself on that grid (every step asks the CFG teacher, as
+    stage 1's target does; at s = 1 the conditional teacher), the floor of any student distilled through the grid."""
+    on_grid = load(student_path)
+    n = 2 * on_grid.student_steps[0]  # the first halving distils the stage-1 model at twice its steps
+    on_grid.model_x0 = lambda net, z_t, t, y, scale: on_grid.guidance_target(z_t, t, y, scale)
+    bounds = [("guided teacher (2 evaluations per step), DDIM", on_grid, n)]
     if stage_one is not None:
         model = load(stage_one)
-        bounds.insert(0, (f"stage-1 model ({int(model.iteration)} it), DDIM", model, n, False))
+        bounds.insert(0, (f"stage-1 model ({int(model.iteration)} it), DDIM", model, n))
     return bounds
 
 
@@ -144,7 +144,7 @@ def main() -> None:
                         help="score every kept checkpoint of the STEPS-step student's stage instead of its last one "
                         "(how that stage's student improves with its iterations)")
     parser.add_argument("--stages", action="store_true", help="also score where the students' error comes from: the "
-                        "conditional teacher and the stage-1 model, each with the first halving's N DDIM steps")
+                        "guided teacher and the stage-1 model, each with the first halving's N DDIM steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from lit_fewstep.evaluation import Evaluator
@@ -196,9 +196,8 @@ def main() -> None:
 
     for scale in args.scales:
         teacher_row, teacher_x = add_row("teacher (Heun)", teacher, TEACHER_NFE, scale)
-        for name, module, steps, unguided_only in bounds:
-            if scale == 1.0 or not unguided_only:
-                add_row(name, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
+        for name, module, steps in bounds:
+            add_row(name, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
         for steps, path in to_score:
             student = load(path)
             add_row(f"student ({int(student.iteration)} it)", student, steps, scale, teacher_x, teacher_row,
