@@ -90,13 +90,14 @@ def score(evaluator, x: torch.Tensor) -> dict:
 
 
 def evaluate(module, evaluator, nfe: int, scale: float, seeds, num: int, teacher_samples=None,
-             class_labels: str = "reference") -> tuple[dict, dict]:
+             class_labels: str = "reference", **options) -> tuple[dict, dict]:
     """Per-seed scores and samples of `module` at `nfe` and guidance `scale`. Toys: with `teacher_samples`, also the
     sliced W2 to the teacher's samples of the same seed; without, the teacher's own seed-to-seed value (its samples
     against the next seed's), the floor of that column at this sample count."""
     scores, samples = {}, {}
     for seed in seeds:
-        x, _, spent, _ = evaluator.sample(module, num, nfe, seed, class_labels=class_labels, guidance_scale=scale)
+        x, _, spent, _ = evaluator.sample(module, num, nfe, seed, class_labels=class_labels, guidance_scale=scale,
+                                          **options)
         scores[seed], samples[seed] = {"nfe_spent": spent, **score(evaluator, x)}, x
         if teacher_samples is not None and not evaluator.is_image:
             scores[seed]["sw2_to_teacher"] = sliced_w2(x, teacher_samples[seed])
@@ -145,7 +146,18 @@ def main() -> None:
                         "(how that stage's student improves with its iterations)")
     parser.add_argument("--stages", action="store_true", help="also score where the students' error comes from: the "
                         "guided teacher and the stage-1 model, each with the first halving's N DDIM steps")
+    parser.add_argument("--clip_x0", default=None, metavar="BOUND|none",
+                        help="the students' (and --stages rows') clipping of the data prediction at sampling, instead "
+                             "of each checkpoint's own `clip_x0`: a bound (1 for images in [-1, 1]) or none")
+    parser.add_argument("--stochastic", action="store_true",
+                        help="also score each student with Meng et al.'s stochastic N-step sampler (a row of its own)")
     args = parser.parse_args()
+    try:
+        clip_x0 = None if args.clip_x0 in (None, "none") else float(args.clip_x0)
+        if clip_x0 is not None and not clip_x0 > 0:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--clip_x0: a positive bound or none, got {args.clip_x0!r}")
     torch.set_num_threads(1)
     from lit_fewstep.evaluation import Evaluator
     from lit_fewstep.utils.config import instantiate
@@ -182,10 +194,17 @@ def main() -> None:
 
     rows = []
 
-    def add_row(name: str, module, steps: int, scale: float, teacher_x=None, reference=None, **extra) -> tuple:
+    def distilled(module):
+        """A student or bound as scored: with --clip_x0, that clipping at sampling instead of its own."""
+        if args.clip_x0 is not None:
+            module.clip_x0 = clip_x0
+        return module
+
+    def add_row(name: str, module, steps: int, scale: float, teacher_x=None, reference=None, options=None,
+                **extra) -> tuple:
         """Score `module` at `steps` and `scale`; with `reference` (the teacher's row), its primary-metric ratio."""
         per_seed, samples = evaluate(module, evaluator, steps, scale, args.seeds, args.num, teacher_x,
-                                     args.class_labels)
+                                     args.class_labels, **(options or {}))
         row = {"model": name, "steps": steps, "scale": scale, "nfe_spent": per_seed[args.seeds[0]]["nfe_spent"],
                "per_seed": per_seed, **median_row(per_seed), **extra}
         if reference is not None:
@@ -197,11 +216,18 @@ def main() -> None:
     for scale in args.scales:
         teacher_row, teacher_x = add_row("teacher (Heun)", teacher, TEACHER_NFE, scale)
         for name, module, steps in bounds:
-            add_row(name, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
+            module = distilled(module)
+            clipped = f", x0 clipped to ±{module.clip_x0:g}" if module.clip_x0 is not None else ""
+            add_row(name + clipped, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
         for steps, path in to_score:
-            student = load(path)
-            add_row(f"student ({int(student.iteration)} it)", student, steps, scale, teacher_x, teacher_row,
-                    ckpt=str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
+            student = distilled(load(path))
+            ckpt = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+            name = f"student ({int(student.iteration)} it)" + (
+                f", x0 clipped to ±{student.clip_x0:g}" if student.clip_x0 is not None else "")
+            add_row(name, student, steps, scale, teacher_x, teacher_row, ckpt=ckpt, clip_x0=student.clip_x0)
+            if args.stochastic:
+                add_row(f"{name}, stochastic sampler", student, steps, scale, teacher_x, teacher_row,
+                        options={"stochastic": True}, ckpt=ckpt, clip_x0=student.clip_x0)
     write(rows, args, primary, run, config, fit_command, time.time() - start)
 
 

@@ -195,6 +195,33 @@ def test_deterministic_and_stochastic_sampling():
         draw(2, solver="heun")
 
 
+def test_clip_x0_bounds_the_data_prediction_at_sampling_only():
+    """The progressive-distillation code's `clip_x`: at sampling every data prediction is clipped (a 1-step sample is
+    the clipped unclipped one), a bound no sample reaches changes nothing, and training never clips."""
+    labels = torch.tensor([0, 1] * 8)
+    free, clipped, loose = tree_module(), tree_module(clip_x0=0.5), tree_module(clip_x0=1e6)
+
+    def draw(module, nfe, **kw):
+        return module.sample(16, nfe, class_labels=labels, generator=torch.Generator().manual_seed(5), **kw).x
+
+    one_step = draw(free, 1)
+    assert one_step.abs().max() > 0.5  # the tree's data reach beyond the bound
+    assert torch.equal(draw(clipped, 1), one_step.clamp(-0.5, 0.5))
+    for nfe in (2, 4):
+        for kw in ({}, {"stochastic": True}):
+            assert torch.equal(draw(loose, nfe, **kw), draw(free, nfe, **kw))
+            assert draw(clipped, nfe, **kw).abs().max() <= 0.5 + 1e-6
+            assert not torch.allclose(draw(clipped, nfe, **kw), draw(free, nfe, **kw))
+    batch = (torch.randn(16, 2), labels)
+    losses = []
+    for module in (free, clipped):
+        torch.manual_seed(3)
+        losses.append(module.guidance_loss(batch))
+    assert torch.equal(losses[0], losses[1])
+    with pytest.raises(ValueError, match="^clip_x0: a positive bound"):
+        tree_module(clip_x0=0.0)
+
+
 # --------------------------------------------------------------------------------------------- 1-D closed form
 class GaussianClassTeacher(torch.nn.Module):
     """The exact denoiser of 1-D class-conditional Gaussians x | c ~ N(mu_c, v_c) on the VP path: the conditional

@@ -108,6 +108,9 @@ class GuidedDistillation(FewStepModule):
             previous model and the new student's start are the EMA weights.
         lr_decay_after: EDM2's inverse-square-root learning-rate decay within each stage, lr / sqrt(k / this) after
             the stage's k-th step (0: constant lr; `Phase.decay_after`). Each stage starts again at the full lr.
+        clip_x0: at sampling, clip every data prediction to [-clip_x0, clip_x0] before the step uses it (the
+            progressive-distillation code's ``clip_x``, on for its image models; 1.0 for images in [-1, 1]); None:
+            no clipping. Training never clips (the code's losses call the model with ``clip_x=False``).
     """
 
     generator_name = "student"
@@ -120,7 +123,7 @@ class GuidedDistillation(FewStepModule):
                  sigma_max: float = 80.0, weighting: str = "snr_trunc", lr: float = 1e-4,
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.0,
                  grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100,
-                 lr_decay_after: int = 0):
+                 lr_decay_after: int = 0, clip_x0: float | None = None):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -129,6 +132,9 @@ class GuidedDistillation(FewStepModule):
         lo, hi = (float(v) for v in guidance_range)
         if not 0.0 <= lo <= hi:
             raise ValueError(f"guidance_range: need 0 <= lo <= hi (EDM2 scales, 1 = no guidance), got {guidance_range}.")
+        if clip_x0 is not None and not clip_x0 > 0:
+            raise ValueError(f"clip_x0: a positive bound on the data prediction at sampling (1.0 for images in "
+                             f"[-1, 1]) or None for no clipping, got {clip_x0}.")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: choose one of {WEIGHTINGS}, got {weighting!r}.")
         if not 0.0 < sigma_min < sigma_max:
@@ -140,6 +146,7 @@ class GuidedDistillation(FewStepModule):
         self.guidance_range = (lo, hi)
         self.guidance_scale = float(guidance_scale)
         self.weighting = weighting
+        self.clip_x0 = None if clip_x0 is None else float(clip_x0)
         self.path = VPCosinePath()
         self.t_min, self.t_max = vp_time(sigma_min), vp_time(sigma_max)
         self.student_steps = halving_schedule(teacher_steps, final_steps) if teacher_steps else []
@@ -346,8 +353,9 @@ class GuidedDistillation(FewStepModule):
         scale = torch.as_tensor(scale, dtype=noise.dtype, device=noise.device).expand(noise.shape[0])
         counter = NFECounter()
         fn = counter.counted(lambda x, t: self.model_x0(net, x, t, class_labels, scale))
-        step = (StochasticDDIMStep(self.path, gaussian_noise(noise_generator), t_min=0.0) if stochastic
-                else DDIMStep(self.path))
+        # The progressive-distillation code clips the data prediction at sampling only (`clip_x`), never in training.
+        step = (StochasticDDIMStep(self.path, gaussian_noise(noise_generator), t_min=0.0, clip_x0=self.clip_x0)
+                if stochastic else DDIMStep(self.path, clip_x0=self.clip_x0))
         grid = self.grid(nfe)
         x = noise * self.path.b(grid[0]).to(noise.dtype)
         return run_steps(fn, x, grid, step).x, counter.count
