@@ -194,11 +194,12 @@ def main() -> None:
 
     rows = []
 
-    def distilled(module):
-        """A student or bound as scored: with --clip_x0, that clipping at sampling instead of its own."""
+    def distilled(module) -> tuple[object, str]:
+        """A student or bound as scored (with --clip_x0, that clipping at sampling instead of its own) and the
+        suffix that names its clipping in the table."""
         if args.clip_x0 is not None:
             module.clip_x0 = clip_x0
-        return module
+        return module, (f", x0 clipped to ±{module.clip_x0:g}" if module.clip_x0 is not None else "")
 
     def add_row(name: str, module, steps: int, scale: float, teacher_x=None, reference=None, options=None,
                 **extra) -> tuple:
@@ -216,14 +217,12 @@ def main() -> None:
     for scale in args.scales:
         teacher_row, teacher_x = add_row("teacher (Heun)", teacher, TEACHER_NFE, scale)
         for name, module, steps in bounds:
-            module = distilled(module)
-            clipped = f", x0 clipped to ±{module.clip_x0:g}" if module.clip_x0 is not None else ""
+            module, clipped = distilled(module)
             add_row(name + clipped, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
         for steps, path in to_score:
-            student = distilled(load(path))
+            student, clipped = distilled(load(path))
             ckpt = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
-            name = f"student ({int(student.iteration)} it)" + (
-                f", x0 clipped to ±{student.clip_x0:g}" if student.clip_x0 is not None else "")
+            name = f"student ({int(student.iteration)} it){clipped}"
             add_row(name, student, steps, scale, teacher_x, teacher_row, ckpt=ckpt, clip_x0=student.clip_x0)
             if args.stochastic:
                 add_row(f"{name}, stochastic sampler", student, steps, scale, teacher_x, teacher_row,
