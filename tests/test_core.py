@@ -280,6 +280,19 @@ def test_learning_rate_decay_is_edm2_inverse_square_root_after_decay_after(tmp_p
         Phase("gen", "gen_loss", ("student",), decay_after=-1)
 
 
+def test_learning_rate_anneal_is_linear_to_zero_and_stays_there(tmp_path):
+    """anneal: lr (1 - step / anneal), then 0 (the progressive-distillation code's schedule within a halving)."""
+    phase = Phase("gen", "gen_loss", ("student",), lr=0.4, anneal=4)
+    assert [phase.lr_at(s) for s in range(6)] == pytest.approx([0.4, 0.3, 0.2, 0.1, 0.0, 0.0])
+    assert phase.scheduled
+    # with the inverse-square-root decay the two multiply
+    both = Phase("gen", "gen_loss", ("student",), lr=0.4, decay_after=2, anneal=4)
+    assert both.lr_at(2) == pytest.approx(0.4 / 1.5 ** 0.5 * 0.5)
+    assert _learning_rates_seen(phase, tmp_path, iterations=5) == pytest.approx([0.4, 0.3, 0.2, 0.1, 0.0])
+    with pytest.raises(ValueError, match="anneal"):
+        Phase("gen", "gen_loss", ("student",), anneal=-1)
+
+
 def test_export_puts_the_chosen_named_ema_in_the_generator_slot(tmp_path):
     """`export(ema=name)`: the file samples with that EMA (an averaging length picked after training); the default
     keeps the sampling EMA."""

@@ -152,6 +152,18 @@ def test_lr_decay_restarts_in_every_stage():
     assert not tree_module().phases[0].scheduled  # default: constant lr
 
 
+def test_lr_anneal_takes_every_halving_linearly_to_zero_and_leaves_stage_1_alone():
+    """lr_anneal: the progressive-distillation code's linear decay to zero over each halving, restarted at the full
+    lr by the next one; stage 1 keeps its own schedule."""
+    module = tree_module(guidance_iterations=40, teacher_steps=4, halving_iterations=40, lr=1e-3, lr_anneal=True)
+    stage1, first, last = module.phases[0], module.phases[1], module.phases[-1]
+    lr_at = lambda phase, iteration: phase.lr_at(module._phase_steps_before(phase, iteration))  # noqa: E731
+    assert not stage1.scheduled
+    assert [lr_at(first, i) for i in (40, 50, 79)] == pytest.approx([1e-3, 0.75e-3, 1e-3 / 40])
+    assert [lr_at(last, i) for i in (80, 119, 120)] == pytest.approx([1e-3, 1e-3 / 40, 0.0])
+    assert not tree_module().phases[1].scheduled  # default: constant lr
+
+
 # --------------------------------------------------------------------------------------------- stages in a fit
 def test_stages_hand_over_and_export_keeps_only_the_student(tmp_path):
     from conformance_methods import build

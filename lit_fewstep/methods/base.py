@@ -141,6 +141,8 @@ class Phase:
         warmup: linear learning-rate warm-up over this many of the phase's own optimizer steps (0: none).
         decay_after: EDM2's inverse-square-root decay, lr / sqrt(step / decay_after) once the phase has taken more
             than this many optimizer steps (0: constant); official sCD on ImageNet-64 decays after 35k of 600k steps.
+        anneal: linear decay to zero over this many of the phase's optimizer steps, zero after (0: none); the
+            progressive-distillation code's schedule within each halving.
         separate: one optimizer (and one gradient clip) per entry of `networks` instead of one for all of them;
             the loss is still computed and back-propagated once. For networks trained independently on one
             batched loss (MSD's students).
@@ -160,16 +162,18 @@ class Phase:
     weight_decay: float = 0.0
     warmup: int = 0
     decay_after: int = 0
+    anneal: int = 0
     separate: bool = False
     updates_ema: bool = False
 
     def __post_init__(self):
         self.networks = tuple(self.networks)
-        if self.every < 1 or self.repeats < 1 or self.start < 0 or self.warmup < 0 or self.decay_after < 0:
+        if (self.every < 1 or self.repeats < 1 or self.start < 0 or self.warmup < 0 or self.decay_after < 0
+                or self.anneal < 0):
             raise ValueError(
-                f"schedule: phase {self.name!r} needs every >= 1, repeats >= 1, start >= 0, warmup >= 0 and "
-                f"decay_after >= 0 (got every={self.every}, repeats={self.repeats}, start={self.start}, "
-                f"warmup={self.warmup}, decay_after={self.decay_after})."
+                f"schedule: phase {self.name!r} needs every >= 1, repeats >= 1, start >= 0, warmup >= 0, "
+                f"decay_after >= 0 and anneal >= 0 (got every={self.every}, repeats={self.repeats}, "
+                f"start={self.start}, warmup={self.warmup}, decay_after={self.decay_after}, anneal={self.anneal})."
             )
         if self.stop is not None and self.stop <= self.start:
             raise ValueError(f"schedule: phase {self.name!r} stops at {self.stop}, not after its start {self.start}.")
@@ -187,14 +191,17 @@ class Phase:
     @property
     def scheduled(self) -> bool:
         """Whether the learning rate changes over the phase's steps (else the optimizer's own lr is left alone)."""
-        return bool(self.warmup or self.decay_after)
+        return bool(self.warmup or self.decay_after or self.anneal)
 
     def lr_at(self, step: int) -> float:
         """Learning rate at the phase's `step`-th optimizer step (0-based): linear warm-up, constant, then (with
-        `decay_after`) EDM2's lr / sqrt(max((step + 1) / decay_after, 1))."""
+        `decay_after`) EDM2's lr / sqrt(max((step + 1) / decay_after, 1)); (with `anneal`) times
+        max(1 - step / anneal, 0)."""
         lr = self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
         if self.decay_after:
             lr /= math.sqrt(max((step + 1) / self.decay_after, 1.0))
+        if self.anneal:
+            lr *= max(1.0 - step / self.anneal, 0.0)
         return lr
 
 
