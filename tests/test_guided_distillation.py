@@ -162,6 +162,14 @@ def test_lr_anneal_takes_every_halving_linearly_to_zero_and_leaves_stage_1_alone
     assert [lr_at(first, i) for i in (40, 50, 79)] == pytest.approx([1e-3, 0.75e-3, 1e-3 / 40])
     assert [lr_at(last, i) for i in (80, 119, 120)] == pytest.approx([1e-3, 1e-3 / 40, 0.0])
     assert not tree_module().phases[1].scheduled  # default: constant lr
+    # a last stage planned longer than a halving anneals over its own length
+    longer = tree_module(guidance_iterations=40, teacher_steps=4, halving_iterations=40, lr=1e-3, lr_anneal=True,
+                         final_iterations=100)
+    assert longer.phases[1].anneal == 40 and longer.phases[-1].anneal == 100
+    last = longer.phases[-1]
+    assert last.lr_at(longer._phase_steps_before(last, 130)) == pytest.approx(1e-3 * 0.5)  # 50 of 100 steps
+    with pytest.raises(ValueError, match="final_iterations"):
+        tree_module(final_iterations=0)
 
 
 # --------------------------------------------------------------------------------------------- stages in a fit

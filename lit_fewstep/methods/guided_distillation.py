@@ -110,8 +110,10 @@ class GuidedDistillation(FewStepModule):
             the stage's k-th step (0: constant lr; `Phase.decay_after`). Each stage starts again at the full lr.
         lr_anneal: anneal the lr linearly to zero over each halving's `halving_iterations`, as the
             progressive-distillation code does (`learning_rate_anneal_type='linear'` over the steps of one
-            distillation iteration); stage 1 is not annealed. The last stage anneals over `halving_iterations`
-            too (the code's last halving is as long as the others): train it no longer than that.
+            distillation iteration); stage 1 is not annealed. The last stage anneals over `final_iterations`.
+        final_iterations: the planned length of the last stage, which runs until the trainer stops: what
+            `lr_anneal` anneals it over (None: `halving_iterations`, the code's last halving being as long as the
+            others). Set it when the config trains the last stage longer, or its lr reaches zero early.
         clip_x0: at sampling, clip every data prediction to [-clip_x0, clip_x0] before the step uses it (the
             progressive-distillation code's ``clip_x``, on for its image models; 1.0 for images in [-1, 1]); None:
             no clipping. Training never clips (the code's losses call the model with ``clip_x=False``).
@@ -127,7 +129,8 @@ class GuidedDistillation(FewStepModule):
                  sigma_max: float = 80.0, weighting: str = "snr_trunc", lr: float = 1e-4,
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.0,
                  grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100,
-                 lr_decay_after: int = 0, clip_x0: float | None = None, lr_anneal: bool = False):
+                 lr_decay_after: int = 0, clip_x0: float | None = None, lr_anneal: bool = False,
+                 final_iterations: int | None = None):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -146,6 +149,9 @@ class GuidedDistillation(FewStepModule):
         if guidance_iterations < 1 or halving_iterations < 1:
             raise ValueError(f"guidance_iterations, halving_iterations: must be >= 1, got {guidance_iterations}, "
                              f"{halving_iterations}.")
+        if final_iterations is not None and final_iterations < 1:
+            raise ValueError(f"final_iterations: the last stage's planned length, >= 1 (or None for "
+                             f"halving_iterations), got {final_iterations}.")
         self.teacher_ckpt = teacher_ckpt
         self.guidance_range = (lo, hi)
         self.guidance_scale = float(guidance_scale)
@@ -177,10 +183,12 @@ class GuidedDistillation(FewStepModule):
         kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, decay_after=lr_decay_after, updates_ema=True)
         stages = [Stage("guidance", 0, guidance_iterations if self.student_steps else None,
                         [Phase("guidance", "guidance_loss", ("student",), **kw)])]
-        kw["anneal"] = halving_iterations if lr_anneal else 0
         start = guidance_iterations
         for k, steps in enumerate(self.student_steps):
-            stop = None if k == len(self.student_steps) - 1 else start + halving_iterations
+            last = k == len(self.student_steps) - 1
+            stop = None if last else start + halving_iterations
+            length = (final_iterations or halving_iterations) if last else halving_iterations
+            kw["anneal"] = length if lr_anneal else 0
             # one loss name per stage (an alias of `progressive_loss`), so a failure names its stage's loss
             object.__setattr__(self, f"progressive_loss_{steps}", self.progressive_loss)
             stages.append(Stage(f"steps_{steps}", start, stop,
