@@ -188,11 +188,11 @@ class GuidedDistillation(FewStepModule):
             last = k == len(self.student_steps) - 1
             stop = None if last else start + halving_iterations
             length = (final_iterations or halving_iterations) if last else halving_iterations
-            kw["anneal"] = length if lr_anneal else 0
             # one loss name per stage (an alias of `progressive_loss`), so a failure names its stage's loss
             object.__setattr__(self, f"progressive_loss_{steps}", self.progressive_loss)
             stages.append(Stage(f"steps_{steps}", start, stop,
-                                [Phase(f"steps_{steps}", f"progressive_loss_{steps}", ("student",), **kw)],
+                                [Phase(f"steps_{steps}", f"progressive_loss_{steps}", ("student",), **kw,
+                                       anneal=length if lr_anneal else 0)],
                                 on_enter="enter_halving"))
             start += halving_iterations
         self.set_stages(stages)
