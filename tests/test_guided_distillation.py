@@ -170,6 +170,13 @@ def test_lr_anneal_takes_every_halving_linearly_to_zero_and_leaves_stage_1_alone
     assert last.lr_at(longer._phase_steps_before(last, 130)) == pytest.approx(1e-3 * 0.5)  # 50 of 100 steps
     with pytest.raises(ValueError, match="final_iterations"):
         tree_module(final_iterations=0)
+    # with an inverse-square-root decay: stage 1 keeps it, the halvings anneal instead (as the PD code's halvings)
+    both = tree_module(guidance_iterations=40, teacher_steps=4, halving_iterations=40, lr=1e-3, lr_anneal=True,
+                       lr_decay_after=10)
+    stage1, first = both.phases[0], both.phases[1]
+    assert stage1.lr_at(both._phase_steps_before(stage1, 39)) == pytest.approx(1e-3 / (40 / 10) ** 0.5)
+    assert first.lr_at(both._phase_steps_before(first, 60)) == pytest.approx(0.5e-3) and first.decay_after == 0
+    assert tree_module(lr_decay_after=10).phases[1].decay_after == 10  # without the anneal every stage decays
 
 
 # --------------------------------------------------------------------------------------------- stages in a fit

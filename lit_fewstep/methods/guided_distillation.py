@@ -108,9 +108,11 @@ class GuidedDistillation(FewStepModule):
             previous model and the new student's start are the EMA weights.
         lr_decay_after: EDM2's inverse-square-root learning-rate decay within each stage, lr / sqrt(k / this) after
             the stage's k-th step (0: constant lr; `Phase.decay_after`). Each stage starts again at the full lr.
+            With `lr_anneal` it applies to stage 1 only.
         lr_anneal: anneal the lr linearly to zero over each halving's `halving_iterations`, as the
             progressive-distillation code does (`learning_rate_anneal_type='linear'` over the steps of one
-            distillation iteration); stage 1 is not annealed. The last stage anneals over `final_iterations`.
+            distillation iteration), in place of `lr_decay_after` there; stage 1 is not annealed. The last stage
+            anneals over `final_iterations`.
         final_iterations: the planned length of the last stage, which runs until the trainer stops: what
             `lr_anneal` anneals it over (None: `halving_iterations`, the code's last halving being as long as the
             others). Set it when the config trains the last stage longer, or its lr reaches zero early.
@@ -190,9 +192,10 @@ class GuidedDistillation(FewStepModule):
             length = (final_iterations or halving_iterations) if last else halving_iterations
             # one loss name per stage (an alias of `progressive_loss`), so a failure names its stage's loss
             object.__setattr__(self, f"progressive_loss_{steps}", self.progressive_loss)
+            # the PD code's halvings know only the linear anneal: it replaces the inverse-square-root decay
+            schedule = dict(kw, decay_after=0, anneal=length) if lr_anneal else kw
             stages.append(Stage(f"steps_{steps}", start, stop,
-                                [Phase(f"steps_{steps}", f"progressive_loss_{steps}", ("student",), **kw,
-                                       anneal=length if lr_anneal else 0)],
+                                [Phase(f"steps_{steps}", f"progressive_loss_{steps}", ("student",), **schedule)],
                                 on_enter="enter_halving"))
             start += halving_iterations
         self.set_stages(stages)
