@@ -330,6 +330,16 @@ class TestConformance:
             different = _different_state(full, resumed)
             if different:
                 failures[cut] = different[:5]
+        # A chain: resumed at the epoch boundary, stopped inside the next epoch, and resumed from there again.
+        boundary = RESUME_POINTS[1]
+        chain = ModelCheckpoint(dirpath=tmp_path / "chain", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        fit(make, tmp_path / "chain_first", RESUME_POINTS[2], [chain], enable_checkpointing=True,
+            ckpt_path=_checkpoint_at(tmp_path / "ckpts", boundary))
+        resumed, _ = fit(make, tmp_path / "chain_second", RESUME_END, ckpt_path=_checkpoint_at(tmp_path / "chain",
+                                                                                               RESUME_POINTS[2]))
+        different = _different_state(full, resumed)
+        if different:
+            failures[f"{boundary} then {RESUME_POINTS[2]}"] = different[:5]
         assert not failures, f"resumed state differs from the uninterrupted run (cut: first keys): {failures}"
 
     def test_nan_loss_stops_naming_the_phase(self, name, tmp_path):

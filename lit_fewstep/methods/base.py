@@ -732,6 +732,17 @@ class FewStepModule(Configurable, L.LightningModule):
         if int(self.iteration) == 0:  # a fresh run takes the seed of seed_everything; a resumed one keeps its own
             self.rng_seed.fill_(int(os.environ.get("PL_GLOBAL_SEED", 0)))
 
+    def on_train_start(self) -> None:
+        # Lightning 2.6 resuming from a checkpoint written after an epoch's last batch closes that epoch in
+        # `fit_loop.reset()` but keeps its "restarted mid-epoch" mark, so the next epoch starts without being
+        # counted (and without on_train_epoch_start). A checkpoint written in that epoch then reads as "epoch
+        # finished", and resuming from it replays the epoch's data from its start: the second resume of a chain
+        # was not exact. Clearing the mark once the epoch is closed lets the next epoch start as usual.
+        loop = self.trainer.fit_loop if self._trainer is not None else None
+        if (loop is not None and loop.restarted_mid_epoch and loop.epoch_loop.batch_progress.is_last_batch
+                and loop.epoch_progress.current.completed == loop.epoch_progress.current.ready):
+            loop.reset_restart_stage()
+
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[FORMAT_KEY] = self._format_entry()
