@@ -177,6 +177,13 @@ def test_lr_anneal_takes_every_halving_linearly_to_zero_and_leaves_stage_1_alone
     assert stage1.lr_at(both._phase_steps_before(stage1, 39)) == pytest.approx(1e-3 / (40 / 10) ** 0.5)
     assert first.lr_at(both._phase_steps_before(first, 60)) == pytest.approx(0.5e-3) and first.decay_after == 0
     assert tree_module(lr_decay_after=10).phases[1].decay_after == 10  # without the anneal every stage decays
+    # guidance_lr_anneal: stage 1 anneals over guidance_iterations too, in place of its decay
+    annealed = tree_module(guidance_iterations=40, teacher_steps=4, halving_iterations=40, lr=1e-3,
+                           lr_decay_after=10, guidance_lr_anneal=True)
+    stage1 = annealed.phases[0]
+    assert [stage1.lr_at(annealed._phase_steps_before(stage1, i)) for i in (0, 30, 39)] == pytest.approx(
+        [1e-3, 0.25e-3, 1e-3 / 40])
+    assert annealed.phases[1].decay_after == 10 and not annealed.phases[1].anneal  # the halvings as before
 
 
 # --------------------------------------------------------------------------------------------- stages in a fit

@@ -116,6 +116,8 @@ class GuidedDistillation(FewStepModule):
         final_iterations: the planned length of the last stage, which runs until the trainer stops: what
             `lr_anneal` anneals it over (None: `halving_iterations`, the code's last halving being as long as the
             others). Set it when the config trains the last stage longer, or its lr reaches zero early.
+        guidance_lr_anneal: anneal stage 1's lr linearly to zero over `guidance_iterations` as well, in place of
+            `lr_decay_after` there (the papers do not say how stage 1's lr goes).
         clip_x0: at sampling, clip every data prediction to [-clip_x0, clip_x0] before the step uses it (the
             progressive-distillation code's ``clip_x``, on for its image models; 1.0 for images in [-1, 1]); None:
             no clipping. Training never clips (the code's losses call the model with ``clip_x=False``).
@@ -132,7 +134,7 @@ class GuidedDistillation(FewStepModule):
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.0,
                  grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100,
                  lr_decay_after: int = 0, clip_x0: float | None = None, lr_anneal: bool = False,
-                 final_iterations: int | None = None):
+                 final_iterations: int | None = None, guidance_lr_anneal: bool = False):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -183,8 +185,9 @@ class GuidedDistillation(FewStepModule):
                              "class-conditional network (num_classes > 0) and teacher.")
         self.init_ema()
         kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, decay_after=lr_decay_after, updates_ema=True)
+        stage1 = dict(kw, decay_after=0, anneal=guidance_iterations) if guidance_lr_anneal else kw
         stages = [Stage("guidance", 0, guidance_iterations if self.student_steps else None,
-                        [Phase("guidance", "guidance_loss", ("student",), **kw)])]
+                        [Phase("guidance", "guidance_loss", ("student",), **stage1)])]
         start = guidance_iterations
         for k, steps in enumerate(self.student_steps):
             last = k == len(self.student_steps) - 1
