@@ -184,6 +184,14 @@ def test_lr_anneal_takes_every_halving_linearly_to_zero_and_leaves_stage_1_alone
     assert [stage1.lr_at(annealed._phase_steps_before(stage1, i)) for i in (0, 30, 39)] == pytest.approx(
         [1e-3, 0.25e-3, 1e-3 / 40])
     assert annealed.phases[1].decay_after == 10 and not annealed.phases[1].anneal  # the halvings as before
+    # guidance_warmup: stage 1's lr rises linearly over its first steps; the halvings start at the full lr
+    warm = tree_module(guidance_iterations=40, teacher_steps=4, halving_iterations=40, lr=1e-3, guidance_warmup=10)
+    stage1 = warm.phases[0]
+    assert [stage1.lr_at(warm._phase_steps_before(stage1, i)) for i in (0, 4, 9, 30)] == pytest.approx(
+        [1e-4, 5e-4, 1e-3, 1e-3])
+    assert warm.phases[1].warmup == 0 and not tree_module().phases[0].warmup
+    with pytest.raises(ValueError, match="guidance_warmup"):
+        tree_module(guidance_warmup=-1)
 
 
 # --------------------------------------------------------------------------------------------- stages in a fit

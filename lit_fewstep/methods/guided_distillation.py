@@ -118,6 +118,9 @@ class GuidedDistillation(FewStepModule):
             others). Set it when the config trains the last stage longer, or its lr reaches zero early.
         guidance_lr_anneal: anneal stage 1's lr linearly to zero over `guidance_iterations` as well, in place of
             `lr_decay_after` there (the papers do not say how stage 1's lr goes).
+        guidance_warmup: stage 1's lr rises linearly over its first this many steps (0: none). The student starts as
+            the conditional teacher; at the full lr its first steps knock the unguided (w = 0) prediction far from
+            that start, and stage 1 spends the rest of its iterations climbing back.
         clip_x0: at sampling, clip every data prediction to [-clip_x0, clip_x0] before the step uses it (the
             progressive-distillation code's ``clip_x``, on for its image models; 1.0 for images in [-1, 1]); None:
             no clipping. Training never clips (the code's losses call the model with ``clip_x=False``).
@@ -134,7 +137,7 @@ class GuidedDistillation(FewStepModule):
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.0,
                  grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100,
                  lr_decay_after: int = 0, clip_x0: float | None = None, lr_anneal: bool = False,
-                 final_iterations: int | None = None, guidance_lr_anneal: bool = False):
+                 final_iterations: int | None = None, guidance_lr_anneal: bool = False, guidance_warmup: int = 0):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -153,6 +156,8 @@ class GuidedDistillation(FewStepModule):
         if guidance_iterations < 1 or halving_iterations < 1:
             raise ValueError(f"guidance_iterations, halving_iterations: must be >= 1, got {guidance_iterations}, "
                              f"{halving_iterations}.")
+        if guidance_warmup < 0:
+            raise ValueError(f"guidance_warmup: stage 1's lr warm-up in steps, >= 0 (0: none), got {guidance_warmup}.")
         if final_iterations is not None and final_iterations < 1:
             raise ValueError(f"final_iterations: the last stage's planned length, >= 1 (or None for "
                              f"halving_iterations), got {final_iterations}.")
@@ -185,7 +190,8 @@ class GuidedDistillation(FewStepModule):
                              "class-conditional network (num_classes > 0) and teacher.")
         self.init_ema()
         kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, decay_after=lr_decay_after, updates_ema=True)
-        stage1 = dict(kw, decay_after=0, anneal=guidance_iterations) if guidance_lr_anneal else kw
+        stage1 = dict(kw, decay_after=0, anneal=guidance_iterations) if guidance_lr_anneal else dict(kw)
+        stage1["warmup"] = guidance_warmup
         stages = [Stage("guidance", 0, guidance_iterations if self.student_steps else None,
                         [Phase("guidance", "guidance_loss", ("student",), **stage1)])]
         start = guidance_iterations
