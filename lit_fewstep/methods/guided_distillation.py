@@ -119,8 +119,9 @@ class GuidedDistillation(FewStepModule):
         guidance_lr_anneal: anneal stage 1's lr linearly to zero over `guidance_iterations` as well, in place of
             `lr_decay_after` there (the papers do not say how stage 1's lr goes).
         guidance_warmup: stage 1's lr rises linearly over its first this many steps (0: none). The student starts as
-            the conditional teacher; at the full lr its first steps knock the unguided (w = 0) prediction far from
-            that start, and stage 1 spends the rest of its iterations climbing back.
+            the conditional teacher; learning w > 0 first moves its unguided (w = 0) prediction far from that start,
+            and stage 1 spends the rest of its iterations climbing back. A warm-up delays both (on digits it trades
+            w = 0 for w = 1; off in the configs).
         clip_x0: at sampling, clip every data prediction to [-clip_x0, clip_x0] before the step uses it (the
             progressive-distillation code's ``clip_x``, on for its image models; 1.0 for images in [-1, 1]); None:
             no clipping. Training never clips (the code's losses call the model with ``clip_x=False``).
