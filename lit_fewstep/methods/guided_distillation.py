@@ -191,8 +191,11 @@ class GuidedDistillation(FewStepModule):
                              "class-conditional network (num_classes > 0) and teacher.")
         self.init_ema()
         kw = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, decay_after=lr_decay_after, updates_ema=True)
-        stage1 = dict(kw, decay_after=0, anneal=guidance_iterations) if guidance_lr_anneal else dict(kw)
-        stage1["warmup"] = guidance_warmup
+
+        def annealed(length: int) -> dict:  # the PD code's linear anneal to zero, in place of the 1/sqrt decay
+            return dict(kw, decay_after=0, anneal=length)
+
+        stage1 = dict(annealed(guidance_iterations) if guidance_lr_anneal else kw, warmup=guidance_warmup)
         stages = [Stage("guidance", 0, guidance_iterations if self.student_steps else None,
                         [Phase("guidance", "guidance_loss", ("student",), **stage1)])]
         start = guidance_iterations
@@ -202,8 +205,7 @@ class GuidedDistillation(FewStepModule):
             length = (final_iterations or halving_iterations) if last else halving_iterations
             # one loss name per stage (an alias of `progressive_loss`), so a failure names its stage's loss
             object.__setattr__(self, f"progressive_loss_{steps}", self.progressive_loss)
-            # the PD code's halvings know only the linear anneal: it replaces the inverse-square-root decay
-            schedule = dict(kw, decay_after=0, anneal=length) if lr_anneal else kw
+            schedule = annealed(length) if lr_anneal else kw
             stages.append(Stage(f"steps_{steps}", start, stop,
                                 [Phase(f"steps_{steps}", f"progressive_loss_{steps}", ("student",), **schedule)],
                                 on_enter="enter_halving"))
