@@ -214,6 +214,35 @@ def test_stages_hand_over_and_export_keeps_only_the_student(tmp_path):
         assert torch.equal(a.x, b.x) and a.nfe == nfe
 
 
+def test_pin_unguided_keeps_the_students_w0_prediction_off_the_guidance_embedding(tmp_path):
+    """pin_unguided builds the student with guidance_null = 1 (scale 1 = Meng's w = 0): it starts as the conditional
+    teacher, and after training at w > 0 its unguided prediction is unchanged by the guidance embedding's weights;
+    the export records it; a given net without the pin is refused by name."""
+    from lit_fewstep.nets import MLP
+
+    module = tree_module(pin_unguided=True)
+    module.prepare()
+    assert module.student.net.cond.guidance_null == 1.0
+    x, t = torch.randn(16, 2), torch.full((16,), 0.7)
+    labels = torch.randint(0, module.student.num_classes, (16,))
+    conditional = module.teacher(x, t, class_labels=labels)
+    def unguided():
+        return module.student(x, t, class_labels=labels, guidance=torch.ones(16))
+    assert torch.equal(unguided(), conditional)
+    with torch.no_grad():
+        for p in module.student.net.cond.guidance.parameters():
+            p.normal_()
+    assert torch.allclose(unguided(), conditional, atol=1e-6)
+    assert not torch.allclose(module.student(x, t, class_labels=labels, guidance=torch.full((16,), 3.0)), conditional,
+                              atol=1e-3)
+    path = tmp_path / "model.pt"
+    module.export(str(path))
+    assert load_module(path).student.net.cond.guidance_null == 1.0
+    with pytest.raises(ValueError, match="pin_unguided.*guidance_null=1.0"):
+        tree_module(pin_unguided=True, net=MLP(dim=2, hidden=16, depth=1, emb_dim=8, num_classes=module.student.num_classes,
+                                                guidance_embed=True))
+
+
 # --------------------------------------------------------------------------------------------- sampling
 def test_deterministic_and_stochastic_sampling():
     module = tree_module()

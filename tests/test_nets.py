@@ -178,6 +178,29 @@ def test_input_errors(name):
         extra(x, t, extra=torch.cat([x, x, x], dim=1))
 
 
+@pytest.mark.parametrize("name", ["mlp", "unet8", "dit16"])
+def test_guidance_null_pins_the_guidance_embedding_at_zero(name):
+    """With guidance_null the prediction at that scale does not depend on the guidance embedding's weights (nor do
+    their gradients see it); at any other scale it does, and the parameters are those of a net without it."""
+    pinned = perturb(make(name, num_classes=NUM_CLASSES, guidance_embed=True, guidance_null=1.0))
+    plain = make(name, num_classes=NUM_CLASSES, guidance_embed=True)
+    assert pinned.state_dict().keys() == plain.state_dict().keys()
+    x, t, kw = inputs(pinned)
+    without_guidance = dict(kw, guidance=torch.ones(3))
+    before = pinned(x, t, **without_guidance)
+    with torch.no_grad():
+        for p in pinned.cond.guidance.parameters():
+            p.add_(torch.randn_like(p))
+    assert torch.allclose(pinned(x, t, **without_guidance), before, atol=1e-6)
+    pinned(x, t, **without_guidance).square().sum().backward()
+    assert all(p.grad.abs().max() < 1e-6 for p in pinned.cond.guidance.parameters())
+    guided = dict(kw, guidance=torch.tensor([1.0, 2.5, 4.0]))
+    plain.load_state_dict(pinned.state_dict())
+    assert not torch.allclose(pinned(x, t, **guided)[1:], plain(x, t, **guided)[1:], atol=1e-3)
+    with pytest.raises(ValueError, match="guidance_null.*guidance_embed=True"):
+        make(name, guidance_null=1.0)
+
+
 def test_scalar_noise_label_is_broadcast():
     net = perturb(make("unet8"))
     x = torch.randn(3, 1, 8, 8)

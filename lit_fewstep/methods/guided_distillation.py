@@ -122,6 +122,11 @@ class GuidedDistillation(FewStepModule):
             the conditional teacher; learning w > 0 first moves its unguided (w = 0) prediction far from that start,
             and stage 1 spends the rest of its iterations climbing back. A warm-up delays both (on digits it trades
             w = 0 for w = 1; off in the configs).
+        pin_unguided: pin the student's guidance embedding at zero at scale 1 (Meng's w = 0): its term becomes
+            E_w(s) - E_w(1) (`ConditionEmbedding`'s ``guidance_null``; no new parameters), so learning w > 0 can move the
+            unguided prediction only through the weights all scales share. With the default `net` the student is
+            built so; a given `net` must have ``guidance_null=1.0``. Not in the paper, whose Fourier embedding of w
+            is not zero at w = 0.
         clip_x0: at sampling, clip every data prediction to [-clip_x0, clip_x0] before the step uses it (the
             progressive-distillation code's ``clip_x``, on for its image models; 1.0 for images in [-1, 1]); None:
             no clipping. Training never clips (the code's losses call the model with ``clip_x=False``).
@@ -138,7 +143,8 @@ class GuidedDistillation(FewStepModule):
                  betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, ema_decay: float = 0.0,
                  grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100,
                  lr_decay_after: int = 0, clip_x0: float | None = None, lr_anneal: bool = False,
-                 final_iterations: int | None = None, guidance_lr_anneal: bool = False, guidance_warmup: int = 0):
+                 final_iterations: int | None = None, guidance_lr_anneal: bool = False, guidance_warmup: int = 0,
+                 pin_unguided: bool = False):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -179,12 +185,17 @@ class GuidedDistillation(FewStepModule):
             if net is None:
                 config = to_config(teacher.net)
                 config["init_args"]["guidance_embed"] = True
+                if pin_unguided:
+                    config["init_args"]["guidance_null"] = 1.0
                 net = instantiate(config)
             preconditioning = preconditioning or teacher.preconditioning
             sigma_data = teacher.sigma_data if sigma_data is None else sigma_data
         if not getattr(net, "guidance_embed", False):
             raise ValueError("net: the student takes the guidance scale as input; build its network with "
                              "guidance_embed=True (or leave net empty to use the teacher's).")
+        if pin_unguided and getattr(getattr(net, "cond", None), "guidance_null", None) != 1.0:
+            raise ValueError("pin_unguided: the student's guidance embedding is pinned at zero at scale 1; build its "
+                             "network with guidance_null=1.0 (or leave net empty to use the teacher's).")
         self.student = PreconditionedNet(copy.deepcopy(net), preconditioning, float(sigma_data))
         if self.student.num_classes == 0:
             raise ValueError("net: guided distillation distills classifier-free guidance, which needs a "
@@ -230,7 +241,11 @@ class GuidedDistillation(FewStepModule):
         if not (isinstance(student_config, dict) and isinstance(teacher_config, dict)):
             return
         args = dict(student_config.get("init_args", {}))
-        args["guidance_embed"] = teacher_config.get("init_args", {}).get("guidance_embed", False)
+        for name in ("guidance_embed", "guidance_null"):  # the student's own, whatever the teacher's
+            if name in teacher_config.get("init_args", {}):
+                args[name] = teacher_config["init_args"][name]
+            else:
+                args.pop(name, None)
         if ({**student_config, "init_args": args} != teacher_config
                 or self.student.preconditioning != teacher.preconditioning
                 or self.student.sigma_data != teacher.sigma_data):

@@ -88,6 +88,7 @@ class DiT(Configurable, nn.Module):
         depth, num_heads, mlp_ratio: transformer size.
         num_classes: real classes (0 = unconditional); label ``num_classes`` is the null label.
         second_time: accept ``s_labels``. guidance_embed: accept ``guidance``.
+        guidance_null: the guidance scale whose embedding is pinned at zero (`ConditionEmbedding`).
         extra_channels: channels of the optional ``extra`` input concatenated to x before patching.
         resolutions: None (default) accepts only ``img_resolution`` and adds no parameters. A list,
             e.g. ``(8, 16, 32)`` (each divisible by ``patch_size``), makes the net accept any listed
@@ -117,6 +118,7 @@ class DiT(Configurable, nn.Module):
         guidance_embed: bool = False,
         extra_channels: int = 0,
         resolutions: Optional[Sequence[int]] = None,
+        guidance_null: Optional[float] = None,
     ):
         super().__init__()
         if img_resolution % patch_size != 0:
@@ -136,7 +138,8 @@ class DiT(Configurable, nn.Module):
         self.feature_channels = hidden_size
 
         num_resolutions = 0 if self.resolutions is None else len(self.resolutions)
-        self.cond = ConditionEmbedding(256, hidden_size, num_classes, second_time, guidance_embed, num_resolutions)
+        self.cond = ConditionEmbedding(256, hidden_size, num_classes, second_time, guidance_embed, num_resolutions,
+                                       guidance_null)
         self.patch = nn.Conv2d(in_channels + extra_channels, hidden_size, patch_size, stride=patch_size)
         # Fixed, so not a parameter; non-persistent so checkpoints do not carry it.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)

@@ -132,6 +132,12 @@ class ConditionEmbedding(nn.Module):
     low-resolution condition is absent). The caller applies its own non-linearity (nets feed
     ``silu(c)`` to their modulation layers).
 
+    With ``guidance_null`` set (the scale that means "no guidance", 1.0 for EDM2 scales) the guidance term is
+    ``E_w(w) - E_w(guidance_null)``: exactly zero there whatever the weights, so learning other scales cannot
+    move the net's unguided prediction through the guidance embedding. It adds no parameters (the same
+    functions are reachable: the constant is absorbed by the other embeddings' biases); it changes only how
+    training moves the unguided prediction.
+
     Optional embeddings exist only when switched on, so a net built without them has exactly the
     parameters (and state-dict keys) it had before they were added.
     """
@@ -144,8 +150,12 @@ class ConditionEmbedding(nn.Module):
         second_time: bool = False,
         guidance_embed: bool = False,
         num_resolutions: int = 0,
+        guidance_null: Optional[float] = None,
     ):
         super().__init__()
+        if guidance_null is not None and not guidance_embed:
+            raise ValueError("guidance_null: the scale pinned at a zero guidance embedding needs guidance_embed=True "
+                             "(or leave guidance_null at None)")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if num_resolutions < 0:
@@ -156,6 +166,7 @@ class ConditionEmbedding(nn.Module):
         self.noise = TimeEmbedding(freq_dim, cond_dim)
         self.s = TimeEmbedding(freq_dim, cond_dim) if second_time else None
         self.guidance = TimeEmbedding(freq_dim, cond_dim) if guidance_embed else None
+        self.guidance_null = None if guidance_null is None else float(guidance_null)
         self.label = nn.Embedding(num_classes + 1, cond_dim) if num_classes > 0 else None
         # Built last, and only when asked: nets without it keep their parameters and random init.
         self.num_resolutions = num_resolutions
@@ -186,7 +197,12 @@ class ConditionEmbedding(nn.Module):
         if self.guidance_embed:
             if guidance is None:
                 raise ValueError("guidance is required: the network was built with guidance_embed=True")
-            c = c + self.guidance(_check_scalar_per_sample("guidance", guidance, batch_size).to(noise_labels.device))
+            guidance = _check_scalar_per_sample("guidance", guidance, batch_size).to(noise_labels.device)
+            embedding = self.guidance(guidance)
+            if self.guidance_null is not None:
+                # the same batch shape as above, so a sample at the null scale subtracts bit-identical rows
+                embedding = embedding - self.guidance(torch.full_like(guidance, self.guidance_null))
+            c = c + embedding
         elif guidance is not None:
             raise ValueError("guidance was given but the network was built with guidance_embed=False")
         labels = check_class_labels(class_labels, self.num_classes, batch_size, c.device)

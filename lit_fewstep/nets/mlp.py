@@ -43,6 +43,7 @@ class MLP(Configurable, nn.Module):
         num_classes: real classes (0 = unconditional); label ``num_classes`` is the null label.
         second_time: accept ``s_labels`` (two-time models: CTM, flow maps).
         guidance_embed: accept a guidance-scale input ``guidance``.
+        guidance_null: the guidance scale whose embedding is pinned at zero (`ConditionEmbedding`).
         extra_channels: size of the optional ``extra`` vector concatenated to x.
         dropout: dropout inside each block.
     """
@@ -58,6 +59,7 @@ class MLP(Configurable, nn.Module):
         guidance_embed: bool = False,
         extra_channels: int = 0,
         dropout: float = 0.0,
+        guidance_null: Optional[float] = None,
     ):
         super().__init__()
         self.in_channels = dim
@@ -69,7 +71,8 @@ class MLP(Configurable, nn.Module):
         self.extra_channels = extra_channels
         self.feature_channels = hidden
 
-        self.cond = ConditionEmbedding(emb_dim, hidden, num_classes, second_time, guidance_embed)
+        self.cond = ConditionEmbedding(emb_dim, hidden, num_classes, second_time, guidance_embed,
+                                       guidance_null=guidance_null)
         self.inp = nn.Linear(dim + extra_channels, hidden)
         self.blocks = nn.ModuleList([_FiLMBlock(hidden, hidden, dropout) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden)

@@ -132,6 +132,7 @@ class UNet(Configurable, nn.Module):
         dropout: dropout inside residual blocks.
         num_classes: real classes (0 = unconditional); label ``num_classes`` is the null label.
         second_time: accept ``s_labels``. guidance_embed: accept ``guidance``.
+        guidance_null: the guidance scale whose embedding is pinned at zero (`ConditionEmbedding`).
         extra_channels: channels of the optional ``extra`` input concatenated to x.
         num_heads: attention heads (must divide the channel count at attention levels).
         resolutions: None (default) accepts only ``img_resolution`` and adds no parameters. A list,
@@ -166,6 +167,7 @@ class UNet(Configurable, nn.Module):
         extra_channels: int = 0,
         num_heads: int = 1,
         resolutions: Optional[Sequence[int]] = None,
+        guidance_null: Optional[float] = None,
     ):
         super().__init__()
         if len(channel_mult) == 0:
@@ -189,7 +191,8 @@ class UNet(Configurable, nn.Module):
 
         cond_dim = 4 * model_channels
         num_resolutions = 0 if self.resolutions is None else len(self.resolutions)
-        self.cond = ConditionEmbedding(model_channels, cond_dim, num_classes, second_time, guidance_embed, num_resolutions)
+        self.cond = ConditionEmbedding(model_channels, cond_dim, num_classes, second_time, guidance_embed, num_resolutions,
+                                       guidance_null)
         self.conv_in = nn.Conv2d(in_channels + extra_channels, model_channels, 3, padding=1)
 
         # Encoder: every module's output is kept as a skip for the decoder.
