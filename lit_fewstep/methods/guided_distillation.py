@@ -123,8 +123,8 @@ class GuidedDistillation(FewStepModule):
             and stage 1 spends the rest of its iterations climbing back. A warm-up delays both (on digits it trades
             w = 0 for w = 1; off in the configs).
         pin_unguided: pin the student's guidance embedding at zero at scale 1 (Meng's w = 0): its term becomes
-            E_w(s) - E_w(1) (`ConditionEmbedding`'s ``guidance_null``; no new parameters), so learning w > 0 can move the
-            unguided prediction only through the weights all scales share. With the default `net` the student is
+            E_w(s) - E_w(1) (`ConditionEmbedding`'s ``guidance_null``; no new parameters), so learning w > 0 can move
+            the unguided prediction only through the weights all scales share. With the default `net` the student is
             built so; a given `net` must have ``guidance_null=1.0``. Not in the paper, whose Fourier embedding of w
             is not zero at w = 0.
         clip_x0: at sampling, clip every data prediction to [-clip_x0, clip_x0] before the step uses it (the
@@ -240,13 +240,13 @@ class GuidedDistillation(FewStepModule):
         student_config, teacher_config = to_config(self.student.net), to_config(teacher.net)
         if not (isinstance(student_config, dict) and isinstance(teacher_config, dict)):
             return
-        args = dict(student_config.get("init_args", {}))
-        for name in ("guidance_embed", "guidance_null"):  # the student's own, whatever the teacher's
-            if name in teacher_config.get("init_args", {}):
-                args[name] = teacher_config["init_args"][name]
-            else:
-                args.pop(name, None)
-        if ({**student_config, "init_args": args} != teacher_config
+
+        def without_guidance(config: dict) -> dict:  # the guidance embedding's settings are the student's own
+            args = config.get("init_args", {})
+            return {**config, "init_args": {k: v for k, v in args.items()
+                                            if k not in ("guidance_embed", "guidance_null")}}
+
+        if (without_guidance(student_config) != without_guidance(teacher_config)
                 or self.student.preconditioning != teacher.preconditioning
                 or self.student.sigma_data != teacher.sigma_data):
             return
