@@ -115,6 +115,22 @@ def test_stage1_target_at_w0_is_the_unguided_conditional_teacher():
         torch.testing.assert_close(student, conditional, rtol=1e-5, atol=1e-6)
 
 
+def test_unguided_fraction_trains_that_share_at_exactly_scale_1_and_the_rest_uniformly():
+    like = torch.zeros(1)
+    torch.manual_seed(0)
+    plain = tree_module().draw_scales(20000, like)
+    torch.manual_seed(0)
+    mixed = tree_module(unguided_fraction=0.25).draw_scales(20000, like)
+    assert (plain == 1.0).sum() == 0  # the paper's uniform draw never lands on w = 0 exactly
+    at_one = mixed == 1.0
+    assert abs(at_one.float().mean().item() - 0.25) < 0.015
+    # the rest are the same uniform draw over guidance_range (1, 5): unchanged where not replaced
+    torch.testing.assert_close(mixed[~at_one], plain[~at_one], rtol=0, atol=0)
+    assert abs(mixed[~at_one].mean().item() - 3.0) < 0.05
+    with pytest.raises(ValueError, match="unguided_fraction"):
+        tree_module(unguided_fraction=1.0)
+
+
 # --------------------------------------------------------------------------------------------- schedule
 def test_stage_schedule_halves_n_as_configured():
     assert halving_schedule(16) == [8, 4, 2, 1]

@@ -95,6 +95,10 @@ class GuidedDistillation(FewStepModule):
             models predict x / v on the VP path: ``"vp_v"``).
         guidance_range: (lo, hi) of the EDM2 guidance scale drawn uniformly per training sample (Meng's w + 1; the
             paper's w in [0, 4] is (1, 5)).
+        unguided_fraction: the share of each batch trained at exactly scale 1 (Meng's w = 0, the conditional model
+            unguided) instead of a draw from `guidance_range`, in both stages (0: the paper's uniform draw). Not in
+            the paper: a point that users sample at as often as any other gets more than the measure-zero share a
+            uniform draw gives it, which on digits is where the students lag the teacher most.
         guidance_scale: the default scale at sampling (2.0 = Meng's w = 1).
         guidance_iterations: iterations of stage 1 (guidance distillation).
         teacher_steps: N of the first progressive stage: the stage-1 model taken with N DDIM steps as teacher of an
@@ -144,7 +148,7 @@ class GuidedDistillation(FewStepModule):
                  grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100,
                  lr_decay_after: int = 0, clip_x0: float | None = None, lr_anneal: bool = False,
                  final_iterations: int | None = None, guidance_lr_anneal: bool = False, guidance_warmup: int = 0,
-                 pin_unguided: bool = False):
+                 pin_unguided: bool = False, unguided_fraction: float = 0.0):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -153,6 +157,9 @@ class GuidedDistillation(FewStepModule):
         lo, hi = (float(v) for v in guidance_range)
         if not 0.0 <= lo <= hi:
             raise ValueError(f"guidance_range: need 0 <= lo <= hi (EDM2 scales, 1 = no guidance), got {guidance_range}.")
+        if not 0.0 <= unguided_fraction < 1.0:
+            raise ValueError(f"unguided_fraction: the share of each batch trained at scale 1 (w = 0), in [0, 1), "
+                             f"got {unguided_fraction}.")
         if clip_x0 is not None and not clip_x0 > 0:
             raise ValueError(f"clip_x0: a positive bound on the data prediction at sampling (1.0 for images in "
                              f"[-1, 1]) or None for no clipping, got {clip_x0}.")
@@ -170,6 +177,7 @@ class GuidedDistillation(FewStepModule):
                              f"halving_iterations), got {final_iterations}.")
         self.teacher_ckpt = teacher_ckpt
         self.guidance_range = (lo, hi)
+        self.unguided_fraction = float(unguided_fraction)
         self.guidance_scale = float(guidance_scale)
         self.weighting = weighting
         self.clip_x0 = None if clip_x0 is None else float(clip_x0)
@@ -315,8 +323,12 @@ class GuidedDistillation(FewStepModule):
         return torch.linspace(self.t_max, 0.0, steps + 1, dtype=torch.float64)
 
     def draw_scales(self, n: int, like: Tensor) -> Tensor:
+        """Per-sample EDM2 scales: uniform over `guidance_range`, a share `unguided_fraction` of them exactly 1."""
         lo, hi = self.guidance_range
-        return lo + (hi - lo) * self.rand((n,), like)
+        scale = lo + (hi - lo) * self.rand((n,), like)
+        if self.unguided_fraction > 0:
+            scale = torch.where(self.rand((n,), like) < self.unguided_fraction, torch.ones_like(scale), scale)
+        return scale
 
     def weight(self, t: Tensor, like: Tensor) -> Tensor:
         """omega(lambda_t): max(SNR, 1) with SNR = a^2 / b^2 ("snr_trunc"), or 1 ("constant")."""
