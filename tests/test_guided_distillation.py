@@ -129,6 +129,39 @@ def test_unguided_fraction_trains_that_share_at_exactly_scale_1_and_the_rest_uni
         tree_module(unguided_fraction=1.0)
 
 
+def _student_scales(module: GuidedDistillation, loss: str, n: int = 4000) -> torch.Tensor:
+    """The per-sample scales one `loss` evaluation hands the student."""
+    seen = []
+    original = module.model_x0
+
+    def recording(net, z, t, labels, scale):
+        if net is module.student:
+            seen.append(scale.clone())
+        return original(net, z, t, labels, scale)
+
+    module.model_x0 = recording
+    getattr(module, loss)((torch.randn(n, 2), torch.randint(0, 2, (n,))))
+    module.model_x0 = original
+    return seen[0]
+
+
+def test_halving_unguided_fraction_sets_the_share_of_the_halvings_alone():
+    module = tree_module(unguided_fraction=0.5, halving_unguided_fraction=0.0)
+    stage1 = _student_scales(module, "guidance_loss")
+    assert abs((stage1 == 1.0).float().mean().item() - 0.5) < 0.03
+    module._enter_stages(4)  # the first halving
+    module.iteration.fill_(4)
+    halving = _student_scales(module, "progressive_loss")
+    assert (halving == 1.0).sum() == 0 and abs(halving.mean().item() - 3.0) < 0.1  # the paper's uniform draw
+    # default: the halvings take stage 1's share
+    module = tree_module(unguided_fraction=0.5)
+    module._enter_stages(4)
+    module.iteration.fill_(4)
+    assert abs((_student_scales(module, "progressive_loss") == 1.0).float().mean().item() - 0.5) < 0.03
+    with pytest.raises(ValueError, match="halving_unguided_fraction"):
+        tree_module(halving_unguided_fraction=-0.1)
+
+
 # --------------------------------------------------------------------------------------------- schedule
 def test_stage_schedule_halves_n_as_configured():
     assert halving_schedule(16) == [8, 4, 2, 1]

@@ -96,9 +96,13 @@ class GuidedDistillation(FewStepModule):
         guidance_range: (lo, hi) of the EDM2 guidance scale drawn uniformly per training sample (Meng's w + 1; the
             paper's w in [0, 4] is (1, 5)).
         unguided_fraction: the share of each batch trained at exactly scale 1 (Meng's w = 0, the conditional model
-            unguided) instead of a draw from `guidance_range`, in both stages (0: the paper's uniform draw). Not in
+            unguided) instead of a draw from `guidance_range`, in stage 1 and, unless `halving_unguided_fraction`
+            says otherwise, in the halvings (0: the paper's uniform draw). Not in
             the paper: a point that users sample at as often as any other gets more than the measure-zero share a
             uniform draw gives it, which on digits is where the students lag the teacher most.
+        halving_unguided_fraction: the same share in the halvings (stage 2); None (default): `unguided_fraction`.
+            0 with a stage-1 share gives stage 1 the extra w = 0 training and leaves the halvings the paper's draw:
+            on digits stage 1 gains at w = 0 for nothing, while a share in the halvings costs the students at w = 1.
         guidance_scale: the default scale at sampling (2.0 = Meng's w = 1).
         guidance_iterations: iterations of stage 1 (guidance distillation).
         teacher_steps: N of the first progressive stage: the stage-1 model taken with N DDIM steps as teacher of an
@@ -148,7 +152,8 @@ class GuidedDistillation(FewStepModule):
                  grad_clip: float = 1.0, nonfinite: str = "stop", max_consecutive_skips: int = 100,
                  lr_decay_after: int = 0, clip_x0: float | None = None, lr_anneal: bool = False,
                  final_iterations: int | None = None, guidance_lr_anneal: bool = False, guidance_warmup: int = 0,
-                 pin_unguided: bool = False, unguided_fraction: float = 0.0):
+                 pin_unguided: bool = False, unguided_fraction: float = 0.0,
+                 halving_unguided_fraction: float | None = None):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -157,9 +162,12 @@ class GuidedDistillation(FewStepModule):
         lo, hi = (float(v) for v in guidance_range)
         if not 0.0 <= lo <= hi:
             raise ValueError(f"guidance_range: need 0 <= lo <= hi (EDM2 scales, 1 = no guidance), got {guidance_range}.")
-        if not 0.0 <= unguided_fraction < 1.0:
-            raise ValueError(f"unguided_fraction: the share of each batch trained at scale 1 (w = 0), in [0, 1), "
-                             f"got {unguided_fraction}.")
+        if halving_unguided_fraction is None:
+            halving_unguided_fraction = unguided_fraction
+        for name, share in (("unguided_fraction", unguided_fraction),
+                            ("halving_unguided_fraction", halving_unguided_fraction)):
+            if not 0.0 <= share < 1.0:
+                raise ValueError(f"{name}: the share of each batch trained at scale 1 (w = 0), in [0, 1), got {share}.")
         if clip_x0 is not None and not clip_x0 > 0:
             raise ValueError(f"clip_x0: a positive bound on the data prediction at sampling (1.0 for images in "
                              f"[-1, 1]) or None for no clipping, got {clip_x0}.")
@@ -178,6 +186,7 @@ class GuidedDistillation(FewStepModule):
         self.teacher_ckpt = teacher_ckpt
         self.guidance_range = (lo, hi)
         self.unguided_fraction = float(unguided_fraction)
+        self.halving_unguided_fraction = float(halving_unguided_fraction)
         self.guidance_scale = float(guidance_scale)
         self.weighting = weighting
         self.clip_x0 = None if clip_x0 is None else float(clip_x0)
@@ -322,12 +331,14 @@ class GuidedDistillation(FewStepModule):
         """The N-step DDIM grid t_max (1 - i / N), i = 0..N (float64)."""
         return torch.linspace(self.t_max, 0.0, steps + 1, dtype=torch.float64)
 
-    def draw_scales(self, n: int, like: Tensor) -> Tensor:
-        """Per-sample EDM2 scales: uniform over `guidance_range`, a share `unguided_fraction` of them exactly 1."""
+    def draw_scales(self, n: int, like: Tensor, unguided_fraction: float | None = None) -> Tensor:
+        """Per-sample EDM2 scales: uniform over `guidance_range`, a share `unguided_fraction` (default the module's
+        stage-1 share) of them exactly 1. A share of 0 takes no extra random numbers."""
+        share = self.unguided_fraction if unguided_fraction is None else unguided_fraction
         lo, hi = self.guidance_range
         scale = lo + (hi - lo) * self.rand((n,), like)
-        if self.unguided_fraction > 0:
-            scale = torch.where(self.rand((n,), like) < self.unguided_fraction, torch.ones_like(scale), scale)
+        if share > 0:
+            scale = torch.where(self.rand((n,), like) < share, torch.ones_like(scale), scale)
         return scale
 
     def weight(self, t: Tensor, like: Tensor) -> Tensor:
@@ -382,7 +393,7 @@ class GuidedDistillation(FewStepModule):
         n = x.shape[0]
         steps = self.current_steps()
         grid = self.grid(steps).to(x.dtype).to(x.device)
-        scale = self.draw_scales(n, x)
+        scale = self.draw_scales(n, x, self.halving_unguided_fraction)
         i = self.randint(0, steps, (n,), x)
         t, t_end = grid[i], grid[i + 1]
         t_mid = 0.5 * (t + t_end)
