@@ -265,6 +265,21 @@ def test_rows_distilled_with_autoguidance_are_named_with_their_range_and_samplin
     assert "autoguidance" not in "\n".join(lb.markdown("tree", table(), [0], 10))
 
 
+def test_dmd2_rows_with_the_regression_loss_are_named_so(tmp_path, monkeypatch):
+    (tmp_path / "configs" / "dmd2").mkdir(parents=True)
+    (tmp_path / "configs" / "dmd2" / "tree.yaml").write_text("model:\n  init_args: {reg_pairs: 2048, reg_weight: 0.5}\n")
+    (tmp_path / "configs" / "dmd2" / "digits_long.yaml").write_text("model:\n  init_args: {reg_pairs: 0}\n")
+    (tmp_path / "configs" / "msd").mkdir()
+    (tmp_path / "configs" / "msd" / "digits.yaml").write_text(
+        "model:\n  init_args: {reg_pairs: 512, reg_weight: 0.0}\n")  # weight 0: no regression
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    assert lb.regression_rows("tree") == ["dmd2 (DMD's regression loss on 2048 teacher pairs, weight 0.5)"]
+    assert lb.regression_rows("digits") == []
+    assert "drops: dmd2 (DMD's regression loss" in "\n".join(lb.markdown("tree", table(), [0], 10))
+    (tmp_path / "configs" / "dmd2" / "tree.yaml").write_text("model:\n  init_args: {lr: 0.1}\n")
+    assert "regression" not in "\n".join(lb.markdown("tree", table(), [0], 10))
+
+
 def test_a_run_of_a_few_rows_replaces_those_rows_and_keeps_the_rest_with_their_run(tmp_path, monkeypatch):
     """--only cd on a recorded tree table: cd's row and the teachers' rows are the new ones, dmd2 and the not-yet row
     stay, in table order, and the report names both runs; other seeds than the table's are refused before training."""
