@@ -134,14 +134,20 @@ def autoguided_rows(data: str) -> list[str]:
 
 
 def regression_rows(data: str) -> list[str]:
-    """DMD2-family rows whose config adds DMD's regression loss on teacher pairs (`reg_pairs`), which the DMD2 paper
-    drops: named in the report, so the row is not read as the paper's DMD2."""
+    """DMD2-family rows whose config adds DMD's regression loss on teacher pairs, which the DMD2 paper drops: named
+    in the report, so the row is not read as the paper's DMD2."""
+    import inspect
+
+    from lit_fewstep.methods.dmd import DMD2, regression_enabled
+
+    default_weight = inspect.signature(DMD2).parameters["reg_weight"].default
     rows = []
     for method in ("dmd2", "msd"):
         args = model_args(method, data)
-        if args.get("reg_pairs") and args.get("reg_weight", 0.25) > 0:
-            rows.append(f"{method} (DMD's regression loss on {args['reg_pairs']} teacher pairs, weight "
-                        f"{args.get('reg_weight', 0.25):g})")
+        weight, pairs_path = args.get("reg_weight", default_weight), args.get("pairs_path")
+        if regression_enabled(pairs_path, args.get("reg_pairs", 0), weight):
+            pairs = f"{args['reg_pairs']} teacher pairs" if pairs_path is None else f"the teacher pairs of {pairs_path}"
+            rows.append(f"{method} (DMD's regression loss on {pairs}, weight {weight:g})")
     return rows
 
 

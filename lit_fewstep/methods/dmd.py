@@ -79,6 +79,11 @@ def reduce_loss(elementwise: Tensor, reduction: str) -> Tensor:
     return elementwise.flatten(1).sum(1).mean()
 
 
+def regression_enabled(pairs_path: str | None, reg_pairs: int, reg_weight: float) -> bool:
+    """Whether L_reg (DMD Eq. 9) is on: teacher pairs given (a file or a number to make) and a positive weight."""
+    return (pairs_path is not None or reg_pairs > 0) and reg_weight > 0
+
+
 class DMD(PerceptualDistance, FewStepModule):
     """One-step Diffusion with Distribution Matching Distillation (Yin et al., CVPR 2024).
 
@@ -145,7 +150,7 @@ class DMD(PerceptualDistance, FewStepModule):
             raise ValueError("pairs_path, reg_pairs: give a pairs file or a number of pairs to make, not both.")
         self.pairs_path, self.reg_weight, self.reg_batch_size = pairs_path, float(reg_weight), int(reg_batch_size)
         self.reg_pairs, self.reg_pairs_nfe = int(reg_pairs), int(reg_pairs_nfe)
-        self.uses_regression = (pairs_path is not None or self.reg_pairs > 0) and reg_weight > 0
+        self.uses_regression = regression_enabled(pairs_path, self.reg_pairs, reg_weight)
         if reg_distance not in REG_DISTANCES:
             raise ValueError(f"reg_distance: choose one of {REG_DISTANCES}, got {reg_distance!r}.")
         if reg_distance == "lpips" and self.uses_regression and not lpips_weights:
