@@ -204,6 +204,10 @@ def main() -> None:
                              "student's steps see as many samples as the single student's (the same compute per "
                              "student-class pair, the same total of optimizer steps over the students); the run's "
                              "name gets the suffix _sb")
+    parser.add_argument("--reg_pairs", type=int, default=0,
+                        help="every run adds DMD's regression loss on this many teacher pairs (35-NFE Heun, made when "
+                             "the fit starts), as the leaderboard's DMD2 digits config does; the name gets _reg<weight>")
+    parser.add_argument("--reg_weight", type=float, default=0.5, help="lambda_reg with --reg_pairs")
     parser.add_argument("--class_labels", choices=LABEL_DRAWS, default="reference",
                         help="how the scores draw the classes (docs/evaluation.md)")
     parser.add_argument("--tag", default=None,
@@ -267,6 +271,8 @@ def main() -> None:
             run["kw"]["tsm_iterations"] = 0 if name == "half_none" else args.tsm_iters
         elif isinstance(run["kw"].get("tsm_iterations"), float):
             run["kw"]["tsm_iterations"] = int(run["kw"]["tsm_iterations"] * iters)
+        if args.reg_pairs > 0:
+            run["kw"].update(reg_pairs=args.reg_pairs, reg_pairs_nfe=35, reg_weight=args.reg_weight)
         batch_size = None
         if args.student_batch and run["students"] > 1:
             batch_size = SETTINGS[data]["data"]["init_args"]["batch_size"] * run["students"]
@@ -275,7 +281,8 @@ def main() -> None:
                             args.class_labels, tuple(args.extra_ema))
         per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels) for seed in SAMPLING_SEEDS]
         info.update(name=run_name(run["name"], args.ema_decay, args.train_seed, run_iters if args.name_iters else None,
-                                  student_batch=batch_size is not None),
+                                  student_batch=batch_size is not None,
+                                  reg_weight=args.reg_weight if args.reg_pairs > 0 else None),
                     train_seed=args.train_seed, method=run["cls"], students=run["students"], command=command,
                     kw={k: v for k, v in run["kw"].items() if k != "student_net"},
                     width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
@@ -294,7 +301,8 @@ def main() -> None:
             per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels, use_ema=ema_label(spec))
                         for seed in SAMPLING_SEEDS]
             row = dict(info, name=run_name(run["name"], spec, args.train_seed, run_iters if args.name_iters else None,
-                                           student_batch=batch_size is not None),
+                                           student_batch=batch_size is not None,
+                                           reg_weight=args.reg_weight if args.reg_pairs > 0 else None),
                        kw=dict(info["kw"], ema_decay=None, extra_ema=spec), ema_of=info["name"], curve=[],
                        per_seed=per_seed, median=medians(per_seed, data))
             print(f"[{data}] {row['name']}: {json.dumps(row['median'])}", flush=True)
@@ -347,17 +355,18 @@ def measure_speed(data: str, tag: str | None = None, rounds: int = 5) -> None:
 
 
 def run_name(base: str, ema: float | str | None, train_seed: int, iterations: int | None = None,
-             student_batch: bool = False) -> str:
-    """A run's name in the table: its kind (`runs_for`), then _sb (`--student_batch`), _ema<decay> (or
+             student_batch: bool = False, reg_weight: float | None = None) -> str:
+    """A run's name in the table: its kind (`runs_for`), then _sb (`--student_batch`), _reg<weight> (`--reg_pairs`),
+    _ema<decay> (or
     _ema<--extra_ema spec>) and _seed<N> where they differ from the settings, and _it<N> when asked (`base_run`
     reads the kind back)."""
     ema_text = "" if ema is None else f"_ema{ema:g}" if isinstance(ema, float) else f"_ema{ema}"
-    return base + ("_sb" if student_batch else "") + ema_text + (
+    return base + ("_sb" if student_batch else "") + (f"_reg{reg_weight:g}" if reg_weight is not None else "") + ema_text + (
         f"_seed{train_seed}" if train_seed != SEED else "") + (f"_it{iterations}" if iterations is not None else "")
 
 
 def base_run(name: str) -> str:
-    return re.split(r"_sb|_seed\d|_ema[\dg]|_it\d", name)[0]
+    return re.split(r"_sb|_reg\d|_seed\d|_ema[\dg]|_it\d", name)[0]
 
 
 def ema_profile(spec: str) -> dict:
@@ -411,7 +420,8 @@ def write_report() -> None:
                   f"N; *_ema<d>: sampling EMA d instead of the settings'; *_emag<γ>: EDM2's power-function EMA with "
                   f"exponent γ; a row whose name ends like another's but for the EMA and that has no progress "
                   f"curve is that run sampled with a further EMA tracked in it, `--extra_ema`; *_sb: K times the batch for 1/K of the iterations, "
-                  f"`--student_batch`); sampling seeds "
+                  f"`--student_batch`; *_reg<w>: DMD's regression loss added at weight w on `--reg_pairs` teacher "
+                  f"pairs, `--reg_pairs`); sampling seeds "
                   f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds; "
                   f"classes drawn {classes}. "
                   f"Iterations per run in the table, batch {r['settings']['data']['init_args']['batch_size']}, "

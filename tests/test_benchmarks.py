@@ -248,3 +248,5 @@ def test_msd_run_names_read_back_to_their_kind():
     assert run_name("one", 0.99, 2) == "one_ema0.99_seed2"
     assert run_name("k4", 0.99, SEED, 5000) == "k4_ema0.99_it5000"
     assert run_name("k2", 0.99, 1, student_batch=True) == "k2_sb_ema0.99_seed1"
+    assert run_name("k4", 0.99, 1, reg_weight=0.5) == "k4_reg0.5_ema0.99_seed1"
+    assert base_run(run_name("one_half_tsm", 0.99, SEED, 5000, reg_weight=0.25)) == "one_half_tsm"

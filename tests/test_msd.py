@@ -202,3 +202,38 @@ def test_emas_restart_when_distillation_follows_the_warm_up(eight_class_teacher,
     for slow, before, after in zip(seen["slow"], seen["before"], seen["after"]):
         assert torch.allclose(slow, torch.lerp(before, after, 0.01), atol=1e-7)
     assert not all(torch.equal(p, q) for p, q in zip(seen["before"], seen["after"]))
+
+
+def test_regression_pairs_train_each_student_on_its_own_classes(eight_class_teacher):
+    """DMD's regression loss in MSD (`reg_pairs`): L_reg is the mean over pairs of ||G_k(z) - y||^2 with G_k the
+    student owning the pair's class (recomputed here member by member on the same draw); with only student 0's
+    pairs left, student 1's parameters get no gradient from it and student 0's do."""
+    model = MSD(eight_class_teacher, num_students=2, reg_pairs=32, reg_pairs_nfe=3, reg_weight=1.0, reg_batch_size=16,
+                ema_decay=0.0)
+    assert model.uses_regression
+    model.prepare()
+    torch.manual_seed(0)
+    for member in model.G.members:  # students that differ from the teacher and from each other
+        with torch.no_grad():
+            for p in member.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    draws = model._draws
+    loss = model.regression_loss()
+    model._draws = draws  # the same pairs again
+    z, target, labels = model.random_pairs(16)
+    owner = model.G.route[labels]
+    assert set(owner.tolist()) == {0, 1}
+    sigma = torch.full((16,), model.generator_sigmas[0])
+    expected = torch.zeros(())
+    for k, member in enumerate(model.G.members):
+        i = owner == k
+        x = member.x0_from(sigma[i, None] * z[i], sigma[i], model.edm, class_labels=labels[i])
+        expected = expected + ((x - target[i]) ** 2).mean(dim=1).sum()
+    torch.testing.assert_close(loss, expected / 16)
+
+    keep = model.G.route[model.pair_labels] == 0
+    model.pair_noise, model.pair_x, model.pair_labels = (model.pair_noise[keep], model.pair_x[keep],
+                                                         model.pair_labels[keep])
+    model.regression_loss().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.G.members[1].parameters())
+    assert any(p.grad is not None and p.grad.any() for p in model.G.members[0].parameters())

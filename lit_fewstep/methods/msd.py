@@ -156,6 +156,9 @@ class MSD(DMD2):
             critic phases start after it, as a second stage whose sampling EMAs restart from the warmed-up students.
         tsm_lr: learning rate of the warm-up (default: `lr`); it trains a diffusion model from scratch, which can
             take a larger step than distillation.
+        critic_lr, pairs_path, reg_weight, reg_batch_size, reg_distance, lpips_weights, reg_pairs, reg_pairs_nfe:
+            as in `DMD2` (DMD's regression loss is off by default). The pairs are the teacher's, for every class;
+            each pair's loss reaches only the student that owns its class, so each student regresses on its own.
     """
 
     def __init__(self, teacher_ckpt: str, num_students: int = 4, partition: list[list[int]] | str | None = None,
@@ -166,7 +169,10 @@ class MSD(DMD2):
                  real_guidance_scale: float = 1.0, dm_step_range: Sequence[float] = (0.02, 0.98),
                  dm_reduction: str = "mean", lr: float = 2e-6, betas: Sequence[float] = (0.9, 0.999),
                  weight_decay: float = 0.01, ema_decay: float = 0.999, grad_clip: float = 10.0, nonfinite: str = "stop",
-                 max_consecutive_skips: int = 100, tsm_lr: float | None = None):
+                 max_consecutive_skips: int = 100, tsm_lr: float | None = None, critic_lr: float | None = None,
+                 pairs_path: str | None = None, reg_weight: float = 0.25, reg_batch_size: int = 0,
+                 reg_distance: str = "l2", lpips_weights: str | None = None, reg_pairs: int = 0,
+                 reg_pairs_nfe: int = 15):
         if not isinstance(num_students, int) or num_students < 1:
             raise ValueError(f"num_students: must be an integer >= 1, got {num_students!r}.")
         if isinstance(partition, str) and partition != "kmeans":
@@ -180,7 +186,9 @@ class MSD(DMD2):
         super().__init__(teacher_ckpt, student_net, preconditioning, sigma_data, generator_sigmas, backward_simulation,
                          generator_every, gan_generator_weight, gan_critic_weight, gan_step_range, real_guidance_scale,
                          dm_step_range, dm_reduction, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
-                         max_consecutive_skips)
+                         max_consecutive_skips, critic_lr=critic_lr, pairs_path=pairs_path, reg_weight=reg_weight,
+                         reg_batch_size=reg_batch_size, reg_distance=reg_distance, lpips_weights=lpips_weights,
+                         reg_pairs=reg_pairs, reg_pairs_nfe=reg_pairs_nfe)
         self.tsm_iterations = int(tsm_iterations)
         # The students train independently (MSD Sec. 3): one optimizer and one gradient clip per student, for the
         # generator and for its critic (fake score + head), although each phase batches all students in one loss.
