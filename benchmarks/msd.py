@@ -17,6 +17,9 @@
         --half_students 2 --tsm_iters 3000 --tsm_lr 1e-3 --ema_decay 0.99 --name_iters --extra_ema 0.999 g16.97
                                            # rows half_tsm_ema0.999_it10000, half_tsm_emag16.97_it10000: the same run
                                            # sampled with a slower constant EMA and EDM2's sigma_rel 0.05 profile
+    OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 5000 --every 500 --runs k4 --ema_decay 0.99 \
+        --num 5000 --tag reference_classes_reg --reg_pairs 2048 --reg_weight 0.5
+                                           # row k4_reg0.5_ema0.99: every run adds DMD's regression loss
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 700 --every 100 --tsm 0.3 --tsm_lr 1e-3 \
         --runs one k4 k2 k4_kmeans          # --runs: a subset, in this order, added to earlier results
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --speed   # images/s of all runs in one process
