@@ -360,11 +360,11 @@ def measure_speed(data: str, tag: str | None = None, rounds: int = 5) -> None:
 def run_name(base: str, ema: float | str | None, train_seed: int, iterations: int | None = None,
              student_batch: bool = False, reg_weight: float | None = None) -> str:
     """A run's name in the table: its kind (`runs_for`), then _sb (`--student_batch`), _reg<weight> (`--reg_pairs`),
-    _ema<decay> (or
-    _ema<--extra_ema spec>) and _seed<N> where they differ from the settings, and _it<N> when asked (`base_run`
-    reads the kind back)."""
+    _ema<decay> (or _ema<--extra_ema spec>) and _seed<N> where they differ from the settings, and _it<N> when asked
+    (`base_run` reads the kind back)."""
     ema_text = "" if ema is None else f"_ema{ema:g}" if isinstance(ema, float) else f"_ema{ema}"
-    return base + ("_sb" if student_batch else "") + (f"_reg{reg_weight:g}" if reg_weight is not None else "") + ema_text + (
+    reg_text = "" if reg_weight is None else f"_reg{reg_weight:g}"
+    return base + ("_sb" if student_batch else "") + reg_text + ema_text + (
         f"_seed{train_seed}" if train_seed != SEED else "") + (f"_it{iterations}" if iterations is not None else "")
 
 
