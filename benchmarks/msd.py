@@ -262,6 +262,7 @@ def main() -> None:
                                           "results": merged(before.get("results", []), results)}, indent=1))
 
     runs = {run["name"]: run for run in runs_for(data, args.lr, args.tsm, args.tsm_lr, args.half_students)}
+    reg_weight = args.reg_weight if args.reg_pairs > 0 else None  # named in every run's name when the loss is on
     for name in args.runs or runs:  # in the order given
         if name not in runs:
             parser.error(f"--runs: no run {name!r} for {data}; choose from {', '.join(runs)}")
@@ -284,8 +285,7 @@ def main() -> None:
                             args.class_labels, tuple(args.extra_ema))
         per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels) for seed in SAMPLING_SEEDS]
         info.update(name=run_name(run["name"], args.ema_decay, args.train_seed, run_iters if args.name_iters else None,
-                                  student_batch=batch_size is not None,
-                                  reg_weight=args.reg_weight if args.reg_pairs > 0 else None),
+                                  student_batch=batch_size is not None, reg_weight=reg_weight),
                     train_seed=args.train_seed, method=run["cls"], students=run["students"], command=command,
                     kw={k: v for k, v in run["kw"].items() if k != "student_net"},
                     width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
@@ -304,8 +304,7 @@ def main() -> None:
             per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels, use_ema=ema_label(spec))
                         for seed in SAMPLING_SEEDS]
             row = dict(info, name=run_name(run["name"], spec, args.train_seed, run_iters if args.name_iters else None,
-                                           student_batch=batch_size is not None,
-                                           reg_weight=args.reg_weight if args.reg_pairs > 0 else None),
+                                           student_batch=batch_size is not None, reg_weight=reg_weight),
                        kw=dict(info["kw"], ema_decay=None, extra_ema=spec), ema_of=info["name"], curve=[],
                        per_seed=per_seed, median=medians(per_seed, data))
             print(f"[{data}] {row['name']}: {json.dumps(row['median'])}", flush=True)
