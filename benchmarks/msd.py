@@ -20,6 +20,7 @@
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 5000 --every 500 --runs k4 --ema_decay 0.99 \
         --num 5000 --tag reference_classes_reg --reg_pairs 2048 --reg_weight 0.5
                                            # row k4_reg0.5_ema0.99: every run adds DMD's regression loss
+                                           # (--runs k4_shared: row k4_shared_reg0.5_ema0.99, one shared critic)
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 700 --every 100 --tsm 0.3 --tsm_lr 1e-3 \
         --runs one k4 k2 k4_kmeans          # --runs: a subset, in this order, added to earlier results
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --speed   # images/s of all runs in one process
@@ -34,6 +35,8 @@ sampling (equal one-step cost for same-width students).
 Runs (tree has 2 classes, so K <= 2 there):
     one       DMD2, one student (MSD with K = 1 is DMD2; DMD2 keeps the baseline's sampling free of routing)
     k2, k4    MSD, K same-width students initialised from the teacher, contiguous class groups
+    k2_shared, k4_shared  the same students with one class-conditional critic (fake score + head) for all of
+              them (`shared_critic`, outside the paper): it steps on the whole batch instead of a 1/K share
     k4_kmeans MSD, K = 4, classes grouped by k-means of the teacher's class means (`partition: kmeans`)
     half_tsm  MSD, K half-width students from scratch: teacher-score-matching warm-up (`--tsm` of the
               iterations), then DMD2 for the rest
@@ -91,6 +94,8 @@ def runs_for(data: str, lr: float, tsm: float, tsm_lr: float | None, half_studen
     k_half = half_students or k_max
     runs = [dict(name="one", cls="DMD2", kw=dict(dmd2), students=1)]
     runs += [dict(name=f"k{k}", cls="MSD", kw=dict(dmd2, num_students=k), students=k) for k in (2, 4) if k <= k_max]
+    runs += [dict(name=f"k{k}_shared", cls="MSD", kw=dict(dmd2, num_students=k, shared_critic=True), students=k)
+             for k in (2, 4) if k <= k_max]
     if data == "digits":
         runs.append(dict(name="k4_kmeans", cls="MSD", kw=dict(dmd2, num_students=4, partition="kmeans"), students=4))
     half = dict(dmd2, student_net=HALF[data])

@@ -237,3 +237,35 @@ def test_regression_pairs_train_each_student_on_its_own_classes(eight_class_teac
     model.regression_loss().backward()
     assert all(p.grad is None or not p.grad.any() for p in model.G.members[1].parameters())
     assert any(p.grad is not None and p.grad.any() for p in model.G.members[0].parameters())
+
+
+def test_shared_critic_is_dmd2s_critic_over_all_students(eight_class_teacher):
+    """`shared_critic`: one class-conditional fake score and one head judge every student's samples. With students
+    still equal to the teacher (so routed samples equal one student's), its critic loss and the fake score's gradient
+    equal DMD2's on the same batch and draws, bit for bit: the shared fake score steps on the whole batch, where a
+    per-student one sees its share only. The generators keep one optimizer each, the critic has one."""
+    from lit_fewstep.methods import DMD2
+
+    settings = dict(gan_generator_weight=0.1, generator_sigmas=(80.0, 1.0), ema_decay=0.0)
+    shared = MSD(eight_class_teacher, num_students=2, shared_critic=True, **settings)
+    single = DMD2(eight_class_teacher, **settings)
+    single.head.load_state_dict(shared.head.state_dict())
+    assert not hasattr(shared.fake_score, "members") and not hasattr(shared.head, "members")
+    assert len(shared.configure_optimizers()) == 2 + 1
+    critic_parameters = {id(p) for net in (shared.fake_score, shared.head) for p in net.parameters()}
+    assert {id(p) for p in shared.configure_optimizers()[-1].param_groups[0]["params"]} == critic_parameters
+
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(32, 2, generator=g), torch.arange(8).repeat(4))
+    losses = []
+    for model in (shared, single):
+        model._draws = 0
+        loss = model.critic_loss(batch)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    for a, b in zip(shared.fake_score.parameters(), single.fake_score.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert sum(float(p.grad.abs().sum()) for p in shared.head.parameters()) > 0
+
+    assert len(MSD(eight_class_teacher, num_students=2, **settings).configure_optimizers()) == 2 + 2  # the paper's

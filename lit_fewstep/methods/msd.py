@@ -159,6 +159,11 @@ class MSD(DMD2):
         critic_lr, pairs_path, reg_weight, reg_batch_size, reg_distance, lpips_weights, reg_pairs, reg_pairs_nfe:
             as in `DMD2` (DMD's regression loss is off by default). The pairs are the teacher's, for every class;
             each pair's loss reaches only the student that owns its class, so each student regresses on its own.
+        shared_critic: one class-conditional fake score (and one GAN head) for all students instead of one per
+            student (the paper's). Because every class has exactly one student, the students' class-conditional
+            output distributions together are one class-conditional distribution, and a fake score conditioned on
+            the class that learns it gives each student the score its own fake score would; it steps on the whole
+            batch instead of a 1/K share, at the same compute. Outside the paper (off by default).
     """
 
     def __init__(self, teacher_ckpt: str, num_students: int = 4, partition: list[list[int]] | str | None = None,
@@ -172,7 +177,7 @@ class MSD(DMD2):
                  max_consecutive_skips: int = 100, tsm_lr: float | None = None, critic_lr: float | None = None,
                  pairs_path: str | None = None, reg_weight: float = 0.25, reg_batch_size: int = 0,
                  reg_distance: str = "l2", lpips_weights: str | None = None, reg_pairs: int = 0,
-                 reg_pairs_nfe: int = 15):
+                 reg_pairs_nfe: int = 15, shared_critic: bool = False):
         if not isinstance(num_students, int) or num_students < 1:
             raise ValueError(f"num_students: must be an integer >= 1, got {num_students!r}.")
         if isinstance(partition, str) and partition != "kmeans":
@@ -183,6 +188,7 @@ class MSD(DMD2):
             raise ValueError(f"tsm_lr: must be > 0 (or None for lr), got {tsm_lr}.")
         # Plain attributes read by _build_generator / _build_critic while DMD2.__init__ builds the networks.
         self.num_students, self.partition_arg = num_students, partition
+        self.shared_critic = bool(shared_critic)
         super().__init__(teacher_ckpt, student_net, preconditioning, sigma_data, generator_sigmas, backward_simulation,
                          generator_every, gan_generator_weight, gan_critic_weight, gan_step_range, real_guidance_scale,
                          dm_step_range, dm_reduction, lr, betas, weight_decay, ema_decay, grad_clip, nonfinite,
@@ -195,9 +201,10 @@ class MSD(DMD2):
         students = range(self.num_students)
         generator, critic = self.phases
         generator.networks, generator.separate = tuple(f"G.members.{k}" for k in students), True
-        critic.networks = tuple((f"fake_score.members.{k}",) + ((f"head.members.{k}",) if self.uses_gan else ())
-                                for k in students)
-        critic.separate = True
+        if not self.shared_critic:  # shared: DMD2's one critic phase over fake_score and head, unchanged
+            critic.networks = tuple((f"fake_score.members.{k}",) + ((f"head.members.{k}",) if self.uses_gan else ())
+                                    for k in students)
+            critic.separate = True
         if self.tsm_iterations > 0:
             tsm = Phase("tsm", "tsm_loss", generator.networks, separate=True,
                         lr=generator.lr if tsm_lr is None else float(tsm_lr), betas=generator.betas,
@@ -254,7 +261,9 @@ class MSD(DMD2):
         self.G = Routed(students, route).requires_grad_(True).train()
 
     def _build_critic(self, teacher: PreconditionedNet) -> None:
-        """One fake score (a copy of the teacher) and one GAN head per student."""
+        """One fake score (a copy of the teacher) and one GAN head per student, or DMD2's single pair when shared."""
+        if self.shared_critic:
+            return super()._build_critic(teacher)
         route = self.G.route
         self.fake_score = Routed([copy.deepcopy(teacher) for _ in range(self.num_students)], route)
         self.fake_score.requires_grad_(True).train()
@@ -271,6 +280,8 @@ class MSD(DMD2):
         return {"student_net": self.G.net, "preconditioning": self.G.preconditioning, "sigma_data": self.G.sigma_data}
 
     def discriminate(self, features: Tensor, y: Tensor | None) -> Tensor:
+        if self.shared_critic:
+            return self.head(features)
         return self.head(features, class_labels=y)  # routed: each student's samples to its own head
 
     # ------------------------------------------------------------------------------------- TSM warm-up
