@@ -99,6 +99,9 @@ METHODS: dict[str, Callable[[str], FewStepModule]] = {
     "dmd2": lambda teacher: DMD2(teacher, generator_sigmas=(80.0, 1.0), generator_every=3, lr=1e-3, ema_decay=0.9),
     "msd": lambda teacher: MSD(teacher, num_students=2, student_net=mlp(hidden=16), tsm_iterations=7,
                                generator_sigmas=(80.0, 1.0), generator_every=2, lr=1e-3, ema_decay=0.9),
+    # one critic for all students (outside the paper): DMD2's critic phase beside per-student generator optimizers
+    "msd_shared_critic": lambda teacher: MSD(teacher, num_students=2, shared_critic=True, generator_sigmas=(80.0, 1.0),
+                                             generator_every=3, lr=1e-3, ema_decay=0.9),
     "ctm": lambda teacher: __import__("lit_fewstep.methods").methods.CTM(MLP(dim=2, hidden=32, depth=2, emb_dim=16, num_classes=8, second_time=True), teacher, num_scales=8, sigma_data=SIGMA_D, target_mu=0.9, gan_start=4, discriminator_hidden=16, lr=1e-3, ema_decay=0.9),  # noqa: E501
     "guided_distillation": lambda teacher: __import__("lit_fewstep.methods").methods.GuidedDistillation(teacher, guidance_iterations=4, teacher_steps=8, halving_iterations=4, lr=1e-3, ema_decay=0.9),  # noqa: E501
     # LowDiff's cascade needs images: on 2-D points it is one level (the EDM teacher); tests/test_lowdiff.py fits the
