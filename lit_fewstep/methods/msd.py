@@ -281,7 +281,7 @@ class MSD(DMD2):
 
     def discriminate(self, features: Tensor, y: Tensor | None) -> Tensor:
         if self.shared_critic:
-            return self.head(features)
+            return super().discriminate(features, y)
         return self.head(features, class_labels=y)  # routed: each student's samples to its own head
 
     # ------------------------------------------------------------------------------------- TSM warm-up
