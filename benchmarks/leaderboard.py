@@ -48,8 +48,9 @@ from benchmarks.run import exact_command, git_state, load, machine, write_atomic
 # Every method of the zoo, in the order of the table. Teachers are rows of their own (TEACHER_SOLVERS).
 METHODS = ["cd", "ct", "ict", "scd", "sct", "dmd", "dmd2", "msd", "ctm", "guided_distillation", "flow_map", "caf",
            "caf_2rf", "analog_bits", "lowdiff"]
-# Conformance-registry entries that are ablations of a method above, reported with it rather than as rows of their own.
-VARIANTS: dict[str, str] = {}
+# Conformance-registry entries that are ablations of a method above, reported with it rather than as rows of their own
+# (MSD's shared critic is compared with the paper's critic per student in benchmarks/results/msd.md).
+VARIANTS: dict[str, str] = {"msd_shared_critic": "msd"}
 # Rows whose config is not configs/<method>/<data>.yaml (a path pattern, or one per data set): 2-rectified flow is
 # CAF's class without the acceleration net, on the same couplings (configs/caf/<data>_2rf.yaml); DMD2's digits config
 # is the README's first job (1,000 iterations, minutes), so its row trains the 9,000-iteration settings of the shipped
