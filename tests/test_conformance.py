@@ -375,7 +375,7 @@ DEFAULT_NFE = {"edm": 35, "flow_matching": 35, "cd": 1, "ct": 1, "ict": 1, "scd"
                "msd": 2, "ctm": 1, "caf": 2, "caf_2rf": 1, "flow_map": 1}
 DEFAULT_NFE["analog_bits"] = 10  # the conformance configuration's own step count (steps=10)
 DEFAULT_NFE["lowdiff"] = 35  # the EDM budget at its one level (the 2-D configuration)
-DEFAULT_NFE["msd_shared_critic"] = 2  # two generator sigmas, as "msd"
+DEFAULT_NFE["msd_shared_critic"] = DEFAULT_NFE["msd"]  # the same two generator sigmas
 
 
 @pytest.mark.parametrize("name", list(METHODS))
