@@ -24,6 +24,7 @@
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 700 --every 100 --tsm 0.3 --tsm_lr 1e-3 \
         --runs one k4 k2 k4_kmeans          # --runs: a subset, in this order, added to earlier results
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --speed   # images/s of all runs in one process
+    OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --speed --tag A --speed_with B   # tables A and B together
     python benchmarks/msd.py --report        # benchmarks/results/msd.md from the JSONs the runs wrote
 
 Every run distills the shipped EDM teacher with DMD2's losses and settings (`benchmarks/dmd.py`'s SETTINGS, with
@@ -62,6 +63,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +229,9 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only write msd.md from the JSONs")
     parser.add_argument("--speed", action="store_true",
                         help="only re-measure images/s of the runs in msd_{data}.json (msd_{data}_<tag>.json with --tag), all in this process")
+    parser.add_argument("--speed_with", nargs="+", default=[], metavar="TAG",
+                        help="with --speed: the runs of these tables too, interleaved in the same process, so that "
+                             "images/s ratios across tables come from one measurement")
     args = parser.parse_args()
     if args.report:
         write_report()
@@ -238,9 +243,11 @@ def main() -> None:
             ema_profile(spec)
         except ValueError:
             parser.error(f"--extra_ema: {spec!r} is neither a decay in (0, 1) nor gGAMMA with GAMMA > 0")
+    if args.speed_with and not args.speed:
+        parser.error("--speed_with: only with --speed (it names further tables whose images/s to measure)")
     torch.set_num_threads(1)
     if args.speed:
-        measure_speed(args.data, args.tag)
+        measure_speed(args.data, [args.tag, *args.speed_with])
         return
     data = args.data
     iters = args.iters or SETTINGS[data]["iters"]
@@ -335,29 +342,33 @@ def table_path(data: str, tag: str | None) -> Path:
     return RESULTS / (f"msd_{data}_{tag}.json" if tag else f"msd_{data}.json")
 
 
-def measure_speed(data: str, tag: str | None = None, rounds: int = 5) -> None:
-    """images/s of every run's architecture and routing in one table (msd_<data>.json, or msd_<data>_<tag>.json),
-    all in one process, interleaved over `rounds` rounds (median), so that load from other users hits every run
-    alike. The models are rebuilt untrained: the time of a one-step forward does not depend on the weights."""
-    out = table_path(data, tag)
-    r = json.loads(out.read_text())
-    runs = {run["name"]: run for run in runs_for(data, r["lr"], 0.0, None)}
+def measure_speed(data: str, tags: Sequence[str | None] = (None,), rounds: int = 5) -> None:
+    """images/s of every run's architecture and routing in the tables of `tags` (msd_<data>.json for None,
+    msd_<data>_<tag>.json otherwise), all in one process, interleaved over `rounds` rounds (median), so that load
+    from other users hits every run alike and ratios across the tables are measured in one run. The models are
+    rebuilt untrained: the time of a one-step forward does not depend on the weights."""
+    tables = {tag: json.loads(table_path(data, tag).read_text()) for tag in tags}
+    runs = {run["name"]: run for run in runs_for(data, tables[tags[0]]["lr"], 0.0, None)}
     def rebuilt(x: dict):  # with the number of students it was trained with (--half_students may differ)
         run = runs[base_run(x["name"])]
         kw = dict(run["kw"], num_students=x["students"]) if run["cls"] == "MSD" else run["kw"]
         return build(dict(run, iters=1, students=x["students"], kw=kw), data, None).eval()
 
-    models = {x["name"]: rebuilt(x) for x in r["results"]}
-    speeds = {name: [] for name in models}
+    models = {(tag, x["name"]): rebuilt(x) for tag, r in tables.items() for x in r["results"]}
+    speeds = {key: [] for key in models}
     for _ in range(rounds):
-        for name, model in models.items():
-            speeds[name].append(images_per_s(model, 1))
-    for x in r["results"]:
-        x["images_per_s"], x["images_per_s_rounds"] = statistics.median(speeds[x["name"]]), speeds[x["name"]]
-        x["speed"] = "speed pass"
-    r["speed_command"] = f"OMP_NUM_THREADS=1 python benchmarks/msd.py --data {data} --speed" + (f" --tag {tag}" if tag else "")
-    r["speed_load"] = os.getloadavg()[0]
-    out.write_text(json.dumps(r, indent=1))
+        for key, model in models.items():
+            speeds[key].append(images_per_s(model, 1))
+    command = f"OMP_NUM_THREADS=1 python benchmarks/msd.py --data {data} --speed"
+    command += (f" --tag {tags[0]}" if tags[0] else "") + (" --speed_with " + " ".join(tags[1:]) if tags[1:] else "")
+    load = os.getloadavg()[0]
+    for tag, r in tables.items():
+        for x in r["results"]:
+            key = (tag, x["name"])
+            x["images_per_s"], x["images_per_s_rounds"] = statistics.median(speeds[key]), speeds[key]
+            x["speed"] = "speed pass"
+        r["speed_command"], r["speed_load"] = command, load
+        table_path(data, tag).write_text(json.dumps(r, indent=1))
     write_report()
 
 

@@ -250,3 +250,36 @@ def test_msd_run_names_read_back_to_their_kind():
     assert run_name("k2", 0.99, 1, student_batch=True) == "k2_sb_ema0.99_seed1"
     assert run_name("k4", 0.99, 1, reg_weight=0.5) == "k4_reg0.5_ema0.99_seed1"
     assert base_run(run_name("one_half_tsm", 0.99, SEED, 5000, reg_weight=0.25)) == "one_half_tsm"
+
+
+def test_msd_speed_pass_measures_several_tables_in_one_interleaved_run(tmp_path, monkeypatch):
+    # images/s ratios across tables (the full-width student in one, half-width students in another) must come from
+    # one pass: every row of every named table measured in the same rounds, each table told the command that did it
+    import json
+    import torch
+    from benchmarks import msd
+
+    tables = {"a": [{"name": "one_reg0.5_ema0.99_it10000", "students": 1}],
+              "b": [{"name": "half_tsm_reg0.5_ema0.99_seed1_it13000", "students": 4},
+                    {"name": "one_reg0.5_ema0.99", "students": 1}]}
+    for tag, rows in tables.items():
+        (tmp_path / f"msd_digits_{tag}.json").write_text(json.dumps({"lr": 3e-4, "results": rows}))
+    order = []
+    monkeypatch.setattr(msd, "RESULTS", tmp_path)
+    monkeypatch.setattr(msd, "write_report", lambda: None)
+    monkeypatch.setattr(msd, "runs_for", lambda *a, **k: [{"name": n, "cls": "MSD" if n != "one" else "DMD2", "kw": {}}
+                                                           for n in ("one", "half_tsm")])
+    monkeypatch.setattr(msd, "build", lambda run, data, pairs: torch.nn.Linear(1, run["students"]))
+    def images_per_s(model, nfe):
+        order.append(model.out_features)
+        return 100.0 * model.out_features + len(order)
+    monkeypatch.setattr(msd, "images_per_s", images_per_s)
+
+    msd.measure_speed("digits", ["a", "b"], rounds=3)
+    assert order == [1, 4, 1] * 3  # interleaved: every row once per round, tables in the order given
+    a, b = (json.loads((tmp_path / f"msd_digits_{t}.json").read_text()) for t in "ab")
+    assert a["speed_command"] == b["speed_command"] == (
+        "OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --speed --tag a --speed_with b")
+    assert [x["images_per_s_rounds"] for x in a["results"] + b["results"]] == [[101, 104, 107], [402, 405, 408],
+                                                                                [103, 106, 109]]
+    assert b["results"][0]["images_per_s"] == 405 and a["speed_load"] == b["speed_load"]
