@@ -81,6 +81,7 @@ from lit_fewstep.utils.config import instantiate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SAMPLING_SEEDS = (0, 1, 2)
+DEFAULT_LR = 3e-4
 METRICS = {"tree": ("sw2", "nll", "mmd", "precision", "recall"), "digits": ("fid", "precision", "recall")}
 HEADLINE = {"tree": "sw2", "digits": "fid"}
 HALF = {"tree": {"class_path": "lit_fewstep.nets.MLP", "init_args": dict(dim=2, hidden=64, depth=3, emb_dim=64, num_classes=2)},
@@ -190,7 +191,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=None, help="subset of run names (default: all)")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--every", type=int, default=250)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR,
+                        help="learning rate of the students and critics (other than the default, each run's name gets "
+                             "the suffix _lr<lr>)")
     parser.add_argument("--tsm", type=float, default=0.5, help="fraction of the iterations spent in the TSM warm-up")
     parser.add_argument("--tsm_lr", type=float, default=None, help="learning rate of the warm-up (default: --lr)")
     parser.add_argument("--tsm_iters", type=int, default=None,
@@ -297,7 +300,7 @@ def main() -> None:
                             args.class_labels, tuple(args.extra_ema))
         per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels) for seed in SAMPLING_SEEDS]
         info.update(name=run_name(run["name"], args.ema_decay, args.train_seed, run_iters if args.name_iters else None,
-                                  student_batch=batch_size is not None, reg_weight=reg_weight),
+                                  student_batch=batch_size is not None, reg_weight=reg_weight, lr=args.lr),
                     train_seed=args.train_seed, method=run["cls"], students=run["students"], command=command,
                     kw={k: v for k, v in run["kw"].items() if k != "student_net"},
                     width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
@@ -316,7 +319,7 @@ def main() -> None:
             per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels, use_ema=ema_label(spec))
                         for seed in SAMPLING_SEEDS]
             row = dict(info, name=run_name(run["name"], spec, args.train_seed, run_iters if args.name_iters else None,
-                                           student_batch=batch_size is not None, reg_weight=reg_weight),
+                                           student_batch=batch_size is not None, reg_weight=reg_weight, lr=args.lr),
                        kw=dict(info["kw"], ema_decay=None, extra_ema=spec), ema_of=info["name"], curve=[],
                        per_seed=per_seed, median=medians(per_seed, data))
             print(f"[{data}] {row['name']}: {json.dumps(row['median'])}", flush=True)
@@ -373,18 +376,19 @@ def measure_speed(data: str, tags: Sequence[str | None] = (None,), rounds: int =
 
 
 def run_name(base: str, ema: float | str | None, train_seed: int, iterations: int | None = None,
-             student_batch: bool = False, reg_weight: float | None = None) -> str:
+             student_batch: bool = False, reg_weight: float | None = None, lr: float | None = None) -> str:
     """A run's name in the table: its kind (`runs_for`), then _sb (`--student_batch`), _reg<weight> (`--reg_pairs`),
-    _ema<decay> (or _ema<--extra_ema spec>) and _seed<N> where they differ from the settings, and _it<N> when asked
-    (`base_run` reads the kind back)."""
+    _lr<lr> (an `--lr` other than the default), _ema<decay> (or _ema<--extra_ema spec>) and _seed<N> where they
+    differ from the settings, and _it<N> when asked (`base_run` reads the kind back)."""
     ema_text = "" if ema is None else f"_ema{ema:g}" if isinstance(ema, float) else f"_ema{ema}"
     reg_text = "" if reg_weight is None else f"_reg{reg_weight:g}"
-    return base + ("_sb" if student_batch else "") + reg_text + ema_text + (
+    lr_text = "" if lr is None or lr == DEFAULT_LR else f"_lr{lr:g}"
+    return base + ("_sb" if student_batch else "") + reg_text + lr_text + ema_text + (
         f"_seed{train_seed}" if train_seed != SEED else "") + (f"_it{iterations}" if iterations is not None else "")
 
 
 def base_run(name: str) -> str:
-    return re.split(r"_sb|_reg\d|_seed\d|_ema[\dg]|_it\d", name)[0]
+    return re.split(r"_sb|_reg\d|_lr\d|_seed\d|_ema[\dg]|_it\d", name)[0]
 
 
 def ema_profile(spec: str) -> dict:
@@ -439,7 +443,8 @@ def write_report() -> None:
                   f"exponent γ; a row whose name ends like another's but for the EMA and that has no progress "
                   f"curve is that run sampled with a further EMA tracked in it, `--extra_ema`; *_sb: K times the batch for 1/K of the iterations, "
                   f"`--student_batch`; *_reg<w>: DMD's regression loss added at weight w on `--reg_pairs` teacher "
-                  f"pairs, `--reg_pairs`); sampling seeds "
+                  f"pairs, `--reg_pairs`; *_lr<x>: students and critics at lr x instead of the table's, `--lr`); "
+                  f"sampling seeds "
                   f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds; "
                   f"classes drawn {classes}. "
                   f"Iterations per run in the table, batch {r['settings']['data']['init_args']['batch_size']}, "

@@ -250,6 +250,9 @@ def test_msd_run_names_read_back_to_their_kind():
     assert run_name("k2", 0.99, 1, student_batch=True) == "k2_sb_ema0.99_seed1"
     assert run_name("k4", 0.99, 1, reg_weight=0.5) == "k4_reg0.5_ema0.99_seed1"
     assert base_run(run_name("one_half_tsm", 0.99, SEED, 5000, reg_weight=0.25)) == "one_half_tsm"
+    assert run_name("k4", 0.99, SEED, 5000, reg_weight=0.5, lr=1.5e-4) == "k4_reg0.5_lr0.00015_ema0.99_it5000"
+    assert run_name("k4", 0.99, SEED, lr=3e-4) == "k4_ema0.99"  # the default lr names nothing
+    assert base_run(run_name("k4_kmeans", None, SEED, lr=1e-4)) == "k4_kmeans"
 
 
 def test_msd_speed_pass_measures_several_tables_in_one_interleaved_run(tmp_path, monkeypatch):
