@@ -90,7 +90,16 @@ HALF = {"tree": {"class_path": "lit_fewstep.nets.MLP", "init_args": dict(dim=2, 
                                                                             attn_resolutions=[4], num_classes=10)}}
 
 
-def runs_for(data: str, lr: float, tsm: float, tsm_lr: float | None, half_students: int | None = None) -> list[dict]:
+def small_net(data: str, width: int | None = None) -> dict:
+    """The smaller students' network: HALF[data], or the same with `width` channels (digits) / hidden units (tree)."""
+    net = HALF[data]
+    if width is None:
+        return net
+    return dict(net, init_args=dict(net["init_args"], **{("hidden" if data == "tree" else "model_channels"): width}))
+
+
+def runs_for(data: str, lr: float, tsm: float, tsm_lr: float | None, half_students: int | None = None,
+             small_width: int | None = None) -> list[dict]:
     s = SETTINGS[data]
     dmd2 = dict(s["common"], **s["gan"], generator_every=5, lr=lr)
     k_max = 2 if data == "tree" else 4
@@ -101,7 +110,7 @@ def runs_for(data: str, lr: float, tsm: float, tsm_lr: float | None, half_studen
              for k in (2, 4) if k <= k_max]
     if data == "digits":
         runs.append(dict(name="k4_kmeans", cls="MSD", kw=dict(dmd2, num_students=4, partition="kmeans"), students=4))
-    half = dict(dmd2, student_net=HALF[data])
+    half = dict(dmd2, student_net=small_net(data, small_width))
     runs += [dict(name="half_tsm", cls="MSD", kw=dict(half, num_students=k_half, tsm_iterations=tsm, tsm_lr=tsm_lr),
                   students=k_half),
              dict(name="half_none", cls="MSD", kw=dict(half, num_students=k_half, tsm_iterations=0), students=k_half),
@@ -200,6 +209,9 @@ def main() -> None:
                         help="TSM warm-up iterations added before the half-width students' DMD2 phase, which then "
                              "runs as many iterations as the others (--iters); half_none runs the same total. "
                              "Replaces --tsm")
+    parser.add_argument("--small_width", type=int, default=None,
+                        help="width of the half_*/one_half_* students instead of half the teacher's (digits: channels, "
+                             "16 by default; tree: hidden units, 64); each such run's name gets the suffix _w<width>")
     parser.add_argument("--half_students", type=int, default=None,
                         help="number of half-width students (default: 2 on the tree, 4 on digits)")
     parser.add_argument("--num", type=int, default=None, help="samples per final score (default: 2000 digits, 5000 tree)")
@@ -260,7 +272,7 @@ def main() -> None:
     command = "OMP_NUM_THREADS=1 python benchmarks/msd.py " + " ".join(sys.argv[1:])
     header = {"data": data, "command": command,
               "machine": machine(), "iters": iters, "lr": args.lr, "tsm_fraction": args.tsm, "tsm_lr": args.tsm_lr,
-              "tsm_iters": args.tsm_iters, "half_students": args.half_students,
+              "tsm_iters": args.tsm_iters, "half_students": args.half_students, "small_width": args.small_width,
               "num": num, "class_labels": args.class_labels,
               "num_progress": args.num_progress, "every": args.every, "settings": {
                   k: SETTINGS[data][k] for k in ("data", "common", "gan")}, "load_start": os.getloadavg()[0]}
@@ -276,7 +288,8 @@ def main() -> None:
         write_atomically(out, json.dumps({**header, **kept, "commands": commands + [c for c in [command] if c not in commands],
                                           "results": merged(before.get("results", []), results)}, indent=1))
 
-    runs = {run["name"]: run for run in runs_for(data, args.lr, args.tsm, args.tsm_lr, args.half_students)}
+    runs = {run["name"]: run for run in runs_for(data, args.lr, args.tsm, args.tsm_lr, args.half_students,
+                                                 args.small_width)}
     reg_weight = args.reg_weight if args.reg_pairs > 0 else None  # named in every run's name when the loss is on
     for name in args.runs or runs:  # in the order given
         if name not in runs:
@@ -296,11 +309,13 @@ def main() -> None:
         if args.student_batch and run["students"] > 1:
             batch_size = SETTINGS[data]["data"]["init_args"]["batch_size"] * run["students"]
             run_iters //= run["students"]
+        suffixes = dict(student_batch=batch_size is not None, reg_weight=reg_weight, lr=args.lr,
+                        width=args.small_width if "student_net" in run["kw"] else None)
         model, info = train(run, data, run_iters, evaluator, args.every, args.num_progress, args.train_seed, batch_size,
                             args.class_labels, tuple(args.extra_ema))
         per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels) for seed in SAMPLING_SEEDS]
         info.update(name=run_name(run["name"], args.ema_decay, args.train_seed, run_iters if args.name_iters else None,
-                                  student_batch=batch_size is not None, reg_weight=reg_weight, lr=args.lr),
+                                  **suffixes),
                     train_seed=args.train_seed, method=run["cls"], students=run["students"], command=command,
                     kw={k: v for k, v in run["kw"].items() if k != "student_net"},
                     width=(run["kw"]["student_net"]["init_args"] if "student_net" in run["kw"] else "teacher's"),
@@ -319,7 +334,7 @@ def main() -> None:
             per_seed = [scored(model, evaluator, num, seed, class_labels=args.class_labels, use_ema=ema_label(spec))
                         for seed in SAMPLING_SEEDS]
             row = dict(info, name=run_name(run["name"], spec, args.train_seed, run_iters if args.name_iters else None,
-                                           student_batch=batch_size is not None, reg_weight=reg_weight, lr=args.lr),
+                                           **suffixes),
                        kw=dict(info["kw"], ema_decay=None, extra_ema=spec), ema_of=info["name"], curve=[],
                        per_seed=per_seed, median=medians(per_seed, data))
             print(f"[{data}] {row['name']}: {json.dumps(row['median'])}", flush=True)
@@ -355,6 +370,8 @@ def measure_speed(data: str, tags: Sequence[str | None] = (None,), rounds: int =
     def rebuilt(x: dict):  # with the number of students it was trained with (--half_students may differ)
         run = runs[base_run(x["name"])]
         kw = dict(run["kw"], num_students=x["students"]) if run["cls"] == "MSD" else run["kw"]
+        if isinstance(x.get("width"), dict):  # a smaller student: the width it was trained at (--small_width)
+            kw = dict(kw, student_net=dict(kw.get("student_net", {}), init_args=x["width"]))
         return build(dict(run, iters=1, students=x["students"], kw=kw), data, None).eval()
 
     models = {(tag, x["name"]): rebuilt(x) for tag, r in tables.items() for x in r["results"]}
@@ -376,19 +393,20 @@ def measure_speed(data: str, tags: Sequence[str | None] = (None,), rounds: int =
 
 
 def run_name(base: str, ema: float | str | None, train_seed: int, iterations: int | None = None,
-             student_batch: bool = False, reg_weight: float | None = None, lr: float | None = None) -> str:
-    """A run's name in the table: its kind (`runs_for`), then _sb (`--student_batch`), _reg<weight> (`--reg_pairs`),
-    _lr<lr> (an `--lr` other than the default), _ema<decay> (or _ema<--extra_ema spec>) and _seed<N> where they
+             student_batch: bool = False, reg_weight: float | None = None, lr: float | None = None,
+             width: int | None = None) -> str:
+    """A run's name in the table: its kind (`runs_for`), then _w<width> (`--small_width`), _sb (`--student_batch`),
+    _reg<weight> (`--reg_pairs`), _lr<lr> (an `--lr` other than the default), _ema<decay> (or _ema<--extra_ema spec>) and _seed<N> where they
     differ from the settings, and _it<N> when asked (`base_run` reads the kind back)."""
     ema_text = "" if ema is None else f"_ema{ema:g}" if isinstance(ema, float) else f"_ema{ema}"
     reg_text = "" if reg_weight is None else f"_reg{reg_weight:g}"
     lr_text = "" if lr is None or lr == DEFAULT_LR else f"_lr{lr:g}"
-    return base + ("_sb" if student_batch else "") + reg_text + lr_text + ema_text + (
+    return base + ("" if width is None else f"_w{width}") + ("_sb" if student_batch else "") + reg_text + lr_text + ema_text + (
         f"_seed{train_seed}" if train_seed != SEED else "") + (f"_it{iterations}" if iterations is not None else "")
 
 
 def base_run(name: str) -> str:
-    return re.split(r"_sb|_reg\d|_lr\d|_seed\d|_ema[\dg]|_it\d", name)[0]
+    return re.split(r"_w\d|_sb|_reg\d|_lr\d|_seed\d|_ema[\dg]|_it\d", name)[0]
 
 
 def ema_profile(spec: str) -> dict:
@@ -443,7 +461,8 @@ def write_report() -> None:
                   f"exponent γ; a row whose name ends like another's but for the EMA and that has no progress "
                   f"curve is that run sampled with a further EMA tracked in it, `--extra_ema`; *_sb: K times the batch for 1/K of the iterations, "
                   f"`--student_batch`; *_reg<w>: DMD's regression loss added at weight w on `--reg_pairs` teacher "
-                  f"pairs, `--reg_pairs`; *_lr<x>: students and critics at lr x instead of the table's, `--lr`); "
+                  f"pairs, `--reg_pairs`; *_lr<x>: students and critics at lr x instead of the table's, `--lr`; *_w<n>: the smaller students at "
+                  f"width n, `--small_width`); "
                   f"sampling seeds "
                   f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds; "
                   f"classes drawn {classes}. "

@@ -253,6 +253,8 @@ def test_msd_run_names_read_back_to_their_kind():
     assert run_name("k4", 0.99, SEED, 5000, reg_weight=0.5, lr=1.5e-4) == "k4_reg0.5_lr0.00015_ema0.99_it5000"
     assert run_name("k4", 0.99, SEED, lr=3e-4) == "k4_ema0.99"  # the default lr names nothing
     assert base_run(run_name("k4_kmeans", None, SEED, lr=1e-4)) == "k4_kmeans"
+    assert run_name("half_tsm", 0.99, SEED, 8000, reg_weight=0.5, width=8) == "half_tsm_w8_reg0.5_ema0.99_it8000"
+    assert base_run(run_name("one_half_tsm", 0.99, 1, width=8)) == "one_half_tsm"
 
 
 def test_msd_speed_pass_measures_several_tables_in_one_interleaved_run(tmp_path, monkeypatch):
@@ -264,7 +266,8 @@ def test_msd_speed_pass_measures_several_tables_in_one_interleaved_run(tmp_path,
 
     tables = {"a": [{"name": "one_reg0.5_ema0.99_it10000", "students": 1}],
               "b": [{"name": "half_tsm_reg0.5_ema0.99_seed1_it13000", "students": 4},
-                    {"name": "one_reg0.5_ema0.99", "students": 1}]}
+                    {"name": "one_reg0.5_ema0.99", "students": 1},
+                    {"name": "half_tsm_w8_reg0.5_ema0.99", "students": 2, "width": {"model_channels": 8}}]}
     for tag, rows in tables.items():
         (tmp_path / f"msd_digits_{tag}.json").write_text(json.dumps({"lr": 3e-4, "results": rows}))
     order = []
@@ -272,17 +275,22 @@ def test_msd_speed_pass_measures_several_tables_in_one_interleaved_run(tmp_path,
     monkeypatch.setattr(msd, "write_report", lambda: None)
     monkeypatch.setattr(msd, "runs_for", lambda *a, **k: [{"name": n, "cls": "MSD" if n != "one" else "DMD2", "kw": {}}
                                                            for n in ("one", "half_tsm")])
-    monkeypatch.setattr(msd, "build", lambda run, data, pairs: torch.nn.Linear(1, run["students"]))
+    built = []
+    def build(run, data, pairs):
+        built.append(run["kw"].get("student_net", {}).get("init_args"))
+        return torch.nn.Linear(1, run["students"])
+    monkeypatch.setattr(msd, "build", build)
     def images_per_s(model, nfe):
         order.append(model.out_features)
         return 100.0 * model.out_features + len(order)
     monkeypatch.setattr(msd, "images_per_s", images_per_s)
 
     msd.measure_speed("digits", ["a", "b"], rounds=3)
-    assert order == [1, 4, 1] * 3  # interleaved: every row once per round, tables in the order given
+    assert order == [1, 4, 1, 2] * 3  # interleaved: every row once per round, tables in the order given
+    assert built[-1] == {"model_channels": 8}  # a --small_width row is rebuilt at the width it was trained at
     a, b = (json.loads((tmp_path / f"msd_digits_{t}.json").read_text()) for t in "ab")
     assert a["speed_command"] == b["speed_command"] == (
         "OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --speed --tag a --speed_with b")
-    assert [x["images_per_s_rounds"] for x in a["results"] + b["results"]] == [[101, 104, 107], [402, 405, 408],
-                                                                                [103, 106, 109]]
-    assert b["results"][0]["images_per_s"] == 405 and a["speed_load"] == b["speed_load"]
+    assert [x["images_per_s_rounds"] for x in a["results"] + b["results"]] == [[101, 105, 109], [402, 406, 410],
+                                                                                [103, 107, 111], [204, 208, 212]]
+    assert b["results"][0]["images_per_s"] == 406 and a["speed_load"] == b["speed_load"]
