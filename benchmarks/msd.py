@@ -21,6 +21,12 @@
         --num 5000 --tag reference_classes_reg --reg_pairs 2048 --reg_weight 0.5
                                            # row k4_reg0.5_ema0.99: every run adds DMD's regression loss
                                            # (--runs k4_shared: row k4_shared_reg0.5_ema0.99, one shared critic)
+    OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 5000 --every 500 --runs k4 --ema_decay 0.99 \
+        --num 5000 --tag reference_classes_reg --reg_pairs 2048 --reg_weight 0.5 --lr 1.5e-4
+                                           # row k4_reg0.5_lr0.00015_ema0.99: students and critics at another lr
+    OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 5000 --every 500 --runs half_tsm \
+        --half_students 4 --tsm_iters 3000 --tsm_lr 1e-3 --ema_decay 0.99 --name_iters --num 5000 \
+        --reg_pairs 2048 --reg_weight 0.5 --small_width 8   # row half_tsm_w8_reg0.5_ema0.99_it8000: quarter width
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --iters 700 --every 100 --tsm 0.3 --tsm_lr 1e-3 \
         --runs one k4 k2 k4_kmeans          # --runs: a subset, in this order, added to earlier results
     OMP_NUM_THREADS=1 python benchmarks/msd.py --data digits --speed   # images/s of all runs in one process
