@@ -377,7 +377,7 @@ def measure_speed(data: str, tags: Sequence[str | None] = (None,), rounds: int =
         run = runs[base_run(x["name"])]
         kw = dict(run["kw"], num_students=x["students"]) if run["cls"] == "MSD" else run["kw"]
         if isinstance(x.get("width"), dict):  # a smaller student: the width it was trained at (--small_width)
-            kw = dict(kw, student_net=dict(kw.get("student_net", {}), init_args=x["width"]))
+            kw = dict(kw, student_net=dict(kw["student_net"], init_args=x["width"]))
         return build(dict(run, iters=1, students=x["students"], kw=kw), data, None).eval()
 
     models = {(tag, x["name"]): rebuilt(x) for tag, r in tables.items() for x in r["results"]}
@@ -402,12 +402,13 @@ def run_name(base: str, ema: float | str | None, train_seed: int, iterations: in
              student_batch: bool = False, reg_weight: float | None = None, lr: float | None = None,
              width: int | None = None) -> str:
     """A run's name in the table: its kind (`runs_for`), then _w<width> (`--small_width`), _sb (`--student_batch`),
-    _reg<weight> (`--reg_pairs`), _lr<lr> (an `--lr` other than the default), _ema<decay> (or _ema<--extra_ema spec>) and _seed<N> where they
-    differ from the settings, and _it<N> when asked (`base_run` reads the kind back)."""
+    _reg<weight> (`--reg_pairs`), _lr<lr> (an `--lr` other than the default), _ema<decay> (or _ema<--extra_ema
+    spec>) and _seed<N> where they differ from the settings, and _it<N> when asked (`base_run` reads the kind back)."""
     ema_text = "" if ema is None else f"_ema{ema:g}" if isinstance(ema, float) else f"_ema{ema}"
     reg_text = "" if reg_weight is None else f"_reg{reg_weight:g}"
     lr_text = "" if lr is None or lr == DEFAULT_LR else f"_lr{lr:g}"
-    return base + ("" if width is None else f"_w{width}") + ("_sb" if student_batch else "") + reg_text + lr_text + ema_text + (
+    width_text = "" if width is None else f"_w{width}"
+    return base + width_text + ("_sb" if student_batch else "") + reg_text + lr_text + ema_text + (
         f"_seed{train_seed}" if train_seed != SEED else "") + (f"_it{iterations}" if iterations is not None else "")
 
 
@@ -467,8 +468,8 @@ def write_report() -> None:
                   f"exponent γ; a row whose name ends like another's but for the EMA and that has no progress "
                   f"curve is that run sampled with a further EMA tracked in it, `--extra_ema`; *_sb: K times the batch for 1/K of the iterations, "
                   f"`--student_batch`; *_reg<w>: DMD's regression loss added at weight w on `--reg_pairs` teacher "
-                  f"pairs, `--reg_pairs`; *_lr<x>: students and critics at lr x instead of the table's, `--lr`; *_w<n>: the smaller students at "
-                  f"width n, `--small_width`); "
+                  f"pairs, `--reg_pairs`; *_lr<x>: students and critics at lr x instead of the table's, `--lr`; "
+                  f"*_w<n>: the smaller students at width n, `--small_width`); "
                   f"sampling seeds "
                   f"{', '.join(map(str, SAMPLING_SEEDS))}; {r['num']} samples per score, medians over the 3 seeds; "
                   f"classes drawn {classes}. "

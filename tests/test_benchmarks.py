@@ -273,8 +273,9 @@ def test_msd_speed_pass_measures_several_tables_in_one_interleaved_run(tmp_path,
     order = []
     monkeypatch.setattr(msd, "RESULTS", tmp_path)
     monkeypatch.setattr(msd, "write_report", lambda: None)
-    monkeypatch.setattr(msd, "runs_for", lambda *a, **k: [{"name": n, "cls": "MSD" if n != "one" else "DMD2", "kw": {}}
-                                                           for n in ("one", "half_tsm")])
+    monkeypatch.setattr(msd, "runs_for", lambda *a, **k: [
+        {"name": "one", "cls": "DMD2", "kw": {}},
+        {"name": "half_tsm", "cls": "MSD", "kw": {"student_net": {"class_path": "UNet", "init_args": {}}}}])
     built = []
     def build(run, data, pairs):
         built.append(run["kw"].get("student_net", {}).get("init_args"))
