@@ -21,7 +21,8 @@ primary metric (sw2 or FID).
 (the student reset to the teacher at iteration 0), each with the first halving's N DDIM steps.
 
 Without --run the fit is run first (benchmarks/run.py `train`); --run reuses the log folder of a fit
-(`.../guided_distillation_<data>/version_N`).
+(`.../guided_distillation_<data>/version_N`), and the results name that fit's options, read back from the
+`config.yaml` LightningCLI saved there.
 """
 
 from __future__ import annotations
@@ -44,6 +45,41 @@ from lit_fewstep.utils.machine import describe_machine  # noqa: E402
 
 TEACHER_NFE = 35
 CLAIM = 1.2
+
+
+def yaml_value(value) -> str:
+    """A config value as the CLI reads it back, with no spaces (true, null, [1.0,5.0])."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def fit_command_of(run: Path, config: str) -> str:
+    """The fit command of a finished run, read back from the configuration LightningCLI saved in its folder: the
+    config file plus an option for every model argument and every trainer or logger setting of the file that the run
+    changed (a model argument the file leaves out counts when it differs from the class's default)."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    base = yaml.safe_load((ROOT / config).read_text())
+    options = []
+    for key, value in base.get("trainer", {}).items():
+        if not isinstance(value, (dict, list)) and saved["trainer"].get(key) != value:
+            options.append(f"--trainer.{key} {yaml_value(saved['trainer'].get(key))}")
+    saved_logger, base_logger = saved["trainer"].get("logger") or {}, base.get("trainer", {}).get("logger") or {}
+    for key, value in base_logger.get("init_args", {}).items():
+        if saved_logger.get("init_args", {}).get(key) != value:
+            options.append(f"--trainer.logger.init_args.{key} {saved_logger['init_args'].get(key)}")
+    module_name, _, class_name = saved["model"]["class_path"].rpartition(".")
+    signature = inspect.signature(getattr(importlib.import_module(module_name), class_name))
+    base_args = base["model"].get("init_args", {})
+    for key, value in saved["model"].get("init_args", {}).items():
+        parameter = signature.parameters.get(key)
+        expected = base_args[key] if key in base_args else (parameter.default if parameter else value)
+        if value != (list(expected) if isinstance(expected, tuple) else expected):  # YAML saves tuples as lists
+            options.append(f"--model.init_args.{key} {yaml_value(value)}")
+    return " ".join(["python -m lit_fewstep fit --config", config, *options])
 
 
 def stage_checkpoints(run: Path, every: list | None = None) -> tuple[dict[int, Path], Path | None]:
@@ -170,6 +206,8 @@ def main() -> None:
         run = model.parent
     elif args.run is not None:
         run = Path(args.run)
+        if (run / "config.yaml").exists():  # a fit made by hand with options: name them
+            fit_command = fit_command_of(run, config)
     every = []
     if args.students:  # the leaderboard's cache keeps the checkpoint that ends each stage, not the fit's folder
         run = Path(args.students)
@@ -227,10 +265,11 @@ def main() -> None:
             if args.stochastic:
                 add_row(f"{name}, stochastic sampler", student, steps, scale, teacher_x, teacher_row,
                         options={"stochastic": True}, ckpt=ckpt, clip_x0=student.clip_x0)
-    write(rows, args, primary, run, config, fit_command, time.time() - start)
+    write(rows, args, primary, run, config, fit_command, time.time() - start,
+          fitted=args.run is None and args.students is None)
 
 
-def write(rows, args, primary, run, config, fit_command, seconds) -> None:
+def write(rows, args, primary, run, config, fit_command, seconds, fitted: bool = False) -> None:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"guided_distillation_{args.data}.md")
     extra = ["nll", "sw2_to_teacher"] if primary == "sw2" else []
     head = ["model", "steps", "NFE", "scale s (Meng w)", primary, *extra, f"{primary} / teacher's"]
@@ -238,7 +277,7 @@ def write(rows, args, primary, run, config, fit_command, seconds) -> None:
              f"- command: `{exact_command()}`",
              f"- fit: `{fit_command or 'python -m lit_fewstep fit --config ' + config}` (run folder `{run}`)",
              f"- machine: {describe_machine()}; git {git_state()}; {seconds / 60:.1f} min"
-             f"{' including the fit' if fit_command else ' (evaluation only)'}",
+             f"{' including the fit' if fitted else ' (evaluation only)'}",
              f"- sampling seeds {args.seeds} (medians below; per-seed values in the JSON), {args.num} samples per score"
              + (f", {args.num_reference} exact reference samples (seed 0)" if primary == "sw2" else
                 ", FID against the training split on the shipped digits classifier's features"),

@@ -295,3 +295,33 @@ def test_msd_speed_pass_measures_several_tables_in_one_interleaved_run(tmp_path,
     assert [x["images_per_s_rounds"] for x in a["results"] + b["results"]] == [[101, 105, 109], [402, 406, 410],
                                                                                 [103, 107, 111], [204, 208, 212]]
     assert b["results"][0]["images_per_s"] == 406 and a["speed_load"] == b["speed_load"]
+
+
+def test_guided_distillation_reads_a_fits_options_back_from_its_saved_config(tmp_path):
+    """A fit made by hand with options is named with them in the results, not as the plain config: the options are
+    the differences between the run's saved configuration (every default filled in, as LightningCLI saves it) and the
+    config file."""
+    import inspect
+
+    import yaml
+
+    from benchmarks.guided_distillation import fit_command_of
+    from lit_fewstep.methods import GuidedDistillation
+
+    config = "configs/guided_distillation/digits.yaml"
+    saved = yaml.safe_load((ROOT / config).read_text())
+    defaults = {name: list(p.default) if isinstance(p.default, tuple) else p.default
+                for name, p in inspect.signature(GuidedDistillation).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    saved["model"]["init_args"] = {**defaults, **saved["model"]["init_args"]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert fit_command_of(tmp_path, config) == f"python -m lit_fewstep fit --config {config}"
+
+    saved["trainer"]["max_steps"] = 10000
+    saved["trainer"]["logger"]["init_args"]["save_dir"] = "benchmarks/runs/gd128"
+    saved["model"]["init_args"].update(teacher_steps=128, pin_unguided=True, guidance_range=[1.0, 3.0])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert fit_command_of(tmp_path, config) == (
+        f"python -m lit_fewstep fit --config {config} --trainer.max_steps 10000 --trainer.logger.init_args.save_dir "
+        "benchmarks/runs/gd128 --model.init_args.guidance_range [1.0,3.0] --model.init_args.pin_unguided true "
+        "--model.init_args.teacher_steps 128")
