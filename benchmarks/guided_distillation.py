@@ -48,8 +48,9 @@ CLAIM = 1.2
 
 
 def yaml_value(value) -> str:
-    """A config value as the CLI reads it back, with no spaces (true, null, [1.0,5.0])."""
-    return json.dumps(value, separators=(",", ":"))
+    """A config value as the CLI reads it back, with no spaces: a string as it is, anything else as JSON (true, null,
+    [1.0,5.0])."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def fit_command_of(run: Path, config: str) -> str:
@@ -65,12 +66,14 @@ def fit_command_of(run: Path, config: str) -> str:
     base = yaml.safe_load((ROOT / config).read_text())
     options = []
     for key, value in base.get("trainer", {}).items():
-        if not isinstance(value, (dict, list)) and saved["trainer"].get(key) != value:
-            options.append(f"--trainer.{key} {yaml_value(saved['trainer'].get(key))}")
+        ran_with = saved["trainer"].get(key)
+        if not isinstance(value, (dict, list)) and ran_with != value:
+            options.append(f"--trainer.{key} {yaml_value(ran_with)}")
     saved_logger, base_logger = saved["trainer"].get("logger") or {}, base.get("trainer", {}).get("logger") or {}
     for key, value in base_logger.get("init_args", {}).items():
-        if saved_logger.get("init_args", {}).get(key) != value:
-            options.append(f"--trainer.logger.init_args.{key} {saved_logger['init_args'].get(key)}")
+        ran_with = saved_logger.get("init_args", {}).get(key)
+        if ran_with != value:
+            options.append(f"--trainer.logger.init_args.{key} {yaml_value(ran_with)}")
     module_name, _, class_name = saved["model"]["class_path"].rpartition(".")
     signature = inspect.signature(getattr(importlib.import_module(module_name), class_name))
     base_args = base["model"].get("init_args", {})
