@@ -204,7 +204,8 @@ def main() -> None:
     start = time.time()
     config = f"configs/guided_distillation/{args.data}.yaml"
     fit_command = None
-    if args.run is None and args.students is None:
+    fitted = args.run is None and args.students is None
+    if fitted:
         model, _, fit_command = train({"config": config}, "guided_distillation", 0)
         run = model.parent
     elif args.run is not None:
@@ -268,8 +269,7 @@ def main() -> None:
             if args.stochastic:
                 add_row(f"{name}, stochastic sampler", student, steps, scale, teacher_x, teacher_row,
                         options={"stochastic": True}, ckpt=ckpt, clip_x0=student.clip_x0)
-    write(rows, args, primary, run, config, fit_command, time.time() - start,
-          fitted=args.run is None and args.students is None)
+    write(rows, args, primary, run, config, fit_command, time.time() - start, fitted=fitted)
 
 
 def write(rows, args, primary, run, config, fit_command, seconds, fitted: bool = False) -> None:
