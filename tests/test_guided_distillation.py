@@ -290,6 +290,36 @@ def test_pin_unguided_keeps_the_students_w0_prediction_off_the_guidance_embeddin
         tree_module(pin_unguided=True, net=unpinned)
 
 
+def test_guidance_trains_embedding_keeps_stage_1_the_teacher_at_w0_and_the_halvings_train_all(tmp_path):
+    """guidance_trains="embedding" with pin_unguided: stage 1 steps the guidance embedding alone, so every weight the
+    student shares with the teacher is the teacher's at the end of stage 1 and the unguided prediction is the
+    conditional teacher's exactly, while w > 0 has moved; the first halving then trains the whole student. Fails if
+    stage 1's optimizer holds any shared weight, or if the halvings keep the base frozen."""
+    from conformance_methods import build, teacher_path
+
+    def make():
+        return GuidedDistillation(teacher_path(), guidance_iterations=4, teacher_steps=8, halving_iterations=4,
+                                  lr=1e-2, ema_decay=0.0, pin_unguided=True, guidance_trains="embedding")
+
+    module, _ = fit(make, tmp_path / "stage1", 4)  # stage 1 is [0, 4)
+    teacher = module.teacher.state_dict()
+    shared = {k: v for k, v in module.student.state_dict().items() if ".cond.guidance." not in k}
+    assert shared and all(torch.equal(v, teacher[k]) for k, v in shared.items())
+    x, t = torch.randn(16, 2), torch.full((16,), 0.7)
+    labels = torch.randint(0, module.student.num_classes, (16,))
+    with torch.no_grad():
+        conditional = module.teacher(x, t, class_labels=labels)
+        assert torch.equal(module.student(x, t, class_labels=labels, guidance=torch.ones(16)), conditional)
+        assert not torch.allclose(module.student(x, t, class_labels=labels, guidance=torch.full((16,), 3.0)),
+                                  conditional, atol=1e-4)
+    halved, _ = fit(make, tmp_path / "halving", 6)
+    assert any(not torch.equal(v, teacher[k]) for k, v in halved.student.state_dict().items()
+               if ".cond.guidance." not in k)
+    assert build("guided_distillation").phases[0].network_paths == ("student",)  # the paper's default
+    with pytest.raises(ValueError, match="guidance_trains.*embedding"):
+        tree_module(guidance_trains="guidance")
+
+
 # --------------------------------------------------------------------------------------------- sampling
 def test_deterministic_and_stochastic_sampling():
     module = tree_module()

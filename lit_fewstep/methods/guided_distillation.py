@@ -53,6 +53,8 @@ from .base import FewStepModule, Phase, Stage, load_teacher
 __all__ = ["GuidedDistillation", "halving_schedule", "pd_target", "vp_time"]
 
 WEIGHTINGS = ("snr_trunc", "constant")
+# `guidance_trains`: the submodule stage 1's optimizer steps
+GUIDANCE_TRAINS = {"all": "student", "embedding": "student.net.cond.guidance"}
 
 
 def halving_schedule(teacher_steps: int, final_steps: int = 1) -> list[int]:
@@ -138,6 +140,11 @@ class GuidedDistillation(FewStepModule):
         clip_x0: at sampling, clip every data prediction to [-clip_x0, clip_x0] before the step uses it (the
             progressive-distillation code's ``clip_x``, on for its image models; 1.0 for images in [-1, 1]); None:
             no clipping. Training never clips (the code's losses call the model with ``clip_x=False``).
+        guidance_trains: what stage 1 trains: "all" (the paper: every weight of the student) or "embedding" (the
+            guidance embedding alone, every weight the student shares with the teacher frozen until the halvings,
+            which train all of it). With `pin_unguided` the stage-1 model is then the conditional teacher exactly at
+            w = 0, however long stage 1 runs; w > 0 is learned through the guidance term of the conditioning vector
+            only. Not in the paper.
     """
 
     generator_name = "student"
@@ -153,7 +160,7 @@ class GuidedDistillation(FewStepModule):
                  lr_decay_after: int = 0, clip_x0: float | None = None, lr_anneal: bool = False,
                  final_iterations: int | None = None, guidance_lr_anneal: bool = False, guidance_warmup: int = 0,
                  pin_unguided: bool = False, unguided_fraction: float = 0.0,
-                 halving_unguided_fraction: float | None = None):
+                 halving_unguided_fraction: float | None = None, guidance_trains: str = "all"):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -162,6 +169,9 @@ class GuidedDistillation(FewStepModule):
         lo, hi = (float(v) for v in guidance_range)
         if not 0.0 <= lo <= hi:
             raise ValueError(f"guidance_range: need 0 <= lo <= hi (EDM2 scales, 1 = no guidance), got {guidance_range}.")
+        if guidance_trains not in GUIDANCE_TRAINS:
+            raise ValueError(f"guidance_trains: what stage 1 trains, one of {tuple(GUIDANCE_TRAINS)}, got "
+                             f"{guidance_trains!r}.")
         if halving_unguided_fraction is None:
             halving_unguided_fraction = unguided_fraction
         for name, share in (("unguided_fraction", unguided_fraction),
@@ -225,7 +235,7 @@ class GuidedDistillation(FewStepModule):
 
         stage1 = dict(annealed(guidance_iterations) if guidance_lr_anneal else kw, warmup=guidance_warmup)
         stages = [Stage("guidance", 0, guidance_iterations if self.student_steps else None,
-                        [Phase("guidance", "guidance_loss", ("student",), **stage1)])]
+                        [Phase("guidance", "guidance_loss", (GUIDANCE_TRAINS[guidance_trains],), **stage1)])]
         start = guidance_iterations
         for k, steps in enumerate(self.student_steps):
             last = k == len(self.student_steps) - 1
