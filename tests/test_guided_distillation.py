@@ -316,8 +316,48 @@ def test_guidance_trains_embedding_keeps_stage_1_the_teacher_at_w0_and_the_halvi
     assert any(not torch.equal(v, teacher[k]) for k, v in halved.student.state_dict().items()
                if ".cond.guidance." not in k)
     assert build("guided_distillation").phases[0].network_paths == ("student",)  # the paper's default
-    with pytest.raises(ValueError, match="guidance_trains.*embedding"):
+    with pytest.raises(ValueError, match="guidance_trains.*embedding.*adapter"):
         tree_module(guidance_trains="guidance")
+
+
+def test_guidance_trains_adapter_keeps_stage_1_the_teacher_at_w0_and_learns_w_in_the_adapters():
+    """guidance_trains="adapter" (UNet students): stage 1's optimizer holds the guidance embedding and the per-block
+    guidance adapters and nothing else; after steps of it the shared weights are the teacher's, the s = 1 prediction
+    is the conditional teacher's bit for bit and s = 3 has moved. Fails if stage 1 holds a shared weight or the
+    adapters leak into the unguided prediction."""
+    torch.manual_seed(0)
+    module = GuidedDistillation("lit_fewstep/assets/edm_digits.pt", guidance_iterations=4, teacher_steps=8, lr=1e-2,
+                                pin_unguided=True, guidance_trains="adapter", guidance_rank=4)
+    module.prepare()
+    paths = module.stages[0].phases[0].network_paths
+    trained = {id(p) for path in paths for p in module.get_submodule(path).parameters()}
+    guidance_parameters = {n for n, p in module.student.named_parameters() if id(p) in trained}
+    assert guidance_parameters == {n for n, _ in module.student.named_parameters()
+                                   if ".cond.guidance." in n or ".guidance_affine." in n or ".guidance_branch." in n}
+    assert any(".guidance_branch." in n for n in guidance_parameters)
+    optimizer = torch.optim.Adam([p for n, p in module.student.named_parameters() if n in guidance_parameters],
+                                 lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (16,), generator=g)
+    for _ in range(3):
+        optimizer.zero_grad()
+        module.guidance_loss((x, y)).backward()
+        optimizer.step()
+    teacher = module.teacher.state_dict()
+    shared = {k: v for k, v in module.student.state_dict().items() if k in teacher}
+    assert len(shared) == len(teacher) and all(torch.equal(v, teacher[k]) for k, v in shared.items())
+    z, t = torch.randn(16, 1, 8, 8, generator=g), torch.full((16,), 0.5)
+    with torch.no_grad():
+        conditional = module.teacher.x0_from(z, t, module.path, class_labels=y)
+        assert torch.equal(module.model_x0(module.student, z, t, y, torch.ones(16)), conditional)
+        assert not torch.allclose(module.model_x0(module.student, z, t, y, torch.full((16,), 3.0)), conditional,
+                                  atol=1e-4)
+    assert all(p.abs().max() > 0 for n, p in module.student.named_parameters()  # moved from their zero start
+               if n.endswith(("guidance_affine.weight", "conv_b.weight")))
+    with pytest.raises(ValueError, match="guidance_trains.*pin_unguided"):
+        tree_module(guidance_trains="adapter")
+    with pytest.raises(ValueError, match="guidance_trains.*guidance_adapter=True"):
+        tree_module(guidance_trains="adapter", pin_unguided=True)
 
 
 # --------------------------------------------------------------------------------------------- sampling

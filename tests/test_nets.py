@@ -201,6 +201,39 @@ def test_guidance_null_pins_the_guidance_embedding_at_zero(name):
         make(name, guidance_null=1.0)
 
 
+def test_guidance_adapter_is_exactly_off_at_the_null_scale_and_on_elsewhere():
+    """UNet(guidance_adapter=True, guidance_rank=r): every residual block gets a bias-free modulation layer and a
+    gated convolutional branch, both fed silu(c) - silu(c at the null scale). With the other weights those of a net
+    without adapters, the prediction at the null scale is that net's bit for bit however the adapters and the
+    guidance embedding are set, and their gradients there are zero; at other scales the adapters change it. Fails if
+    the adapters see the plain conditioning or a layer after the gate carries a bias."""
+    adapted = perturb(make("unet8", num_classes=NUM_CLASSES, guidance_embed=True, guidance_null=1.0,
+                           guidance_adapter=True, guidance_rank=4))
+    plain = make("unet8", num_classes=NUM_CLASSES, guidance_embed=True, guidance_null=1.0)
+    adapter_keys = {k for k in adapted.state_dict() if ".guidance_affine." in k or ".guidance_branch." in k}
+    assert adapter_keys and adapted.state_dict().keys() - adapter_keys == plain.state_dict().keys()
+    assert not any(k.endswith(("guidance_affine.bias", "gate.bias", "conv_b.bias")) for k in adapter_keys)
+    assert any(k.endswith("guidance_branch.conv_b.weight") for k in adapter_keys)
+    plain.load_state_dict(adapted.state_dict(), strict=False)
+    x, t, kw = inputs(adapted)
+    null = dict(kw, guidance=torch.ones(3))
+    assert torch.equal(adapted(x, t, **null), plain(x, t, **null))
+    adapted(x, t, **null).square().sum().backward()
+    assert all(p.grad.abs().max() == 0 for n, p in adapted.named_parameters() if n in adapter_keys)
+    guided = dict(kw, guidance=torch.tensor([1.0, 2.5, 4.0]))
+    out, reference = adapted(x, t, **guided), plain(x, t, **guided)
+    assert torch.equal(out[0], reference[0])  # the sample at the null scale, inside a mixed batch
+    assert not torch.allclose(out[1:], reference[1:], atol=1e-3)
+    fresh = make("unet8", num_classes=NUM_CLASSES, guidance_embed=True, guidance_null=1.0, guidance_adapter=True,
+                 guidance_rank=4)
+    assert all(p.abs().max() == 0 for n, p in fresh.named_parameters()  # the adapters start at zero
+               if n.endswith(("guidance_affine.weight", "conv_b.weight")))
+    with pytest.raises(ValueError, match="guidance_adapter.*guidance_null"):
+        make("unet8", guidance_embed=True, guidance_adapter=True)
+    with pytest.raises(ValueError, match="guidance_rank.*guidance_adapter=True"):
+        make("unet8", guidance_embed=True, guidance_null=1.0, guidance_rank=4)
+
+
 def test_scalar_noise_label_is_broadcast():
     net = perturb(make("unet8"))
     x = torch.randn(3, 1, 8, 8)

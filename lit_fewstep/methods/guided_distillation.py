@@ -37,6 +37,7 @@ Notes (conventions, what the original code does, what is not reproduced): docs/g
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Sequence
 
 import torch
@@ -53,8 +54,8 @@ from .base import FewStepModule, Phase, Stage, load_teacher
 __all__ = ["GuidedDistillation", "halving_schedule", "pd_target", "vp_time"]
 
 WEIGHTINGS = ("snr_trunc", "constant")
-# `guidance_trains`: the submodule stage 1's optimizer steps
-GUIDANCE_TRAINS = {"all": "student", "embedding": "student.net.cond.guidance"}
+# `guidance_trains`: what stage 1's optimizer steps
+GUIDANCE_TRAINS = ("all", "embedding", "adapter")
 
 
 def halving_schedule(teacher_steps: int, final_steps: int = 1) -> list[int]:
@@ -144,7 +145,13 @@ class GuidedDistillation(FewStepModule):
             guidance embedding alone, every weight the student shares with the teacher frozen until the halvings,
             which train all of it). With `pin_unguided` the stage-1 model is then the conditional teacher exactly at
             w = 0, however long stage 1 runs; w > 0 is learned through the guidance term of the conditioning vector
-            only. Not in the paper.
+            only. "adapter": the guidance embedding and per-block modulation layers of the student's own for guidance
+            (a UNet built with ``guidance_adapter=True``, the default student so when this is chosen; needs
+            `pin_unguided`), fed the change guidance makes to the conditioning and zero at w = 0: stage 1 is still
+            the teacher exactly at w = 0, with more room than the embedding alone to learn w > 0. Not in the paper.
+        guidance_rank: with `guidance_trains` "adapter" and the default `net`, each adapter also gets a gated
+            convolutional branch of this many channels (``UNet(guidance_rank=...)``; 0: modulation layers only). The
+            branch stays in the student after stage 1, so it adds to the cost of every step.
     """
 
     generator_name = "student"
@@ -160,7 +167,8 @@ class GuidedDistillation(FewStepModule):
                  lr_decay_after: int = 0, clip_x0: float | None = None, lr_anneal: bool = False,
                  final_iterations: int | None = None, guidance_lr_anneal: bool = False, guidance_warmup: int = 0,
                  pin_unguided: bool = False, unguided_fraction: float = 0.0,
-                 halving_unguided_fraction: float | None = None, guidance_trains: str = "all"):
+                 halving_unguided_fraction: float | None = None, guidance_trains: str = "all",
+                 guidance_rank: int = 0):
         super().__init__(ema_decay=ema_decay, grad_clip=grad_clip, nonfinite=nonfinite,
                          max_consecutive_skips=max_consecutive_skips)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
@@ -170,8 +178,11 @@ class GuidedDistillation(FewStepModule):
         if not 0.0 <= lo <= hi:
             raise ValueError(f"guidance_range: need 0 <= lo <= hi (EDM2 scales, 1 = no guidance), got {guidance_range}.")
         if guidance_trains not in GUIDANCE_TRAINS:
-            raise ValueError(f"guidance_trains: what stage 1 trains, one of {tuple(GUIDANCE_TRAINS)}, got "
+            raise ValueError(f"guidance_trains: what stage 1 trains, one of {GUIDANCE_TRAINS}, got "
                              f"{guidance_trains!r}.")
+        if guidance_trains == "adapter" and not pin_unguided:
+            raise ValueError("guidance_trains: 'adapter' keeps the stage-1 model the teacher at w = 0 only with the "
+                             "guidance embedding pinned there; set pin_unguided: true.")
         if halving_unguided_fraction is None:
             halving_unguided_fraction = unguided_fraction
         for name, share in (("unguided_fraction", unguided_fraction),
@@ -214,6 +225,11 @@ class GuidedDistillation(FewStepModule):
                 config["init_args"]["guidance_embed"] = True
                 if pin_unguided:
                     config["init_args"]["guidance_null"] = 1.0
+                if guidance_trains == "adapter" and "guidance_adapter" in inspect.signature(
+                        type(teacher.net).__init__).parameters:
+                    config["init_args"]["guidance_adapter"] = True
+                    if guidance_rank:
+                        config["init_args"]["guidance_rank"] = int(guidance_rank)
                 net = instantiate(config)
             preconditioning = preconditioning or teacher.preconditioning
             sigma_data = teacher.sigma_data if sigma_data is None else sigma_data
@@ -223,6 +239,9 @@ class GuidedDistillation(FewStepModule):
         if pin_unguided and getattr(getattr(net, "cond", None), "guidance_null", None) != 1.0:
             raise ValueError("pin_unguided: the student's guidance embedding is pinned at zero at scale 1; build its "
                              "network with guidance_null=1.0 (or leave net empty to use the teacher's).")
+        if guidance_trains == "adapter" and not getattr(net, "guidance_adapter", False):
+            raise ValueError("guidance_trains: 'adapter' trains the student's guidance adapters; build its network "
+                             "with guidance_adapter=True (a UNet; or leave net empty to use the teacher's).")
         self.student = PreconditionedNet(copy.deepcopy(net), preconditioning, float(sigma_data))
         if self.student.num_classes == 0:
             raise ValueError("net: guided distillation distills classifier-free guidance, which needs a "
@@ -235,7 +254,7 @@ class GuidedDistillation(FewStepModule):
 
         stage1 = dict(annealed(guidance_iterations) if guidance_lr_anneal else kw, warmup=guidance_warmup)
         stages = [Stage("guidance", 0, guidance_iterations if self.student_steps else None,
-                        [Phase("guidance", "guidance_loss", (GUIDANCE_TRAINS[guidance_trains],), **stage1)])]
+                        [Phase("guidance", "guidance_loss", self._stage1_networks(guidance_trains), **stage1)])]
         start = guidance_iterations
         for k, steps in enumerate(self.student_steps):
             last = k == len(self.student_steps) - 1
@@ -253,6 +272,14 @@ class GuidedDistillation(FewStepModule):
             self._attach_teacher(teacher)
 
     # ======================================================================================= construction
+    def _stage1_networks(self, guidance_trains: str) -> tuple[str, ...]:
+        """The submodules stage 1's optimizer steps (`guidance_trains`)."""
+        if guidance_trains == "all":
+            return ("student",)
+        adapters = tuple(f"student.net.{name}" for name, _ in self.student.net.named_modules()
+                         if name.endswith(("guidance_affine", "guidance_branch"))) if guidance_trains == "adapter" else ()
+        return ("student.net.cond.guidance",) + adapters
+
     def _attach_teacher(self, teacher: PreconditionedNet) -> None:
         if teacher.num_classes != self.student.num_classes:
             raise ValueError(f"net: the student has num_classes={self.student.num_classes} but the teacher "
@@ -271,7 +298,8 @@ class GuidedDistillation(FewStepModule):
         def without_guidance(config: dict) -> dict:  # the guidance embedding's settings are the student's own
             args = config.get("init_args", {})
             return {**config, "init_args": {k: v for k, v in args.items()
-                                            if k not in ("guidance_embed", "guidance_null")}}
+                                            if k not in ("guidance_embed", "guidance_null", "guidance_adapter",
+                                                         "guidance_rank")}}
 
         if (without_guidance(student_config) != without_guidance(teacher_config)
                 or self.student.preconditioning != teacher.preconditioning
@@ -280,7 +308,8 @@ class GuidedDistillation(FewStepModule):
         with torch.no_grad():
             missing, unexpected = self.student.load_state_dict(teacher.state_dict(), strict=False)
             embedding = self.student.net.cond.guidance
-            if unexpected or any(".cond.guidance." not in key for key in missing):
+            if unexpected or any(not any(part in key for part in (".cond.guidance.", ".guidance_affine.",
+                                                                   ".guidance_branch.")) for key in missing):
                 raise RuntimeError(f"student from teacher: unexpected keys {unexpected[:3]}, missing {missing[:3]}")
             embedding.fc2.weight.zero_()
             embedding.fc2.bias.zero_()

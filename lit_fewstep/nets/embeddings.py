@@ -172,6 +172,12 @@ class ConditionEmbedding(nn.Module):
         self.num_resolutions = num_resolutions
         self.resolution = nn.Embedding(num_resolutions, cond_dim) if num_resolutions > 0 else None
 
+    def checked_guidance(self, guidance: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
+        """The guidance scales as a [batch_size] tensor; ValueError when missing or misshapen."""
+        if guidance is None:
+            raise ValueError("guidance is required: the network was built with guidance_embed=True")
+        return _check_scalar_per_sample("guidance", guidance, batch_size)
+
     def forward(
         self,
         noise_labels: torch.Tensor,
@@ -195,9 +201,7 @@ class ConditionEmbedding(nn.Module):
         elif s_labels is not None:
             raise ValueError("s_labels was given but the network was built with second_time=False")
         if self.guidance_embed:
-            if guidance is None:
-                raise ValueError("guidance is required: the network was built with guidance_embed=True")
-            guidance = _check_scalar_per_sample("guidance", guidance, batch_size).to(noise_labels.device)
+            guidance = self.checked_guidance(guidance, batch_size).to(noise_labels.device)
             embedding = self.guidance(guidance)
             if self.guidance_null is not None:
                 # the same batch shape as above, so a sample at the null scale subtracts bit-identical rows

@@ -32,13 +32,27 @@ class ResBlock(nn.Module):
 
     The conditioning enters as adaptive scale/shift after the second GroupNorm (AdaGN, ADM/EDM).
     The last conv starts at zero so every block starts as (a projection of) the identity.
+
+    With ``guidance_adapter`` the block has a second modulation layer of its own for guidance, fed the part of the
+    conditioning that guidance adds (``e_guided``, exactly zero at the unguided scale): it starts at zero and has no
+    bias, so at the unguided scale the block computes what it computes without it, bit for bit.
+
+    With ``guidance_rank > 0`` the adapter also has a convolutional branch of that many channels, added to the block's
+    output: conv_b(silu(conv_a(silu(norm1(x)))) * gate(e_guided)), the gate bias-free and conv_b starting at zero and
+    bias-free, so it too is exactly zero at the unguided scale.
     """
 
-    def __init__(self, cin: int, cout: int, cond_dim: int, dropout: float):
+    def __init__(self, cin: int, cout: int, cond_dim: int, dropout: float, guidance_adapter: bool = False,
+                 guidance_rank: int = 0):
         super().__init__()
         self.norm1 = group_norm(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.affine = nn.Linear(cond_dim, 2 * cout)
+        self.guidance_affine = nn.Linear(cond_dim, 2 * cout, bias=False) if guidance_adapter else None
+        if self.guidance_affine is not None:
+            nn.init.zeros_(self.guidance_affine.weight)
+        self.guidance_branch = (_GuidanceBranch(cin, cout, cond_dim, guidance_rank)
+                                if guidance_adapter and guidance_rank > 0 else None)
         self.norm2 = group_norm(cout)
         self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
@@ -46,12 +60,32 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.affine(e)[:, :, None, None].chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, e: torch.Tensor, e_guided: Optional[torch.Tensor] = None) -> torch.Tensor:
+        normed = F.silu(self.norm1(x))
+        h = self.conv1(normed)
+        modulation = self.affine(e)
+        if self.guidance_affine is not None:
+            modulation = modulation + self.guidance_affine(e_guided)
+        scale, shift = modulation[:, :, None, None].chunk(2, dim=1)
         h = F.silu(self.norm2(h) * (1 + scale) + shift)
         h = self.conv2(self.drop(h))
+        if self.guidance_branch is not None:
+            return self.skip(x) + h + self.guidance_branch(normed, e_guided)
         return self.skip(x) + h
+
+
+class _GuidanceBranch(nn.Module):
+    """A ResBlock's convolutional guidance adapter: conv_b(silu(conv_a(h)) * gate(e_guided)), zero where e_guided is."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int, rank: int):
+        super().__init__()
+        self.conv_a = nn.Conv2d(cin, rank, 3, padding=1)
+        self.gate = nn.Linear(cond_dim, rank, bias=False)
+        self.conv_b = nn.Conv2d(rank, cout, 3, padding=1, bias=False)
+        nn.init.zeros_(self.conv_b.weight)
+
+    def forward(self, h: torch.Tensor, e_guided: torch.Tensor) -> torch.Tensor:
+        return self.conv_b(F.silu(self.conv_a(h)) * self.gate(e_guided)[:, :, None, None])
 
 
 class AttnBlock(nn.Module):
@@ -79,13 +113,14 @@ class AttnBlock(nn.Module):
 class _Level(nn.Module):
     """A ResBlock optionally followed by attention (ADM's per-resolution unit)."""
 
-    def __init__(self, cin: int, cout: int, cond_dim: int, dropout: float, attn: bool, num_heads: int):
+    def __init__(self, cin: int, cout: int, cond_dim: int, dropout: float, attn: bool, num_heads: int,
+                 guidance_adapter: bool = False, guidance_rank: int = 0):
         super().__init__()
-        self.res = ResBlock(cin, cout, cond_dim, dropout)
+        self.res = ResBlock(cin, cout, cond_dim, dropout, guidance_adapter, guidance_rank)
         self.attn = AttnBlock(cout, num_heads) if attn else None
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        x = self.res(x, e)
+    def forward(self, x: torch.Tensor, e: torch.Tensor, e_guided: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.res(x, e, e_guided)
         return self.attn(x) if self.attn is not None else x
 
 
@@ -133,6 +168,12 @@ class UNet(Configurable, nn.Module):
         num_classes: real classes (0 = unconditional); label ``num_classes`` is the null label.
         second_time: accept ``s_labels``. guidance_embed: accept ``guidance``.
         guidance_null: the guidance scale whose embedding is pinned at zero (`ConditionEmbedding`).
+        guidance_adapter: give every residual block a modulation layer of its own for guidance (needs
+            ``guidance_null``), fed silu(c) - silu(c at guidance_null): zero at the null scale, where the net then
+            computes exactly what it computes without the adapters. Its weights start at zero. For a guidance-
+            conditioned student that learns guidance in these layers while its other weights stay the teacher's.
+        guidance_rank: with ``guidance_adapter``, also a convolutional branch of this many channels per residual block
+            (gated by the same zero-at-null input; 0: modulation only).
         extra_channels: channels of the optional ``extra`` input concatenated to x.
         num_heads: attention heads (must divide the channel count at attention levels).
         resolutions: None (default) accepts only ``img_resolution`` and adds no parameters. A list,
@@ -168,8 +209,13 @@ class UNet(Configurable, nn.Module):
         num_heads: int = 1,
         resolutions: Optional[Sequence[int]] = None,
         guidance_null: Optional[float] = None,
+        guidance_adapter: bool = False,
+        guidance_rank: int = 0,
     ):
         super().__init__()
+        if guidance_adapter and guidance_null is None:
+            raise ValueError("guidance_adapter: the adapters are fed the conditioning's change from the null guidance "
+                             "scale; set guidance_null (1.0 for EDM2 scales) with guidance_embed=True")
         if len(channel_mult) == 0:
             raise ValueError("channel_mult must have at least one level")
         self.resolutions = check_resolutions(resolutions, img_resolution)
@@ -188,6 +234,10 @@ class UNet(Configurable, nn.Module):
         self.second_time = second_time
         self.guidance_embed = guidance_embed
         self.extra_channels = extra_channels
+        self.guidance_adapter = guidance_adapter
+        if guidance_rank < 0 or (guidance_rank and not guidance_adapter):
+            raise ValueError(f"guidance_rank: channels of the guidance adapters' convolutional branch, >= 0, with "
+                             f"guidance_adapter=True; got {guidance_rank}")
 
         cond_dim = 4 * model_channels
         num_resolutions = 0 if self.resolutions is None else len(self.resolutions)
@@ -201,7 +251,8 @@ class UNet(Configurable, nn.Module):
         ch, res = model_channels, img_resolution
         for level, mult in enumerate(channel_mult):
             for _ in range(num_blocks):
-                self.enc.append(_Level(ch, model_channels * mult, cond_dim, dropout, res in attn_resolutions, num_heads))
+                self.enc.append(_Level(ch, model_channels * mult, cond_dim, dropout, res in attn_resolutions, num_heads,
+                                       guidance_adapter, guidance_rank))
                 ch = model_channels * mult
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -211,8 +262,8 @@ class UNet(Configurable, nn.Module):
         self.bottom_resolution = res  # == self._level_resolution(len(channel_mult) - 1)
 
         self.mid = nn.ModuleList([
-            _Level(ch, ch, cond_dim, dropout, True, num_heads),
-            _Level(ch, ch, cond_dim, dropout, False, num_heads),
+            _Level(ch, ch, cond_dim, dropout, True, num_heads, guidance_adapter, guidance_rank),
+            _Level(ch, ch, cond_dim, dropout, False, num_heads, guidance_adapter, guidance_rank),
         ])
         self.feature_channels = ch
 
@@ -223,7 +274,8 @@ class UNet(Configurable, nn.Module):
             for _ in range(num_blocks + 1):
                 cin = ch + skip_channels.pop()
                 ch = model_channels * mult
-                self.dec.append(_Level(cin, ch, cond_dim, dropout, res in attn_resolutions, num_heads))
+                self.dec.append(_Level(cin, ch, cond_dim, dropout, res in attn_resolutions, num_heads, guidance_adapter,
+                                        guidance_rank))
             if level != 0:
                 self.dec.append(Upsample(ch))
 
@@ -257,19 +309,23 @@ class UNet(Configurable, nn.Module):
         (and the bottleneck [B, feature_channels, r, r] if ``return_features``)."""
         _, res_index = image_resolution(x, self.in_channels, self.img_resolution, self.resolutions, resolution)
         e = F.silu(self.cond(noise_labels, x.shape[0], class_labels, s_labels, guidance, res_index))
+        e_guided = None
+        if self.guidance_adapter:
+            null = torch.full_like(self.cond.checked_guidance(guidance, x.shape[0]), self.cond.guidance_null)
+            e_guided = e - F.silu(self.cond(noise_labels, x.shape[0], class_labels, s_labels, null, res_index))
 
         h = self.conv_in(concat_extra(x, extra, self.extra_channels))
         skips = [h]
         for m in self.enc:
-            h = m(h) if isinstance(m, Downsample) else m(h, e)
+            h = m(h) if isinstance(m, Downsample) else m(h, e, e_guided)
             skips.append(h)
         for m in self.mid:
-            h = m(h, e)
+            h = m(h, e, e_guided)
         features = h
         for m in self.dec:
             if isinstance(m, Upsample):
                 h = m(h, skips[-1].shape[-2:])
             else:
-                h = m(torch.cat([h, skips.pop()], dim=1), e)
+                h = m(torch.cat([h, skips.pop()], dim=1), e, e_guided)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return (out, features) if return_features else out
