@@ -9,7 +9,9 @@ the same parameters as one built before the option existed:
   f(x_t, t, s)), embedded like the noise label and added to the conditioning vector.
 - ``guidance_embed=True``: a per-sample guidance scale ``guidance`` [B] (a guidance-conditioned
   student), embedded the same way; with ``guidance_null=g`` the embedding of ``g`` is subtracted, so
-  the net's prediction at scale ``g`` (e.g. 1.0, no guidance) does not depend on it.
+  the net's prediction at scale ``g`` (e.g. 1.0, no guidance) does not depend on it. The UNet's
+  ``guidance_adapter=True`` (with ``guidance_null``; ``guidance_rank=r`` for a convolutional branch)
+  adds per-block layers of guidance's own that are exactly zero at scale ``g``.
 - ``extra_channels=k``: ``extra`` [B, k, ...] concatenated to x (low-resolution condition image,
   self-conditioning estimate).
 - ``resolutions=(r0, r1, ...)`` (UNet, DiT): inputs of any listed size, with a learned embedding of
