@@ -56,6 +56,8 @@ __all__ = ["GuidedDistillation", "halving_schedule", "pd_target", "vp_time"]
 WEIGHTINGS = ("snr_trunc", "constant")
 # `guidance_trains`: what stage 1's optimizer steps
 GUIDANCE_TRAINS = ("all", "embedding", "adapter")
+# the UNet's per-block guidance adapters (`guidance_adapter`, `guidance_rank`): what "adapter" trains besides the embedding
+ADAPTER_MODULES = ("guidance_affine", "guidance_branch")
 
 
 def halving_schedule(teacher_steps: int, final_steps: int = 1) -> list[int]:
@@ -277,7 +279,7 @@ class GuidedDistillation(FewStepModule):
         if guidance_trains == "all":
             return ("student",)
         adapters = tuple(f"student.net.{name}" for name, _ in self.student.net.named_modules()
-                         if name.endswith(("guidance_affine", "guidance_branch"))) if guidance_trains == "adapter" else ()
+                         if name.endswith(ADAPTER_MODULES)) if guidance_trains == "adapter" else ()
         return ("student.net.cond.guidance",) + adapters
 
     def _attach_teacher(self, teacher: PreconditionedNet) -> None:
@@ -308,8 +310,8 @@ class GuidedDistillation(FewStepModule):
         with torch.no_grad():
             missing, unexpected = self.student.load_state_dict(teacher.state_dict(), strict=False)
             embedding = self.student.net.cond.guidance
-            if unexpected or any(not any(part in key for part in (".cond.guidance.", ".guidance_affine.",
-                                                                   ".guidance_branch.")) for key in missing):
+            guidance_only = (".cond.guidance.",) + tuple(f".{name}." for name in ADAPTER_MODULES)
+            if unexpected or any(not any(part in key for part in guidance_only) for key in missing):
                 raise RuntimeError(f"student from teacher: unexpected keys {unexpected[:3]}, missing {missing[:3]}")
             embedding.fc2.weight.zero_()
             embedding.fc2.bias.zero_()
