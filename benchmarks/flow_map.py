@@ -65,13 +65,15 @@ class ExactTeacher(nn.Module):
         return self.gmm.denoiser(x_edm, sigma)
 
 
-def mlp(second_time: bool, guidance: bool = False) -> MLP:
+def mlp(second_time: bool, guidance: bool = False, seed: int = 0) -> MLP:
+    """The students' network, its initial weights drawn from `seed` (the same at every invocation of one command)."""
+    torch.manual_seed(seed)
     return MLP(dim=2, hidden=256, depth=3, emb_dim=64, second_time=second_time, guidance_embed=guidance)
 
 
-def make_ayf(teacher, guide=None, ema_decay: float = 0.999, **kw) -> AYF:
+def make_ayf(teacher, guide=None, ema_decay: float = 0.999, seed: int = 0, **kw) -> AYF:
     guided = guide is not None
-    module = AYF(mlp(True, guided), "exact", guide_ckpt="exact" if guided else None,
+    module = AYF(mlp(True, guided, seed), "exact", guide_ckpt="exact" if guided else None,
                  init_from_teacher=False, t_max=0.999, warmup_steps=WARMUP[0], ema_decay=ema_decay, **kw)
     module.register_frozen("teacher", module=teacher)
     if guided:
@@ -79,8 +81,8 @@ def make_ayf(teacher, guide=None, ema_decay: float = 0.999, **kw) -> AYF:
     return module
 
 
-def make_scd(teacher, sigma_data: float, ema_decay: float = 0.999) -> SCD:
-    module = SCD(mlp(False), "exact", sigma_data=sigma_data, warmup_steps=WARMUP[0], ema_decay=ema_decay)
+def make_scd(teacher, sigma_data: float, ema_decay: float = 0.999, seed: int = 0) -> SCD:
+    module = SCD(mlp(False, seed=seed), "exact", sigma_data=sigma_data, warmup_steps=WARMUP[0], ema_decay=ema_decay)
     module.register_frozen("teacher", module=teacher)
     return module
 
@@ -224,13 +226,13 @@ def main() -> None:
 
         runs = {}
         if not args.skip_ayf:
-            ayf = make_ayf(teacher, ema_decay=args.ema)
+            ayf = make_ayf(teacher, ema_decay=args.ema, seed=args.seed)
             secs = train(ayf, "flow_map_loss", ayf.student.parameters(), gmm, args.iters, args.batch, args.seed)
             runs["ayf_emd"] = {"iters": args.iters, "train_s": secs,
                                "energy": energies(module_sampler(ayf), reference)}
             print("ayf_emd", runs["ayf_emd"], flush=True)
         if not args.skip_scd:
-            scd = make_scd(teacher, sigma_data, args.ema)
+            scd = make_scd(teacher, sigma_data, args.ema, seed=args.seed)
             params = list(scd.student.parameters()) + list(scd.weighting.parameters())
             secs = train(scd, "scm_loss", params, gmm, args.iters, args.batch, args.seed)
             runs["scd"] = {"iters": args.iters, "train_s": secs, "energy": energies(module_sampler(scd), reference)}
@@ -238,13 +240,14 @@ def main() -> None:
     if args.ablation_iters > 0:
         n = args.ablation_iters
         for objective in ("emd", "lmd", "emd+lmd"):
-            m = make_ayf(teacher, objective=objective, ema_decay=args.ablation_ema)
+            m = make_ayf(teacher, objective=objective, ema_decay=args.ablation_ema, seed=args.seed)
             secs = train(m, "flow_map_loss", m.student.parameters(), gmm, n, args.batch, args.seed)
             runs[f"ablation_{objective}"] = {"iters": n, "train_s": secs,
                                              "energy": energies(module_sampler(m), reference)}
             print(objective, runs[f"ablation_{objective}"], flush=True)
         weak = ExactTeacher(eight_gaussians(radius=1.0, std=0.12))
-        m = make_ayf(teacher, guide=weak, guidance_range=(1.0, 2.0), ema_decay=args.ablation_ema)
+        m = make_ayf(teacher, guide=weak, guidance_range=(1.0, 2.0), ema_decay=args.ablation_ema,
+                     seed=args.seed)
         secs = train(m, "flow_map_loss", m.student.parameters(), gmm, n, args.batch, args.seed)
         runs["ablation_autoguided"] = {"iters": n, "train_s": secs, "energy_lambda1": energies(
             module_sampler(m, guidance_scale=1.0), reference), "energy_lambda1.5": energies(
