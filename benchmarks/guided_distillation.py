@@ -22,7 +22,8 @@ primary metric (sw2 or FID).
 
 Without --run the fit is run first (benchmarks/run.py `train`); --run reuses the log folder of a fit
 (`.../guided_distillation_<data>/version_N`), and the results name that fit's options, read back from the
-`config.yaml` LightningCLI saved there.
+`config.yaml` LightningCLI saved there. Several folders after --run (training seeds, variants) are scored in one
+process against the same teacher samples, which are most of the time at 35 steps.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def yaml_value(value) -> str:
 
 def fit_command_of(run: Path, config: str) -> str:
     """The fit command of a finished run, read back from the configuration LightningCLI saved in its folder: the
-    config file plus an option for every model argument and every trainer or logger setting of the file that the run
-    changed (a model argument the file leaves out counts when it differs from the class's default)."""
+    config file plus an option for the training seed, every model argument and every trainer or logger setting of the
+    file that the run changed (a model argument the file leaves out counts when it differs from the class's default)."""
     import importlib
     import inspect
 
@@ -65,6 +66,8 @@ def fit_command_of(run: Path, config: str) -> str:
     saved = yaml.safe_load((run / "config.yaml").read_text())
     base = yaml.safe_load((ROOT / config).read_text())
     options = []
+    if saved.get("seed_everything") != base.get("seed_everything"):  # another training seed
+        options.append(f"--seed_everything {yaml_value(saved.get('seed_everything'))}")
     for key, value in base.get("trainer", {}).items():
         ran_with = saved["trainer"].get(key)
         if not isinstance(value, (dict, list)) and ran_with != value:
@@ -168,7 +171,9 @@ def median_row(per_seed: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=["tree", "digits"], default="tree")
-    parser.add_argument("--run", default=None, help="log folder of a finished fit (default: fit now)")
+    parser.add_argument("--run", nargs="+", default=None, help="log folder of a finished fit (default: fit now); "
+                        "several (e.g. training seeds) are scored against the same teacher samples, each row named "
+                        "by its run")
     parser.add_argument("--students", default=None, help="instead of --run: a leaderboard cache folder "
                         "(benchmarks/runs/leaderboard/<data>/guided_distillation-<hash>) with its stage students")
     parser.add_argument("--class_labels", choices=LABEL_DRAWS, default="reference",
@@ -203,33 +208,37 @@ def main() -> None:
 
     start = time.time()
     config = f"configs/guided_distillation/{args.data}.yaml"
-    fit_command = None
     fitted = args.run is None and args.students is None
     if fitted:
         model, _, fit_command = train({"config": config}, "guided_distillation", 0)
-        run = model.parent
-    elif args.run is not None:
-        run = Path(args.run)
-        if (run / "config.yaml").exists():  # a fit made by hand with options: name them
-            fit_command = fit_command_of(run, config)
-    every = []
-    if args.students:  # the leaderboard's cache keeps the checkpoint that ends each stage, not the fit's folder
-        run = Path(args.students)
-        record = json.loads((run / "train.json").read_text())
-        found, stage_one = {int(n): run / name for n, name in record["students"].items()}, None
-        if args.stages or args.along is not None:
-            raise SystemExit("--students: --stages and --along need the fit's own checkpoints (--run).")
-    else:
-        found, stage_one = stage_checkpoints(run, every)
-    bounds = stage_bounds(stage_one, next(iter(found.values()))) if args.stages else []
-    if args.steps:
-        found = {k: v for k, v in found.items() if k in args.steps}
-    # (steps, checkpoint) pairs to score: each stage's last checkpoint, or with --along all of one stage's
-    to_score = ([(steps, path) for _, steps, path in sorted(every, key=lambda e: e[0]) if steps == args.along]
-                if args.along is not None else list(found.items()))
+        runs, fit_commands = [model.parent], [fit_command]
+    elif args.students:  # the leaderboard's cache keeps the checkpoint that ends each stage, not the fit's folder
+        runs, fit_commands = [Path(args.students)], [None]
+    else:  # a fit made by hand with options: name them
+        runs = [Path(run) for run in args.run]
+        fit_commands = [fit_command_of(run, config) if (run / "config.yaml").exists() else None for run in runs]
+    if (args.stages or args.along is not None) and (args.students or len(runs) > 1):
+        raise SystemExit("--stages and --along need the checkpoints of one fit's own folder (one --run).")
+    # (run label, steps, checkpoint) to score: each stage's last checkpoint, or with --along all of one stage's
+    to_score, bounds = [], []
+    for run in runs:
+        every = []
+        if args.students:
+            record = json.loads((run / "train.json").read_text())
+            found, stage_one = {int(n): run / name for n, name in record["students"].items()}, None
+        else:
+            found, stage_one = stage_checkpoints(run, every)
+        if args.stages:
+            bounds = stage_bounds(stage_one, next(iter(found.values())))
+        if args.steps:
+            found = {k: v for k, v in found.items() if k in args.steps}
+        label = f"{run}, " if len(runs) > 1 else ""
+        to_score += ([(label, steps, path) for _, steps, path in sorted(every, key=lambda e: e[0])
+                      if steps == args.along] if args.along is not None else
+                     [(label, steps, path) for steps, path in found.items()])
     if not to_score:
-        raise SystemExit(f"--along {args.along}: no kept checkpoint of a {args.along}-step stage under {run}")
-    first = load(to_score[0][1])
+        raise SystemExit(f"--along {args.along}: no kept checkpoint of a {args.along}-step stage under {runs[0]}")
+    first = load(to_score[0][2])
     teacher = load(ROOT / first.teacher_ckpt)
     evaluator = Evaluator(instantiate(first.data_config), num_reference=args.num_reference, seed=0)
     primary = PRIMARY[evaluator.is_image]
@@ -261,24 +270,25 @@ def main() -> None:
         for name, module, steps in bounds:
             module, clipped = distilled(module)
             add_row(name + clipped, module, steps, scale, teacher_x, teacher_row, diagnostic=True)
-        for steps, path in to_score:
+        for label, steps, path in to_score:
             student, clipped = distilled(load(path))
             ckpt = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
-            name = f"student ({int(student.iteration)} it){clipped}"
+            name = f"{label}student ({int(student.iteration)} it){clipped}"
             add_row(name, student, steps, scale, teacher_x, teacher_row, ckpt=ckpt, clip_x0=student.clip_x0)
             if args.stochastic:
                 add_row(f"{name}, stochastic sampler", student, steps, scale, teacher_x, teacher_row,
                         options={"stochastic": True}, ckpt=ckpt, clip_x0=student.clip_x0)
-    write(rows, args, primary, run, config, fit_command, time.time() - start, fitted=fitted)
+    write(rows, args, primary, runs, config, fit_commands, time.time() - start, fitted=fitted)
 
 
-def write(rows, args, primary, run, config, fit_command, seconds, fitted: bool = False) -> None:
+def write(rows, args, primary, runs, config, fit_commands, seconds, fitted: bool = False) -> None:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"guided_distillation_{args.data}.md")
     extra = ["nll", "sw2_to_teacher"] if primary == "sw2" else []
     head = ["model", "steps", "NFE", "scale s (Meng w)", primary, *extra, f"{primary} / teacher's"]
     lines = [f"# Guided distillation on {args.data}: students vs the guided teacher", "",
              f"- command: `{exact_command()}`",
-             f"- fit: `{fit_command or 'python -m lit_fewstep fit --config ' + config}` (run folder `{run}`)",
+             *(f"- fit: `{fit_command or 'python -m lit_fewstep fit --config ' + config}` (run folder `{run}`)"
+               for run, fit_command in zip(runs, fit_commands)),
              f"- machine: {describe_machine()}; git {git_state()}; {seconds / 60:.1f} min"
              f"{' including the fit' if fitted else ' (evaluation only)'}",
              f"- sampling seeds {args.seeds} (medians below; per-seed values in the JSON), {args.num} samples per score"
@@ -299,8 +309,11 @@ def write(rows, args, primary, run, config, fit_command, seconds, fitted: bool =
               f"(student steps, scale): " + ", ".join(f"({r['steps']}, {r['scale']:g}) {r['ratio']:.2f}"
                                                      for r in student_rows), ""]
     out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "command": exact_command(), "fit": fit_command,
-                                                     "run": str(run), "machine": describe_machine(),
+    one = len(runs) == 1  # a single run keeps the scalar fields of the tables written before several were allowed
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "command": exact_command(),
+                                                     "fit": fit_commands[0] if one else fit_commands,
+                                                     "run": str(runs[0]) if one else [str(r) for r in runs],
+                                                     "machine": describe_machine(),
                                                      "git": git_state(), "seeds": args.seeds, "num": args.num},
                                                     indent=1))
     print("\n".join(lines))

@@ -317,11 +317,13 @@ def test_guided_distillation_reads_a_fits_options_back_from_its_saved_config(tmp
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     assert fit_command_of(tmp_path, config) == f"python -m lit_fewstep fit --config {config}"
 
+    saved["seed_everything"] = 1
     saved["trainer"]["max_steps"] = 10000
     saved["trainer"]["logger"]["init_args"]["save_dir"] = "benchmarks/runs/gd128"
     saved["model"]["init_args"].update(teacher_steps=128, pin_unguided=True, guidance_range=[1.0, 3.0])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     assert fit_command_of(tmp_path, config) == (
-        f"python -m lit_fewstep fit --config {config} --trainer.max_steps 10000 --trainer.logger.init_args.save_dir "
+        f"python -m lit_fewstep fit --config {config} --seed_everything 1 --trainer.max_steps 10000 "
+        "--trainer.logger.init_args.save_dir "
         "benchmarks/runs/gd128 --model.init_args.guidance_range [1.0,3.0] --model.init_args.pin_unguided true "
         "--model.init_args.teacher_steps 128")
