@@ -12,7 +12,7 @@ import torch
 from conformance_methods import fit
 from lit_fewstep.diffusion.guidance import guided_x0, scale_from_cfg_w
 from lit_fewstep.diffusion.paths import VPCosinePath
-from lit_fewstep.diffusion.solvers import DDIMStep, SamplerState, cosine_sigmas
+from lit_fewstep.diffusion.solvers import DDIMHeunStep, DDIMStep, SamplerState, cosine_sigmas
 from lit_fewstep.methods import GuidedDistillation
 from lit_fewstep.methods.guided_distillation import halving_schedule, pd_target, vp_time
 from lit_fewstep.utils.checkpoint import load_checkpoint, load_module
@@ -76,6 +76,41 @@ def test_module_target_makes_the_student_step_land_on_the_previous_models_two_st
     target = pd_target(z_t, t, z_end, t_end, module.path)
     landed = DDIMStep(module.path)(lambda z, tt: target, SamplerState.start(z_t, t), t_end).x
     torch.testing.assert_close(landed, z_end, rtol=1e-4, atol=1e-4)
+
+
+def test_first_halving_solver_heun_takes_the_stage_1_models_heun_steps_in_the_first_halving_only():
+    module = tree_module(first_halving_solver="heun")
+    x, y = torch.randn(16, 2), torch.randint(0, 2, (16,))
+    scale = torch.linspace(1.0, 5.0, 16)
+    calls = []
+    original = module.model_x0
+
+    def counting(net, z, tt, labels, s):
+        calls.append(tt.clone())
+        return original(net, z, tt, labels, s)
+
+    module.model_x0 = counting
+    for iteration, steps, evaluations in ((4, 4, 4), (7, 2, 2)):  # the first halving (8 -> 4), then 4 -> 2
+        module._enter_stages(iteration)
+        module.iteration.fill_(iteration)
+        assert module.current_steps() == steps
+        grid = module.grid(steps).float()
+        i = torch.arange(16) % steps  # includes the steps that end at t = 0
+        t, t_end = grid[i], grid[i + 1]
+        z_t = module.path.noise(x, torch.randn_like(x), t)
+        calls.clear()
+        z_end = module.two_teacher_steps(z_t, t, 0.5 * (t + t_end), t_end, y, scale)
+        assert len(calls) == evaluations
+        step = DDIMHeunStep(module.path) if steps == 4 else DDIMStep(module.path)
+        fn = lambda z, tt: original(module.previous, z, tt, y, scale)  # noqa: E731
+        expected = step(fn, step(fn, SamplerState.start(z_t, t), 0.5 * (t + t_end)), t_end).x
+        torch.testing.assert_close(z_end, expected, rtol=0, atol=0)
+        if steps == 4:
+            ddim = DDIMStep(module.path)
+            plain = ddim(fn, ddim(fn, SamplerState.start(z_t, t), 0.5 * (t + t_end)), t_end).x
+            assert (z_end - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="first_halving_solver"):
+        tree_module(first_halving_solver="rk4")
 
 
 # --------------------------------------------------------------------------------------------- guidance weight

@@ -25,6 +25,7 @@ step                        evaluations  update from (x, t) to t'
 `EulerStep`                 1            PF-ODE Euler step
 `HeunStep`                  2            Karras et al. 2022, Algorithm 1 (Euler + trapezoidal corrector)
 `DDIMStep`                  1            x' = a(t') x0 + b(t') eps, both from the model's x0 (Song et al. 2021)
+`DDIMHeunStep`              2            Heun's step in DDIM's coordinates: DDIM + trapezoidal corrector
 `StochasticDDIMStep`        1            DDIM jump to 2t' - t, re-noised forward to t' (Meng et al. 2023)
 `DenoiseRenoise`            1            x0 = f(x, t), x' = fresh noisy version of x0 at t' (CM, DMD2)
 `TwoTimeJump`               1            jump G(x, t, s') to s' <= t', re-noised to t' (CTM gamma-sampling)
@@ -70,6 +71,7 @@ __all__ = [
     "EulerStep",
     "HeunStep",
     "DDIMStep",
+    "DDIMHeunStep",
     "StochasticDDIMStep",
     "DenoiseRenoise",
     "TwoTimeJump",
@@ -396,6 +398,32 @@ class DDIMStep(Step):
     def __call__(self, model_fn, state, t_next):
         x0 = self.estimate(model_fn, state.x, state.t)
         return state.advance(_ddim(state.x, state.t, _vec_t(t_next, state.x), x0, self.path), t_next, x0=x0)
+
+
+class DDIMHeunStep(DDIMStep):
+    """Karras et al. 2022's Heun step (Algorithm 1) in DDIM's coordinates (x / a, sigma = b / a), where DDIM is
+    Euler's step: 2 evaluations, second order where DDIM is first, and like DDIM independent of the path the times
+    are written on. DDIM's step to x_e at t', then the trapezoidal corrector with the noise predicted there:
+        x' = x_e + a(t') (sigma(t') - sigma(t)) (eps(x_e, t') - eps(x, t)) / 2.
+    On `EDMPath` (a = 1, sigma = t) it is `HeunStep`. A sample whose t' has b(t') = 0 (the end of a grid) keeps the
+    DDIM step, as EDM's sampler takes its last step with Euler (its second evaluation is made at t and discarded,
+    so the batch stays whole). The recorded estimate is the first evaluation's."""
+
+    def __call__(self, model_fn, state, t_next):
+        x, t = state.x, state.t
+        t_next = _vec_t(t_next, x)
+        x0 = self.estimate(model_fn, x, t)
+        _, eps = to_x0_eps(x0, "x0", x, t, self.path)
+        x_ddim = self.path.noise(x0, eps, t_next)
+        b_next = self.path.b(t_next)
+        ends = b_next <= 0
+        x0_next = self.estimate(model_fn, x_ddim, torch.where(ends, t, t_next))
+        a_next = _bcast(self.path.a(t_next), x)
+        eps_next = (x_ddim - a_next * x0_next) / _bcast(torch.where(ends, torch.ones_like(b_next), b_next), x)
+        sigma, sigma_next = self.path.b(t) / self.path.a(t), b_next / self.path.a(t_next)
+        correction = a_next * _bcast(sigma_next - sigma, x) * 0.5 * (eps_next - eps)
+        keep_ddim = ends.reshape(-1, *([1] * (x.ndim - 1)))
+        return state.advance(torch.where(keep_ddim, x_ddim, x_ddim + correction), t_next, x0=x0)
 
 
 class StochasticDDIMStep(DDIMStep):
