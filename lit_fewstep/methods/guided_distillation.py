@@ -47,7 +47,8 @@ from ..diffusion.guidance import guided_x0
 from ..diffusion.paths import VPCosinePath, _bcast
 from ..diffusion.paths import vp_cosine_time as vp_time  # the EDM sigma's VP cosine time, (2 / pi) atan(sigma)
 from ..diffusion.precond import PreconditionedNet
-from ..diffusion.solvers import DDIMHeunStep, DDIMStep, NFECounter, SamplerState, StochasticDDIMStep, gaussian_noise, run_steps
+from ..diffusion.solvers import (DDIMHeunStep, DDIMStep, NFECounter, SamplerState, StochasticDDIMStep, gaussian_noise,
+                                 run_steps)
 from ..utils.config import instantiate, to_config
 from .base import FewStepModule, Phase, Stage, load_teacher
 
