@@ -8,9 +8,8 @@ from .precond import (PRECONDITIONINGS, ConsistencyPreconditioning, CTMPrecondit
                       VPVPreconditioning, consistency_coefficients, edm_coefficients, make_preconditioning,
                       trigflow_coefficients)
 from .predictions import PREDICTION_KINDS, convert_prediction, from_x0_eps, to_x0_eps
-from .solvers import (ConstantAccelerationStep, DDIMHeunStep, DDIMStep, DenoiseRenoise, EulerStep, HeunStep,
-                      NFECounter, SamplerState, SelfConditioned, Step, StochasticDDIMStep, TwoTimeJump,
-                      consistency_sigmas,
+from .solvers import (ConstantAccelerationStep, DDIMHeunStep, DDIMStep, DenoiseRenoise, EulerStep, HeunStep, NFECounter,
+                      SamplerState, SelfConditioned, Step, StochasticDDIMStep, TwoTimeJump, consistency_sigmas,
                       denoise_renoise, discrete_lognormal_probs, euler_step, gaussian_noise, heun_schedule_for_nfe,
                       heun_step, karras_sigmas, lognormal_sigmas, multistep_consistency_sample, pf_ode_velocity,
                       run_steps, sample_edm_heun, solve_ode, uniform_times)
