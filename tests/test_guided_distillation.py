@@ -52,6 +52,18 @@ def test_one_student_step_on_the_target_lands_on_two_teacher_steps():
     assert (pd_target(z_t, t, swapped, t_mid, path) - target).abs().max() > 1e-3
 
 
+def _record_times(module: GuidedDistillation) -> list:
+    """Wrap the module's `model_x0` so every evaluation appends its times to the returned list."""
+    seen, original = [], module.model_x0
+
+    def recording(net, z, tt, labels, s):
+        seen.append(tt.clone())
+        return original(net, z, tt, labels, s)
+
+    module.model_x0 = recording
+    return seen
+
+
 def test_module_target_makes_the_student_step_land_on_the_previous_models_two_steps():
     module = tree_module()
     module._enter_stages(4)  # the first halving: previous = the stage-1 model, 8 -> 4 steps
@@ -62,14 +74,7 @@ def test_module_target_makes_the_student_step_land_on_the_previous_models_two_st
     grid = module.grid(4).float()
     i = torch.arange(16) % 4
     t, t_end = grid[i], grid[i + 1]
-    seen = []
-    original = module.model_x0
-
-    def recording(net, z, tt, labels, s):
-        seen.append(tt.clone())
-        return original(net, z, tt, labels, s)
-
-    module.model_x0 = recording
+    seen = _record_times(module)
     z_t = module.path.noise(x, torch.randn_like(x), t)
     z_end = module.two_teacher_steps(z_t, t, 0.5 * (t + t_end), t_end, y, scale)
     assert len(seen) == 2 and torch.equal(seen[0], t) and torch.allclose(seen[1], 0.5 * (t + t_end))
@@ -82,14 +87,8 @@ def test_first_halving_solver_heun_takes_the_stage_1_models_heun_steps_in_the_fi
     module = tree_module(first_halving_solver="heun")
     x, y = torch.randn(16, 2), torch.randint(0, 2, (16,))
     scale = torch.linspace(1.0, 5.0, 16)
-    calls = []
     original = module.model_x0
-
-    def counting(net, z, tt, labels, s):
-        calls.append(tt.clone())
-        return original(net, z, tt, labels, s)
-
-    module.model_x0 = counting
+    calls = _record_times(module)
     for iteration, steps, evaluations in ((4, 4, 4), (7, 2, 2)):  # the first halving (8 -> 4), then 4 -> 2
         module._enter_stages(iteration)
         module.iteration.fill_(iteration)
